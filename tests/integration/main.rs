@@ -1,0 +1,1 @@
+//! Integration tests (as root, against the real kernel).

@@ -1,0 +1,186 @@
+//! The `portcullis` command line: daemon, operator and auditor commands.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::{
+    config::{Config, KernelConfig, DEFAULT_CONFIG_PATH},
+    kernel,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "Data-access gateway with kernel-enforced redirection"
+)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(long, global = true, env = "PORTCULLIS_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway daemon (attach kernel enforcement, serve listeners).
+    Run,
+    /// Inspect or remove kernel enforcement.
+    Kernel {
+        #[command(subcommand)]
+        command: KernelCommand,
+    },
+    /// Validate the configuration file.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KernelCommand {
+    /// Show attached programs, counters and the protected set.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// bpffs directory; defaults to kernel.pin_dir from the config.
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+    },
+    /// Detach every program and remove the pins (operator only).
+    Detach {
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Parse and validate the configuration; exit 1 with the reason if invalid.
+    Check,
+}
+
+/// Runs a non-daemon command.
+pub fn run_command(cli: &Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Run => unreachable!("the daemon is started by main"),
+        Command::Kernel { command } => match command {
+            KernelCommand::Status { json, pin_dir } => {
+                let pin_dir = pin_dir_for(&cli.config, pin_dir.as_deref());
+                print_status(&kernel::status(&pin_dir)?, *json)
+            }
+            KernelCommand::Detach { pin_dir } => {
+                require_root("kernel detach")?;
+                let pin_dir = pin_dir_for(&cli.config, pin_dir.as_deref());
+                let removed = kernel::detach(&pin_dir)
+                    .with_context(|| format!("detaching {}", pin_dir.display()))?;
+                if removed.is_empty() {
+                    println!(
+                        "nothing pinned under {}: already detached",
+                        pin_dir.display()
+                    );
+                } else {
+                    println!(
+                        "detached: removed {} pins under {}",
+                        removed.len(),
+                        pin_dir.display()
+                    );
+                }
+                Ok(())
+            }
+        },
+        Command::Config {
+            command: ConfigCommand::Check,
+        } => {
+            let config = Config::load(&cli.config)?;
+            kernel::compile_rules(&config)?;
+            println!(
+                "{}: ok ({} listeners, {} protected destinations)",
+                cli.config.display(),
+                config.listeners.len(),
+                config.protect.len()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The pin directory: the flag, else the config's, else the default.
+fn pin_dir_for(config_path: &Path, flag: Option<&Path>) -> PathBuf {
+    if let Some(dir) = flag {
+        return dir.to_owned();
+    }
+    Config::load(config_path)
+        .map(|c| c.kernel.pin_dir)
+        .unwrap_or_else(|_| KernelConfig::default().pin_dir)
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    // SAFETY-free: geteuid has no preconditions; libc exposes it as unsafe
+    // only by convention, so use the std-free /proc view instead.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("");
+    if euid != "0" {
+        anyhow::bail!(
+            "`portcullis {what}` changes kernel enforcement: run it as root (operators only)"
+        );
+    }
+    Ok(())
+}
+
+fn print_status(status: &kernel::KernelStatus, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(status)?);
+        return Ok(());
+    }
+    println!("pin directory: {}", status.pin_dir);
+    println!(
+        "enforcement:   {}",
+        if status.fully_attached() {
+            "attached"
+        } else if status.programs.iter().any(|p| p.link_id.is_some()) {
+            "PARTIAL (some hooks missing: restart the daemon)"
+        } else {
+            "not attached"
+        }
+    );
+    println!("\n{:<10} {:>8} {:>8}", "program", "link", "prog");
+    for p in &status.programs {
+        let show = |v: Option<u32>| v.map_or("-".to_string(), |v| v.to_string());
+        println!(
+            "{:<10} {:>8} {:>8}",
+            p.name,
+            show(p.link_id),
+            show(p.program_id)
+        );
+    }
+    if !status.counters.is_empty() {
+        println!("\ncounters:");
+        for (name, value) in &status.counters {
+            println!("  {name:<18} {value}");
+        }
+        println!("  {:<18} {}", "pending_records", status.pending_connections);
+    }
+    if !status.protected.is_empty() {
+        println!("\nprotected destinations:");
+        for entry in &status.protected {
+            let port = entry.port.map_or("any".to_string(), |p| p.to_string());
+            println!(
+                "  #{:<3} {:<24} port {:<6} -> {}",
+                entry.rule + 1,
+                entry.destination,
+                port,
+                entry.action
+            );
+        }
+    }
+    Ok(())
+}

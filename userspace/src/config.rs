@@ -1,0 +1,327 @@
+//! The gateway configuration file (`/etc/portcullis/portcullis.toml`).
+//!
+//! Parsing happens in two steps, as in ripgrep: serde reads the raw TOML, then
+//! [`Config::validate`] checks cross-references (a rule naming a listener that
+//! does not exist, duplicate names) so that everything after it can rely on a
+//! consistent configuration.
+
+use std::{
+    collections::HashSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// Where the daemon looks for its configuration unless told otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/portcullis/portcullis.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Directory for state (audit events, keys). Created by the installer.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub kernel: KernelConfig,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default, rename = "protect")]
+    pub protect: Vec<ProtectRule>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KernelConfig {
+    /// cgroup v2 directory to attach to. Empty means the root of the cgroup v2
+    /// hierarchy, found in /proc/self/mounts: every process on the host.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+    /// bpffs directory holding the pinned links and maps.
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    /// SO_MARK value on the gateway's own upstream sockets.
+    #[serde(default = "default_exempt_mark")]
+    pub exempt_mark: u32,
+}
+
+impl Default for KernelConfig {
+    fn default() -> Self {
+        Self {
+            cgroup: None,
+            pin_dir: default_pin_dir(),
+            exempt_mark: default_exempt_mark(),
+        }
+    }
+}
+
+/// A gateway listener: where redirected (and later, direct) clients arrive.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub address: SocketAddr,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+impl ListenerConfig {
+    /// The address the kernel rewrites connects to: a wildcard listen
+    /// address is reached through loopback.
+    pub fn redirect_target(&self) -> SocketAddr {
+        let ip = match self.address.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        SocketAddr::new(ip, self.address.port())
+    }
+}
+
+/// What a listener speaks. More protocols arrive with their adapters.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Opaque TCP: relay bytes to the original destination, record the session.
+    #[default]
+    Tcp,
+}
+
+/// A protected destination and what happens to connects to it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProtectRule {
+    /// An address (`10.0.0.5`, `::1`) or a network (`10.0.0.0/24`).
+    pub destination: Destination,
+    /// Port; every port when omitted.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// A listener name to redirect to, or `block`.
+    pub to: String,
+}
+
+impl ProtectRule {
+    pub fn is_block(&self) -> bool {
+        self.to == "block"
+    }
+}
+
+/// Address or CIDR network, as written in the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Destination(pub IpNet);
+
+impl<'de> Deserialize<'de> for Destination {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse()
+            .map_err(|e: String| serde::de::Error::custom(e))
+    }
+}
+
+impl std::str::FromStr for Destination {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if let Ok(net) = text.parse::<IpNet>() {
+            return Ok(Self(net.trunc()));
+        }
+        text.parse::<IpAddr>()
+            .map(|ip| Self(IpNet::from(ip)))
+            .map_err(|_| {
+                format!(
+                    "'{text}' is not an address or network (examples: 10.0.0.5, 10.0.0.0/24, ::1)"
+                )
+            })
+    }
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.prefix_len() == self.0.max_prefix_len() {
+            write!(f, "{}", self.0.addr())
+        } else {
+            write!(f, "{}", self.0)
+        }
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/portcullis")
+}
+
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/portcullis")
+}
+
+fn default_exempt_mark() -> u32 {
+    // "PCLS"
+    0x5043_4c53
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::new(),
+            source: Box::new(source),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut names = HashSet::new();
+        for listener in &self.listeners {
+            if listener.name == "block" {
+                return Err(ConfigError::Invalid(
+                    "a listener cannot be named 'block': that word means block in [[protect]] rules"
+                        .into(),
+                ));
+            }
+            if !names.insert(listener.name.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "two listeners are named '{}'; listener names must be unique",
+                    listener.name
+                )));
+            }
+            if listener.address.port() == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "listener '{}' needs a fixed port: the kernel redirects to it",
+                    listener.name
+                )));
+            }
+        }
+        for (index, rule) in self.protect.iter().enumerate() {
+            if rule.port == Some(0) {
+                return Err(ConfigError::Invalid(format!(
+                    "protect rule #{} ({}): port 0 is not a port; omit `port` to protect every port",
+                    index + 1,
+                    rule.destination
+                )));
+            }
+            if !rule.is_block() && !names.contains(rule.to.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "protect rule #{} ({}): to = '{}' is neither 'block' nor a listener name (listeners: {})",
+                    index + 1,
+                    rule.destination,
+                    rule.to,
+                    self.listeners
+                        .iter()
+                        .map(|l| l.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn listener(&self, name: &str) -> Option<&ListenerConfig> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+        [[listener]]
+        name = "pg"
+        address = "127.0.0.1:15432"
+
+        [[protect]]
+        destination = "10.0.0.0/24"
+        port = 5432
+        to = "pg"
+
+        [[protect]]
+        destination = "::1"
+        to = "block"
+    "#;
+
+    #[test]
+    fn parses_rules_and_listeners() {
+        let config = Config::parse(SAMPLE).unwrap();
+        assert_eq!(config.listeners[0].protocol, Protocol::Tcp);
+        assert_eq!(config.protect[0].destination.to_string(), "10.0.0.0/24");
+        assert_eq!(config.protect[1].destination.to_string(), "::1");
+        assert!(config.protect[1].is_block());
+        assert_eq!(
+            config.kernel.pin_dir,
+            PathBuf::from("/sys/fs/bpf/portcullis")
+        );
+    }
+
+    #[test]
+    fn networks_are_truncated_to_their_prefix() {
+        let d: Destination = "10.1.2.3/8".parse().unwrap();
+        assert_eq!(d.to_string(), "10.0.0.0/8");
+    }
+
+    #[test]
+    fn unknown_listener_is_rejected_with_the_choices() {
+        let text = SAMPLE.replace("to = \"pg\"", "to = \"pgx\"");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("'pgx' is neither 'block' nor a listener name (listeners: pg)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_destination_reports_line() {
+        let err = Config::parse("[[protect]]\ndestination = \"nope\"\nto = \"block\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 2"), "{err}");
+        assert!(err.contains("not an address or network"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        assert!(Config::parse("[kernel]\npin = 1\n").is_err());
+    }
+
+    #[test]
+    fn wildcard_listener_redirects_to_loopback() {
+        let l = ListenerConfig {
+            name: "x".into(),
+            address: "0.0.0.0:7000".parse().unwrap(),
+            protocol: Protocol::Tcp,
+        };
+        assert_eq!(l.redirect_target(), "127.0.0.1:7000".parse().unwrap());
+    }
+}

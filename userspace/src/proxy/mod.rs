@@ -1,0 +1,48 @@
+//! The proxy: one pipeline for every protocol.
+//!
+//! A connection goes through the same steps whatever it speaks:
+//!
+//! 1. **accept** ([`listener`]): a bounded number of concurrent sessions.
+//! 2. **identify** ([`session`]): the kernel's record of the connect() gives
+//!    the original destination and the uid/pid/command behind it; a
+//!    connection without one is refused.
+//! 3. **relay** ([`relay`]): the protocol adapter talks to the client and to
+//!    the upstream, which the gateway reaches with its exemption mark
+//!    ([`upstream`]).
+//! 4. **record**: session start and end go to the [`Recorder`].
+//!
+//! Authorization and inspection slot in between identify and relay as the
+//! identity and policy layers land.
+
+mod listener;
+mod relay;
+mod session;
+mod shutdown;
+mod upstream;
+
+use std::sync::Arc;
+
+pub use listener::{bind, BoundListener};
+pub use shutdown::{Shutdown, ShutdownSignal};
+
+use crate::{audit::Recorder, kernel::ConnectionTable};
+
+/// What every session needs from the gateway.
+pub struct Gateway {
+    pub recorder: Arc<dyn Recorder>,
+    pub connections: Arc<ConnectionTable>,
+    /// SO_MARK for upstream sockets, so the kernel lets them through.
+    pub exempt_mark: u32,
+}
+
+/// Serves `listeners` until `shutdown` fires, then waits for the sessions to
+/// finish.
+pub async fn serve(listeners: Vec<BoundListener>, gateway: Arc<Gateway>, shutdown: Shutdown) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for bound in listeners {
+        let gateway = Arc::clone(&gateway);
+        let shutdown = shutdown.clone();
+        tasks.spawn(listener::run(bound, gateway, shutdown));
+    }
+    while tasks.join_next().await.is_some() {}
+}
