@@ -1,1 +1,5 @@
-//! Integration tests (as root, against the real kernel).
+//! Integration tests, as root, against the real kernel and real servers.
+//! One binary, a module per area, shared helpers in [`harness`].
+
+mod harness;
+mod kernel;

@@ -90,8 +90,8 @@ fn reload(path: &std::path::Path, running: &Config, enforcement: &mut Enforcemen
         });
     match result {
         Ok(report) => info!(
-            written = report.written,
-            removed = report.removed,
+            rules = report.written,
+            active_set = report.active_set,
             "protected set reloaded"
         ),
         Err(e) => error!("config reload rejected, previous protected set stays: {e:#}"),

@@ -11,7 +11,10 @@
 
 /// Names of the maps in the eBPF object, pinned by name under the pin directory.
 pub mod map_names {
-    pub const DESTINATIONS: &str = "PORTCULLIS_DESTS";
+    /// Two protected-destination tries: one in force, one being filled by a
+    /// reload. [`ACTIVE_SET`] says which is in force.
+    pub const DESTINATIONS: [&str; 2] = ["PORTCULLIS_DESTS_0", "PORTCULLIS_DESTS_1"];
+    pub const ACTIVE_SET: &str = "PORTCULLIS_ACTIVE";
     pub const PENDING: &str = "PORTCULLIS_PENDING";
     pub const CONNECTIONS: &str = "PORTCULLIS_CONNS";
     pub const EVENTS: &str = "PORTCULLIS_EVENTS";

@@ -43,8 +43,17 @@ const SOCK_STREAM: u32 = 1;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 
-#[map(name = "PORTCULLIS_DESTS")]
-static DESTINATIONS: LpmTrie<DestKey, DestAction> = LpmTrie::pinned(MAX_DESTINATIONS, 0);
+/// The protected set, double-buffered: a reload fills the idle trie, then
+/// flips ACTIVE_SET with one word write, so no connect ever sees a
+/// half-updated set.
+#[map(name = "PORTCULLIS_DESTS_0")]
+static DESTINATIONS_0: LpmTrie<DestKey, DestAction> = LpmTrie::pinned(MAX_DESTINATIONS, 0);
+
+#[map(name = "PORTCULLIS_DESTS_1")]
+static DESTINATIONS_1: LpmTrie<DestKey, DestAction> = LpmTrie::pinned(MAX_DESTINATIONS, 0);
+
+#[map(name = "PORTCULLIS_ACTIVE")]
+static ACTIVE_SET: Array<u32> = Array::pinned(1, 0);
 
 /// Redirected sockets between connect() and their SYN, by socket cookie.
 #[map(name = "PORTCULLIS_PENDING")]
@@ -229,6 +238,10 @@ fn is_exempt(ctx: &SockAddrContext, settings: Option<&Settings>, netns: u64) -> 
 /// Exact port first, then the "every port" entry (port 0).
 #[inline(always)]
 fn lookup_destination(dest: &[u8; 16], port: u16) -> Option<DestAction> {
+    let destinations = match ACTIVE_SET.get(0) {
+        Some(1) => &DESTINATIONS_1,
+        _ => &DESTINATIONS_0,
+    };
     let full_len = PORT_PREFIX_BITS + 128;
     for candidate in [port, 0] {
         let key = Key::new(
@@ -239,7 +252,7 @@ fn lookup_destination(dest: &[u8; 16], port: u16) -> Option<DestAction> {
                 _pad: [0; 2],
             },
         );
-        if let Some(action) = DESTINATIONS.get(&key) {
+        if let Some(action) = destinations.get(&key) {
             return Some(*action);
         }
     }

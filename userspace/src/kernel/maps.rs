@@ -41,12 +41,6 @@ pub struct CompiledRule {
     pub action: DestAction,
 }
 
-impl CompiledRule {
-    fn identity(&self) -> (u32, DestKey) {
-        (self.key.prefix_len(), self.key.data())
-    }
-}
-
 /// Turns the `[[protect]]` rules into trie entries.
 ///
 /// # Errors
@@ -98,62 +92,73 @@ pub fn compile_rules(config: &Config) -> Result<Vec<CompiledRule>, KernelError> 
     Ok(compiled)
 }
 
-/// The protected-destination trie.
-pub struct Destinations(LpmTrie<MapData, DestKey, DestAction>);
+/// The protected set: two tries and the index of the one in force.
+pub struct Destinations {
+    tries: [LpmTrie<MapData, DestKey, DestAction>; 2],
+    active: Array<MapData, u32>,
+}
 
-/// What a [`Destinations::replace_all`] changed.
+/// What a [`Destinations::replace_all`] did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct SyncReport {
+    /// Entries in the new protected set.
     pub written: usize,
-    pub removed: usize,
+    /// The trie now in force (0 or 1).
+    pub active_set: u32,
 }
 
 impl Destinations {
     pub(super) fn open(pin_dir: &Path) -> Result<Self, KernelError> {
-        let map = open_pinned(pin_dir, map_names::DESTINATIONS)?;
-        Ok(Self(
-            LpmTrie::try_from(map).map_err(map_err(map_names::DESTINATIONS))?,
-        ))
-    }
-
-    /// Makes the trie hold exactly `rules`.
-    ///
-    /// New and changed entries are written first (each update replaces one
-    /// entry atomically), stale ones removed last: at no moment is a
-    /// destination that is protected both before and after unprotected.
-    pub fn replace_all(&mut self, rules: &[CompiledRule]) -> Result<SyncReport, KernelError> {
-        let name = map_names::DESTINATIONS;
-        let existing: Vec<Key<DestKey>> = self
-            .0
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(name))?;
-        for rule in rules {
-            self.0
-                .insert(&rule.key, rule.action, 0)
-                .map_err(map_err(name))?;
-        }
-        let wanted: std::collections::HashSet<(u32, DestKey)> =
-            rules.iter().map(CompiledRule::identity).collect();
-        let mut removed = 0;
-        for key in existing {
-            if !wanted.contains(&(key.prefix_len(), key.data())) {
-                self.0.remove(&key).map_err(map_err(name))?;
-                removed += 1;
-            }
-        }
-        Ok(SyncReport {
-            written: rules.len(),
-            removed,
+        let open_trie = |name: &'static str| -> Result<_, KernelError> {
+            LpmTrie::try_from(open_pinned(pin_dir, name)?).map_err(map_err(name))
+        };
+        let [first, second] = map_names::DESTINATIONS;
+        let active_name = map_names::ACTIVE_SET;
+        Ok(Self {
+            tries: [open_trie(first)?, open_trie(second)?],
+            active: Array::try_from(open_pinned(pin_dir, active_name)?)
+                .map_err(map_err(active_name))?,
         })
     }
 
-    /// Every entry, for status output.
+    fn active_index(&self) -> Result<u32, KernelError> {
+        Ok(self.active.get(&0, 0).map_err(map_err(map_names::ACTIVE_SET))? & 1)
+    }
+
+    /// Makes `rules` the protected set.
+    ///
+    /// The idle trie is emptied and filled, then one 32-bit write flips the
+    /// programs over to it. A connect sees either the whole old set or the
+    /// whole new one, never a mix and never a gap. The old trie is left as
+    /// it is until the next reload, so a program that read the old index an
+    /// instant before the flip still finds its entries.
+    pub fn replace_all(&mut self, rules: &[CompiledRule]) -> Result<SyncReport, KernelError> {
+        let idle = 1 - self.active_index()?;
+        let name = map_names::DESTINATIONS[idle as usize];
+        let trie = &mut self.tries[idle as usize];
+        let stale: Vec<Key<DestKey>> = trie.keys().collect::<Result<_, _>>().map_err(map_err(name))?;
+        for key in stale {
+            trie.remove(&key).map_err(map_err(name))?;
+        }
+        for rule in rules {
+            trie.insert(&rule.key, rule.action, 0).map_err(map_err(name))?;
+        }
+        self.active
+            .set(0, idle, 0)
+            .map_err(map_err(map_names::ACTIVE_SET))?;
+        Ok(SyncReport {
+            written: rules.len(),
+            active_set: idle,
+        })
+    }
+
+    /// Every entry of the set in force, for status output.
     pub fn entries(&self) -> Result<Vec<(Key<DestKey>, DestAction)>, KernelError> {
-        self.0
+        let active = self.active_index()?;
+        self.tries[active as usize]
             .iter()
             .collect::<Result<_, _>>()
-            .map_err(map_err(map_names::DESTINATIONS))
+            .map_err(map_err(map_names::DESTINATIONS[active as usize]))
     }
 }
 

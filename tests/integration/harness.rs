@@ -1,0 +1,427 @@
+//! Shared helpers: a child cgroup per test, a gateway daemon per test, and
+//! tiny upstream servers on loopback.
+//!
+//! Safety rules (DEVELOPERS.md): programs are only ever attached to a child
+//! cgroup the test creates, pins live in a per-test bpffs directory, and every
+//! guard cleans up in `Drop`, so a failing assertion still detaches, unpins
+//! and removes the cgroup.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub const PORTCULLIS: &str = env!("CARGO_BIN_EXE_portcullis");
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this test process and call.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn require_root() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap();
+    assert_eq!(
+        euid, "0",
+        "kernel integration tests attach eBPF programs: run them as root (cargo xtask test)"
+    );
+}
+
+/// A free TCP port on loopback (the listener is closed again at once).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child cgroup of the cgroup v2 root, removed (with its processes) on drop.
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new() -> Self {
+        require_root();
+        let root = portcullis::kernel::root_cgroup().expect("cgroup v2 mounted");
+        let path = root.join(unique("portcullis-test"));
+        std::fs::create_dir(&path).unwrap();
+        Self { path }
+    }
+
+    /// A command that runs `program args...` inside this cgroup.
+    pub fn command(&self, program: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec \"$@\"",
+                self.path.display()
+            ))
+            .arg("sh")
+            .arg(program)
+            .args(args);
+        cmd
+    }
+
+    /// Runs to completion inside the cgroup, with a timeout.
+    pub fn run(&self, program: &str, args: &[&str]) -> Output {
+        let child = self
+            .command(program, args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_with_timeout(child, Duration::from_secs(30))
+    }
+
+    /// Runs a Python snippet inside the cgroup; returns its stdout, trimmed.
+    pub fn python(&self, code: &str) -> String {
+        let out = self.run("python3", &["-c", code]);
+        assert!(
+            out.status.success(),
+            "python failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // Kill whatever is left in the cgroup, then remove it (which also
+        // detaches any link still attached to it).
+        for _ in 0..50 {
+            let procs = std::fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default();
+            if procs.trim().is_empty() {
+                break;
+            }
+            for pid in procs.split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> Output {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "command timed out; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A `[[protect]]` rule for [`Gateway::start`].
+pub struct Protect {
+    pub destination: String,
+    pub port: Option<u16>,
+    pub to: String,
+}
+
+impl Protect {
+    pub fn redirect(destination: &str, port: u16) -> Self {
+        Self {
+            destination: destination.into(),
+            port: Some(port),
+            to: "tcp".into(),
+        }
+    }
+
+    pub fn block(destination: &str, port: Option<u16>) -> Self {
+        Self {
+            destination: destination.into(),
+            port,
+            to: "block".into(),
+        }
+    }
+}
+
+/// A `portcullis run` daemon inside a test cgroup, with its own pins, state
+/// directory and listener. Dropping it kills the daemon and detaches.
+pub struct Gateway {
+    pub dir: tempfile::TempDir,
+    pub pin_dir: PathBuf,
+    pub listener: SocketAddr,
+    pub config_path: PathBuf,
+    child: Option<Child>,
+    log_path: PathBuf,
+    cgroup_path: PathBuf,
+}
+
+impl Gateway {
+    pub fn start(cgroup: &TestCgroup, rules: &[Protect]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("portcullis-test"));
+        let listener: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config_path = dir.path().join("portcullis.toml");
+        let mut gateway = Self {
+            log_path: dir.path().join("daemon.log"),
+            dir,
+            pin_dir,
+            listener,
+            config_path,
+            child: None,
+            cgroup_path: cgroup.path.clone(),
+        };
+        gateway.write_config(rules);
+        gateway.spawn();
+        gateway
+    }
+
+    pub fn write_config(&self, rules: &[Protect]) {
+        let mut text = format!(
+            "state_dir = \"{}\"\n[kernel]\ncgroup = \"{}\"\npin_dir = \"{}\"\n\n[[listener]]\nname = \"tcp\"\naddress = \"{}\"\n",
+            self.dir.path().join("state").display(),
+            self.cgroup_path.display(),
+            self.pin_dir.display(),
+            self.listener,
+        );
+        for rule in rules {
+            text.push_str(&format!(
+                "\n[[protect]]\ndestination = \"{}\"\nto = \"{}\"\n",
+                rule.destination, rule.to
+            ));
+            if let Some(port) = rule.port {
+                text.push_str(&format!("port = {port}\n"));
+            }
+        }
+        // Atomic replace, as a config manager would: a daemon reloading
+        // mid-write must never read a truncated file.
+        let tmp = self.config_path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.config_path).unwrap();
+    }
+
+    /// Starts the daemon inside the test cgroup and waits until it is ready.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        let ready_before = self.log().matches("portcullis ready").count();
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec \"$@\"",
+                self.cgroup_path.display()
+            ))
+            .arg("sh")
+            .arg(PORTCULLIS)
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("run")
+            .env("PORTCULLIS_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.log().matches("portcullis ready").count() == ready_before {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("gateway exited with {status}: {}", self.log());
+            }
+            assert!(Instant::now() < deadline, "gateway not ready: {}", self.log());
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL: no chance to clean up, as in a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Events recorded so far (one JSON object per line).
+    pub fn events(&self) -> Vec<Value> {
+        let text =
+            std::fs::read_to_string(self.dir.path().join("state/events.jsonl")).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str(l).expect("valid JSON line"))
+            .collect()
+    }
+
+    /// Waits until an event matching `pred` has been recorded.
+    pub fn wait_for_event(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(e) = self.events().into_iter().find(|e| pred(e)) {
+                return e;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} event; events: {:#?}\nlog: {}",
+                self.events(),
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(PORTCULLIS)
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    pub fn status_json(&self) -> Value {
+        let out = self.cli(&["kernel", "status", "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Program ids of the attached links, by program name.
+    pub fn program_ids(&self) -> Vec<u64> {
+        self.status_json()["programs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["program_id"].as_u64())
+            .collect()
+    }
+
+    pub fn detach(&self) -> Output {
+        self.cli(&["kernel", "detach"])
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = Command::new(PORTCULLIS)
+            .args(["kernel", "detach", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .output();
+        if self.pin_dir.exists() {
+            let _ = std::fs::remove_dir_all(&self.pin_dir);
+        }
+    }
+}
+
+/// A tiny HTTP server on loopback answering every request with `body`;
+/// counts the connections it accepted.
+pub struct HttpUpstream {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl HttpUpstream {
+    pub fn start(bind: &str, body: &'static str) -> Self {
+        let listener = TcpListener::bind(bind).unwrap();
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (count, halt) = (Arc::clone(&accepted), Arc::clone(&stop));
+        thread::spawn(move || {
+            while !halt.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        count.fetch_add(1, Ordering::Relaxed);
+                        thread::spawn(move || serve_http(stream, body));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Self {
+            addr,
+            accepted,
+            stop,
+        }
+    }
+}
+
+impl Drop for HttpUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn serve_http(stream: TcpStream, body: &str) {
+    stream.set_nonblocking(false).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    while reader.read_line(&mut line).unwrap_or(0) > 0 {
+        if line == "\r\n" {
+            break;
+        }
+        line.clear();
+    }
+    let mut stream = stream;
+    let _ = write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+/// Reads everything a server sends after connecting directly (from the test
+/// process, outside any test cgroup).
+pub fn read_all_from(addr: SocketAddr) -> std::io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+pub fn path_exists(p: &Path) -> bool {
+    p.exists()
+}
