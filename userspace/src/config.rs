@@ -104,6 +104,14 @@ pub enum Protocol {
     Tcp,
 }
 
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+        }
+    }
+}
+
 /// A protected destination and what happens to connects to it.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 use crate::{
     audit::{AuditEvent, JsonLinesRecorder, Recorder},
     config::Config,
+    identity::UnixIdentity,
     kernel::{self, Enforcement, EventReader, KernelAction},
     proxy::{self, Gateway, ShutdownSignal},
 };
@@ -50,6 +51,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let gateway = Arc::new(Gateway {
         recorder,
         connections: enforcement.connections(),
+        identity: Arc::new(UnixIdentity),
         exempt_mark: config.kernel.exempt_mark,
     });
     let (signal_shutdown, shutdown) = ShutdownSignal::new();

@@ -5,8 +5,10 @@
 //!
 //! * [`config`]: the TOML configuration and its validation.
 //! * [`kernel`]: eBPF programs: attach, adopt, maps, events (the only `unsafe`).
+//! * [`identity`]: who is behind a session ([`identity::Principal`]).
 //! * [`proxy`]: the pipeline every connection goes through (accept, identify,
-//!   relay, record) and its protocol adapters.
+//!   relay, record).
+//! * [`protocol`]: the protocol adapters, the one protocol-specific step.
 //! * [`audit`]: the recording interface and its sinks.
 //! * [`daemon`]: `portcullis run`, start-up, reload and shutdown.
 //! * [`cli`]: the command-line interface.
@@ -15,5 +17,7 @@ pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod identity;
 pub mod kernel;
+pub mod protocol;
 pub mod proxy;

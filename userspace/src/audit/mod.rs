@@ -17,7 +17,10 @@ use std::{
 
 use serde::Serialize;
 
-use crate::kernel::{ConnectOrigin, KernelEvent};
+use crate::{
+    identity::Principal,
+    kernel::{ConnectOrigin, KernelEvent},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -52,6 +55,8 @@ pub struct SessionStart {
     pub listener: String,
     pub protocol: &'static str,
     pub peer: SocketAddr,
+    /// Who is behind the session, when known at its start.
+    pub principal: Option<Principal>,
     #[serde(flatten)]
     pub origin: ConnectOrigin,
 }

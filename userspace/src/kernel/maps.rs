@@ -122,7 +122,11 @@ impl Destinations {
     }
 
     fn active_index(&self) -> Result<u32, KernelError> {
-        Ok(self.active.get(&0, 0).map_err(map_err(map_names::ACTIVE_SET))? & 1)
+        Ok(self
+            .active
+            .get(&0, 0)
+            .map_err(map_err(map_names::ACTIVE_SET))?
+            & 1)
     }
 
     /// Makes `rules` the protected set.
@@ -136,12 +140,16 @@ impl Destinations {
         let idle = 1 - self.active_index()?;
         let name = map_names::DESTINATIONS[idle as usize];
         let trie = &mut self.tries[idle as usize];
-        let stale: Vec<Key<DestKey>> = trie.keys().collect::<Result<_, _>>().map_err(map_err(name))?;
+        let stale: Vec<Key<DestKey>> = trie
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(name))?;
         for key in stale {
             trie.remove(&key).map_err(map_err(name))?;
         }
         for rule in rules {
-            trie.insert(&rule.key, rule.action, 0).map_err(map_err(name))?;
+            trie.insert(&rule.key, rule.action, 0)
+                .map_err(map_err(name))?;
         }
         self.active
             .set(0, idle, 0)

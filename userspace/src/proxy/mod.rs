@@ -6,31 +6,31 @@
 //! 2. **identify** ([`session`]): the kernel's record of the connect() gives
 //!    the original destination and the uid/pid/command behind it; a
 //!    connection without one is refused.
-//! 3. **relay** ([`relay`]): the protocol adapter talks to the client and to
-//!    the upstream, which the gateway reaches with its exemption mark
-//!    ([`upstream`]).
+//! 3. **relay** ([`crate::protocol`]): the protocol adapter talks to the
+//!    client and to the upstream, which the gateway reaches with its
+//!    exemption mark ([`upstream`]).
 //! 4. **record**: session start and end go to the [`Recorder`].
 //!
 //! Authorization and inspection slot in between identify and relay as the
 //! identity and policy layers land.
 
 mod listener;
-mod relay;
 mod session;
 mod shutdown;
-mod upstream;
+pub mod upstream;
 
 use std::sync::Arc;
 
 pub use listener::{bind, BoundListener};
 pub use shutdown::{Shutdown, ShutdownSignal};
 
-use crate::{audit::Recorder, kernel::ConnectionTable};
+use crate::{audit::Recorder, identity::IdentityProvider, kernel::ConnectionTable};
 
 /// What every session needs from the gateway.
 pub struct Gateway {
     pub recorder: Arc<dyn Recorder>,
     pub connections: Arc<ConnectionTable>,
+    pub identity: Arc<dyn IdentityProvider>,
     /// SO_MARK for upstream sockets, so the kernel lets them through.
     pub exempt_mark: u32,
 }

@@ -12,11 +12,12 @@ use std::{
 use tokio::net::TcpStream;
 use tracing::{info, info_span, warn, Instrument};
 
-use super::{relay, upstream, Gateway, Shutdown};
+use super::{Gateway, Shutdown};
 use crate::{
     audit::{AuditEvent, SessionEnd, SessionStart},
     config::Protocol,
     kernel::{normalise_addr, ConnectOrigin},
+    protocol::{self, Relayed, SessionContext},
 };
 
 /// Session ids: start time of the process plus a counter, unique per host.
@@ -55,22 +56,35 @@ pub(super) async fn run(
             return;
         }
     };
-    let session = next_session_id();
-    let span = info_span!("session", id = %session, %listener, %peer, uid = origin.uid, command = %origin.command);
+    let principal = gateway.identity.principal_for_uid(origin.uid).await;
+    let ctx = SessionContext {
+        id: next_session_id(),
+        listener,
+        peer,
+        origin,
+        principal,
+        gateway,
+    };
+    let span = info_span!(
+        "session",
+        id = %ctx.id,
+        listener = %ctx.listener,
+        peer = %ctx.peer,
+        uid = ctx.origin.uid,
+        principal = ctx.principal.as_ref().map_or("-", |p| p.name.as_str()),
+    );
     async move {
         let started = Instant::now();
-        info!(destination = %origin.original_destination, pid = origin.pid, "session start");
-        let destination = origin.original_destination;
+        info!(destination = %ctx.origin.original_destination, pid = ctx.origin.pid, command = %ctx.origin.command, "session start");
         let recorded = record(
-            &gateway,
+            &ctx.gateway,
             AuditEvent::SessionStart(SessionStart {
-                session: session.clone(),
-                listener: listener.to_string(),
-                protocol: match protocol {
-                    Protocol::Tcp => "tcp",
-                },
-                peer,
-                origin,
+                session: ctx.id.clone(),
+                listener: ctx.listener.to_string(),
+                protocol: protocol.name(),
+                peer: ctx.peer,
+                principal: ctx.principal.clone(),
+                origin: ctx.origin.clone(),
             }),
         );
         if !recorded {
@@ -78,18 +92,12 @@ pub(super) async fn run(
             return;
         }
         let outcome = tokio::select! {
-            outcome = relay_to(client, destination, &gateway, protocol) => outcome,
+            outcome = serve(&ctx, client, protocol) => outcome,
             _ = shutdown.requested() => Err("gateway shutting down".to_string()),
         };
         let (relayed, error) = match outcome {
             Ok(r) => (r, None),
-            Err(e) => (
-                relay::Relayed {
-                    from_client: 0,
-                    from_server: 0,
-                },
-                Some(e),
-            ),
+            Err(e) => (Relayed::default(), Some(e)),
         };
         info!(
             bytes_from_client = relayed.from_client,
@@ -98,9 +106,9 @@ pub(super) async fn run(
             "session end"
         );
         record(
-            &gateway,
+            &ctx.gateway,
             AuditEvent::SessionEnd(SessionEnd {
-                session,
+                session: ctx.id.clone(),
                 bytes_from_client: relayed.from_client,
                 bytes_from_server: relayed.from_server,
                 duration_ms: started.elapsed().as_millis() as u64,
@@ -123,17 +131,14 @@ fn identify(gateway: &Gateway, peer: SocketAddr) -> Result<ConnectOrigin, String
     }
 }
 
-async fn relay_to(
+/// Hands the session to its protocol adapter.
+async fn serve(
+    ctx: &SessionContext,
     client: TcpStream,
-    destination: SocketAddr,
-    gateway: &Gateway,
     protocol: Protocol,
-) -> Result<relay::Relayed, String> {
-    let server = upstream::connect(destination, gateway.exempt_mark)
-        .await
-        .map_err(|e| format!("upstream {destination}: {e}"))?;
+) -> Result<Relayed, String> {
     match protocol {
-        Protocol::Tcp => relay::tcp(client, server).await.map_err(|e| e.to_string()),
+        Protocol::Tcp => protocol::tcp::serve(ctx, client).await,
     }
 }
 

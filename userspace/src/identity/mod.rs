@@ -1,0 +1,57 @@
+//! Identity: who is behind a session.
+//!
+//! Every recorded action names a [`Principal`]: a person or a service
+//! account, never a shared credential. Where the principal comes from is an
+//! [`IdentityProvider`]: the kernel-observed uid bound to an OIDC login, or a
+//! token the client presents.
+
+mod unix;
+
+use std::{future::Future, pin::Pin};
+
+use serde::Serialize;
+
+pub use unix::UnixIdentity;
+
+/// A person or a service account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Principal {
+    /// Stable identifier: the OIDC `sub` (qualified by issuer), or `unix:<name>`.
+    pub subject: String,
+    /// What people read: e-mail, preferred user name or login name.
+    pub name: String,
+    pub kind: PrincipalKind,
+    /// Gateway roles (engineers, dba, approvers, auditors, ...).
+    pub roles: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrincipalKind {
+    Person,
+    /// Automation or an AI agent (client-credentials tokens).
+    Service,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// The token was refused; the message is safe to show to the client.
+    #[error("{0}")]
+    Rejected(String),
+    #[error("identity provider unavailable: {0}")]
+    Unavailable(String),
+}
+
+pub type IdentityFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Resolves principals for sessions.
+pub trait IdentityProvider: Send + Sync {
+    /// The principal bound to a local uid (from `portcullis login`), if any.
+    fn principal_for_uid(&self, uid: u32) -> IdentityFuture<'_, Option<Principal>>;
+
+    /// Verifies a token a client presented (as password, Bearer, ...).
+    fn verify_token<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> IdentityFuture<'a, Result<Principal, IdentityError>>;
+}

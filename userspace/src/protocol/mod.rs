@@ -1,0 +1,32 @@
+//! Protocol adapters: the only protocol-specific step of the pipeline.
+//!
+//! An adapter gets a [`SessionContext`] (who, from where, to where) and the
+//! client stream; it authenticates the client if the protocol carries
+//! credentials, talks to the upstream, and reports what it relayed. Identity,
+//! policy and recording stay in shared code behind the context.
+
+pub mod tcp;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use crate::{identity::Principal, kernel::ConnectOrigin, proxy::Gateway};
+
+/// Everything an adapter knows about its session.
+pub struct SessionContext {
+    pub id: String,
+    pub listener: Arc<str>,
+    /// The client's address as accept() returned it.
+    pub peer: SocketAddr,
+    /// The kernel's record of the connect(), for redirected clients.
+    pub origin: ConnectOrigin,
+    /// Who is behind the session, when already known (uid binding).
+    pub principal: Option<Principal>,
+    pub gateway: Arc<Gateway>,
+}
+
+/// What an adapter moved, for the session-end record.
+#[derive(Debug, Default)]
+pub struct Relayed {
+    pub from_client: u64,
+    pub from_server: u64,
+}
