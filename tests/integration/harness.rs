@@ -255,7 +255,11 @@ impl Gateway {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("gateway exited with {status}: {}", self.log());
             }
-            assert!(Instant::now() < deadline, "gateway not ready: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "gateway not ready: {}",
+                self.log()
+            );
             thread::sleep(Duration::from_millis(20));
         }
     }
@@ -321,7 +325,11 @@ impl Gateway {
 
     pub fn status_json(&self) -> Value {
         let out = self.cli(&["kernel", "status", "--json"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 

@@ -20,14 +20,30 @@ fn py_connect(family: &str, host: &str, port: u16) -> String {
 fn curl_is_redirected_with_original_destination_and_uid() {
     let cgroup = TestCgroup::new();
     let upstream = HttpUpstream::start("127.0.0.1:0", "hello from upstream");
-    let gateway = Gateway::start(&cgroup, &[Protect::redirect("127.0.0.1", upstream.addr.port())]);
+    let gateway = Gateway::start(
+        &cgroup,
+        &[Protect::redirect("127.0.0.1", upstream.addr.port())],
+    );
 
     let url = format!("http://{}/", upstream.addr);
     let out = cgroup.run(
         "setpriv",
-        &["--reuid=65534", "--regid=65534", "--clear-groups", "curl", "-sS", "-m", "10", &url],
+        &[
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "curl",
+            "-sS",
+            "-m",
+            "10",
+            &url,
+        ],
     );
-    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from upstream");
 
     let start = gateway.wait_for_event("session_start", |e| e["event"] == "session_start");
@@ -69,7 +85,10 @@ fn blocked_destination_fails_with_eperm_and_is_reported() {
 
     // Other ports and processes outside the cgroup are untouched.
     let other = free_port();
-    assert_eq!(cgroup.python(&py_connect("AF_INET", "127.0.0.9", other)), "ECONNREFUSED");
+    assert_eq!(
+        cgroup.python(&py_connect("AF_INET", "127.0.0.9", other)),
+        "ECONNREFUSED"
+    );
 }
 
 #[test]
@@ -87,7 +106,11 @@ fn ipv6_and_v4_mapped_connects_are_redirected() {
 
     let url = format!("http://[::1]:{}/", v6.addr.port());
     let out = cgroup.run("curl", &["-sS", "-6", "-m", "10", &url]);
-    assert!(out.status.success(), "curl -6: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "curl -6: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello over v6");
     gateway.wait_for_event("v6 session", |e| {
         e["event"] == "session_start" && e["original_destination"] == v6.addr.to_string()
@@ -165,13 +188,25 @@ fn only_the_gateway_is_exempt_not_other_processes_of_its_uid() {
          try:\n    s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, {mark}); print('mark set')\n\
          except OSError as e:\n    print(errno.errorcode[e.errno])\n\
          s.connect(('127.0.0.1', {port}))\n\
-         print(s.getpeername()[1])\n"
+         print(s.getpeername()[1])\n\
+         s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n\
+         while s.recv(4096): pass\n"
     );
     let out = cgroup.run(
         "setpriv",
-        &["--inh-caps=-all", "--bounding-set=-all", "python3", "-c", &code],
+        &[
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "python3",
+            "-c",
+            &code,
+        ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::to_string)
@@ -185,7 +220,9 @@ fn only_the_gateway_is_exempt_not_other_processes_of_its_uid() {
     let start = gateway.wait_for_event("session", |e| e["event"] == "session_start");
     assert_eq!(start["uid"], 0);
     // ... while the gateway, same uid, reached the upstream itself.
-    gateway.wait_for_event("relayed", |e| e["event"] == "session_end" && e["error"].is_null());
+    gateway.wait_for_event("relayed", |e| {
+        e["event"] == "session_end" && e["error"].is_null()
+    });
     assert!(upstream.accepted.load(std::sync::atomic::Ordering::Relaxed) >= 1);
 }
 
@@ -200,13 +237,21 @@ fn enforcement_survives_kill_9_and_is_adopted_on_restart() {
 
     gateway.kill9();
     // Fail closed: the redirect still happens, and nobody is listening.
-    assert_eq!(cgroup.python(&py_connect("AF_INET", "127.0.0.1", port)), "ECONNREFUSED");
-    assert_eq!(upstream.accepted.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        cgroup.python(&py_connect("AF_INET", "127.0.0.1", port)),
+        "ECONNREFUSED"
+    );
+    assert_eq!(
+        upstream.accepted.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
     assert_eq!(gateway.program_ids(), ids_before);
 
     gateway.spawn();
     assert!(
-        gateway.log().contains(r#"attached=[] adopted=["connect4", "connect6", "sendmsg4", "sendmsg6", "sock_ops"]"#),
+        gateway.log().contains(
+            r#"attached=[] adopted=["connect4", "connect6", "sendmsg4", "sendmsg6", "sock_ops"]"#
+        ),
         "restart must adopt the pinned programs: {}",
         gateway.log()
     );
@@ -233,7 +278,11 @@ fn enforcement_survives_kill_9_and_is_adopted_on_restart() {
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while redirects() < 2 {
-        assert!(std::time::Instant::now() < deadline, "{:#?}", gateway.events());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:#?}",
+            gateway.events()
+        );
         thread::sleep(Duration::from_millis(20));
     }
 }
@@ -247,7 +296,10 @@ fn connection_without_kernel_record_is_refused() {
     let received = read_all_from(gateway.listener).unwrap();
     assert!(received.is_empty());
     let refused = gateway.wait_for_event("refusal", |e| e["event"] == "connection_refused");
-    assert!(refused["reason"].as_str().unwrap().contains("no kernel record"));
+    assert!(refused["reason"]
+        .as_str()
+        .unwrap()
+        .contains("no kernel record"));
 }
 
 #[test]
@@ -258,7 +310,10 @@ fn reload_swaps_the_protected_set_without_a_gap() {
     let added = free_port();
     let gateway = Gateway::start(
         &cgroup,
-        &[Protect::block("127.0.0.1", Some(kept)), Protect::block("127.0.0.1", Some(dropped))],
+        &[
+            Protect::block("127.0.0.1", Some(kept)),
+            Protect::block("127.0.0.1", Some(dropped)),
+        ],
     );
     // Hammer the destination that stays protected while reloading.
     let hammer = format!(
@@ -276,7 +331,10 @@ fn reload_swaps_the_protected_set_without_a_gap() {
         .spawn()
         .unwrap();
     let alternate = [
-        vec![Protect::block("127.0.0.1", Some(kept)), Protect::block("127.0.0.1", Some(added))],
+        vec![
+            Protect::block("127.0.0.1", Some(kept)),
+            Protect::block("127.0.0.1", Some(added)),
+        ],
         vec![
             Protect::block("127.0.0.0/8", Some(kept)),
             Protect::block("127.0.0.1", Some(kept)),
@@ -291,7 +349,10 @@ fn reload_swaps_the_protected_set_without_a_gap() {
         reloads += 1;
         thread::sleep(Duration::from_millis(10));
     }
-    assert!(reloads >= 5, "the hammer finished before the reloads ({reloads})");
+    assert!(
+        reloads >= 5,
+        "the hammer finished before the reloads ({reloads})"
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while gateway.log().matches("protected set reloaded").count() < 5 {
         assert!(std::time::Instant::now() < deadline, "{}", gateway.log());
@@ -300,18 +361,31 @@ fn reload_swaps_the_protected_set_without_a_gap() {
     let out = wait_with_timeout(child, Duration::from_secs(60));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "EPERM");
 
-    assert_eq!(cgroup.python(&py_connect("AF_INET", "127.0.0.1", added)), "EPERM");
-    assert_eq!(cgroup.python(&py_connect("AF_INET", "127.0.0.1", dropped)), "ECONNREFUSED");
+    assert_eq!(
+        cgroup.python(&py_connect("AF_INET", "127.0.0.1", added)),
+        "EPERM"
+    );
+    assert_eq!(
+        cgroup.python(&py_connect("AF_INET", "127.0.0.1", dropped)),
+        "ECONNREFUSED"
+    );
 
     // An invalid file is rejected and the running set stays.
-    std::fs::write(&gateway.config_path, "[[protect]]\ndestination = \"nonsense\"\n").unwrap();
+    std::fs::write(
+        &gateway.config_path,
+        "[[protect]]\ndestination = \"nonsense\"\n",
+    )
+    .unwrap();
     gateway.signal("HUP");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !gateway.log().contains("config reload rejected") {
         assert!(std::time::Instant::now() < deadline, "{}", gateway.log());
         thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(cgroup.python(&py_connect("AF_INET", "127.0.0.1", added)), "EPERM");
+    assert_eq!(
+        cgroup.python(&py_connect("AF_INET", "127.0.0.1", added)),
+        "EPERM"
+    );
 }
 
 #[test]
@@ -324,7 +398,11 @@ fn detach_leaves_nothing_behind() {
     gateway.kill9();
 
     let out = gateway.detach();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!path_exists(&gateway.pin_dir), "pin directory must be gone");
     for id in ids {
         let shown = Command::new("bpftool")
@@ -340,7 +418,10 @@ fn detach_leaves_nothing_behind() {
         .unwrap();
     assert!(String::from_utf8_lossy(&attached.stdout).trim().is_empty());
     // And connects work again.
-    assert_eq!(cgroup.python(&py_connect("AF_INET", "127.0.0.1", port)), "ECONNREFUSED");
+    assert_eq!(
+        cgroup.python(&py_connect("AF_INET", "127.0.0.1", port)),
+        "ECONNREFUSED"
+    );
     let status = gateway.status_json();
     assert!(status["programs"]
         .as_array()
