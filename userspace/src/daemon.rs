@@ -110,6 +110,7 @@ async fn forward_kernel_events(mut reader: EventReader, recorder: Arc<dyn Record
                 return;
             }
         };
+        let mut acks = Vec::with_capacity(batch.len());
         for event in batch {
             let o = &event.origin;
             match event.action {
@@ -123,7 +124,10 @@ async fn forward_kernel_events(mut reader: EventReader, recorder: Arc<dyn Record
                     command = %o.command, rule = o.rule, "kernel blocked"
                 ),
             }
-            if let Err(e) = recorder.record(AuditEvent::Kernel(event)) {
+            acks.push(recorder.record(AuditEvent::Kernel(event)));
+        }
+        for ack in acks {
+            if let Err(e) = ack.durable().await {
                 error!("audit record lost: {e}");
             }
         }

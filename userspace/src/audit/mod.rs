@@ -9,18 +9,17 @@
 use std::{
     fs::{File, OpenOptions},
     io::{BufWriter, Write},
-    net::SocketAddr,
     path::Path,
     sync::Mutex,
     time::SystemTime,
 };
 
 use serde::Serialize;
+use tokio::sync::oneshot;
 
-use crate::{
-    identity::Principal,
-    kernel::{ConnectOrigin, KernelEvent},
-};
+mod event;
+
+pub use event::{AuditEvent, SessionEnd, SessionStart};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -31,50 +30,48 @@ pub enum AuditError {
     },
     #[error("encoding audit record: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("the audit writer stopped before confirming the record")]
+    WriterGone,
 }
 
-/// Everything the gateway records.
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum AuditEvent {
-    /// The kernel redirected or blocked a connect() or sendto().
-    Kernel(KernelEvent),
-    SessionStart(SessionStart),
-    SessionEnd(SessionEnd),
-    /// A connection reached a listener without a kernel record.
-    ConnectionRefused {
-        listener: String,
-        peer: SocketAddr,
-        reason: String,
-    },
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct SessionStart {
-    pub session: String,
-    pub listener: String,
-    pub protocol: &'static str,
-    pub peer: SocketAddr,
-    /// Who is behind the session, when known at its start.
-    pub principal: Option<Principal>,
-    #[serde(flatten)]
-    pub origin: ConnectOrigin,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct SessionEnd {
-    pub session: String,
-    pub bytes_from_client: u64,
-    pub bytes_from_server: u64,
-    pub duration_ms: u64,
-    /// Why the session ended abnormally, if it did.
-    pub error: Option<String>,
-}
-
-/// Where events go. Implementations must have made the event durable (or
-/// failed) by the time `record` returns.
+/// Where events go.
+///
+/// `record` takes the event in call order (so a session's events keep their
+/// order) and returns at once; the [`Ack`] resolves when the event is durable.
+/// Callers that must not proceed unrecorded (a session start) await it;
+/// hot paths (per statement) may await it later or in batches, so group
+/// commit can amortise the flush across sessions.
 pub trait Recorder: Send + Sync {
-    fn record(&self, event: AuditEvent) -> Result<(), AuditError>;
+    fn record(&self, event: AuditEvent) -> Ack;
+}
+
+/// Resolves once an event is durable, or with the reason it is not.
+pub struct Ack(AckInner);
+
+enum AckInner {
+    Done(Option<Result<(), AuditError>>),
+    Pending(oneshot::Receiver<Result<(), AuditError>>),
+}
+
+impl Ack {
+    /// An event already durable (or already failed).
+    pub fn done(result: Result<(), AuditError>) -> Self {
+        Self(AckInner::Done(Some(result)))
+    }
+
+    /// An event a writer task will confirm through the sender.
+    pub fn pending() -> (oneshot::Sender<Result<(), AuditError>>, Self) {
+        let (tx, rx) = oneshot::channel();
+        (tx, Self(AckInner::Pending(rx)))
+    }
+
+    /// Waits until the event is durable.
+    pub async fn durable(self) -> Result<(), AuditError> {
+        match self.0 {
+            AckInner::Done(result) => result.unwrap_or(Ok(())),
+            AckInner::Pending(rx) => rx.await.unwrap_or(Err(AuditError::WriterGone)),
+        }
+    }
 }
 
 /// Appends events as JSON lines to a file.
@@ -108,10 +105,16 @@ impl JsonLinesRecorder {
 }
 
 impl Recorder for JsonLinesRecorder {
-    fn record(&self, event: AuditEvent) -> Result<(), AuditError> {
+    fn record(&self, event: AuditEvent) -> Ack {
+        Ack::done(self.append(&event))
+    }
+}
+
+impl JsonLinesRecorder {
+    fn append(&self, event: &AuditEvent) -> Result<(), AuditError> {
         let line = Line {
             at: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
-            event: &event,
+            event,
         };
         let mut text = serde_json::to_vec(&line)?;
         text.push(b'\n');

@@ -45,14 +45,15 @@ pub(super) async fn run(
         Ok(origin) => origin,
         Err(reason) => {
             warn!(%listener, %peer, "refused: {reason}");
-            record(
+            record_durably(
                 &gateway,
                 AuditEvent::ConnectionRefused {
                     listener: listener.to_string(),
                     peer,
                     reason,
                 },
-            );
+            )
+            .await;
             return;
         }
     };
@@ -76,7 +77,7 @@ pub(super) async fn run(
     async move {
         let started = Instant::now();
         info!(destination = %ctx.origin.original_destination, pid = ctx.origin.pid, command = %ctx.origin.command, "session start");
-        let recorded = record(
+        let recorded = record_durably(
             &ctx.gateway,
             AuditEvent::SessionStart(SessionStart {
                 session: ctx.id.clone(),
@@ -86,7 +87,8 @@ pub(super) async fn run(
                 principal: ctx.principal.clone(),
                 origin: ctx.origin.clone(),
             }),
-        );
+        )
+        .await;
         if !recorded {
             // No session goes unrecorded: fail closed.
             return;
@@ -105,7 +107,7 @@ pub(super) async fn run(
             error = error.as_deref().unwrap_or(""),
             "session end"
         );
-        record(
+        record_durably(
             &ctx.gateway,
             AuditEvent::SessionEnd(SessionEnd {
                 session: ctx.id.clone(),
@@ -114,7 +116,8 @@ pub(super) async fn run(
                 duration_ms: started.elapsed().as_millis() as u64,
                 error,
             }),
-        );
+        )
+        .await;
     }
     .instrument(span)
     .await
@@ -142,9 +145,10 @@ async fn serve(
     }
 }
 
-/// Records `event`; false (and an error in the log) if it could not be.
-fn record(gateway: &Gateway, event: AuditEvent) -> bool {
-    match gateway.recorder.record(event) {
+/// Records `event` and waits until it is durable; false (and an error in
+/// the log) if it could not be.
+async fn record_durably(gateway: &Gateway, event: AuditEvent) -> bool {
+    match gateway.recorder.record(event).durable().await {
         Ok(()) => true,
         Err(e) => {
             tracing::error!("audit record lost: {e}");
