@@ -6,9 +6,12 @@
 //! * [`config`]: the TOML configuration and its validation.
 //! * [`kernel`]: eBPF programs: attach, adopt, maps, events (the only `unsafe`).
 //! * [`identity`]: who is behind a session ([`identity::Principal`]).
+//! * [`control`]: the daemon's Unix control socket (login, whoami, logout).
 //! * [`proxy`]: the pipeline every connection goes through (accept, identify,
 //!   relay, record).
 //! * [`protocol`]: the protocol adapters, the one protocol-specific step.
+//! * [`resource`]: protected upstreams, their credentials and grants.
+//! * [`policy`]: rules per resource and role: allow, block, mask, approval.
 //! * [`audit`]: the recording interface and its sinks.
 //! * [`daemon`]: `portcullis run`, start-up, reload and shutdown.
 //! * [`cli`]: the command-line interface.
@@ -16,8 +19,11 @@
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod identity;
 pub mod kernel;
+pub mod policy;
 pub mod protocol;
 pub mod proxy;
+pub mod resource;

@@ -4,17 +4,38 @@
 //! account, never a shared credential. Where the principal comes from is an
 //! [`IdentityProvider`]: the kernel-observed uid bound to an OIDC login, or a
 //! token the client presents.
+//!
+//! With an `[identity]` section the gateway uses [`OidcIdentity`]: any
+//! standard OpenID Connect provider, configured by issuer URL and client id
+//! only. People sign in with `portcullis login` (device grant), which binds
+//! them to their local uid; clients that carry a credential present a
+//! token. Service accounts use client-credentials tokens (a token whose
+//! `sub` is its own client, or that carries `service_claim`). Without one, [`UnixIdentity`] names the local
+//! account.
 
+mod bindings;
+mod config;
+mod discovery;
+pub mod flows;
+mod http;
+mod jwks;
+mod oidc;
+mod principal;
 mod unix;
+mod verify;
 
 use std::{future::Future, pin::Pin};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+pub use bindings::{unix_now, BindingInfo};
+pub use config::{IdentityConfig, DEFAULT_CONTROL_SOCKET};
+pub use flows::{LoginParams, LoginTokens};
+pub use oidc::OidcIdentity;
 pub use unix::UnixIdentity;
 
 /// A person or a service account.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Principal {
     /// Stable identifier: the OIDC `sub` (qualified by issuer), or `unix:<name>`.
     pub subject: String,
@@ -25,7 +46,7 @@ pub struct Principal {
     pub roles: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PrincipalKind {
     Person,
