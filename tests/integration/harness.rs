@@ -280,6 +280,15 @@ impl Gateway {
         }
     }
 
+    /// SIGTERM, then waits for a clean exit (final audit checkpoint).
+    pub fn stop(&mut self) {
+        self.signal("TERM");
+        if let Some(child) = self.child.take() {
+            let out = wait_with_timeout(child, Duration::from_secs(20));
+            assert!(out.status.success(), "gateway exit: {}", self.log());
+        }
+    }
+
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
             .args([&format!("-{signal}"), &self.pid().to_string()])
@@ -288,13 +297,20 @@ impl Gateway {
         assert!(status.success());
     }
 
-    /// Events recorded so far (one JSON object per line).
+    /// Events recorded so far, from the audit store (through the daemon's
+    /// audit.sock while it runs, else the store files): each event's own
+    /// fields, flattened, plus `seq` and `at`.
     pub fn events(&self) -> Vec<Value> {
-        let text =
-            std::fs::read_to_string(self.dir.path().join("state/events.jsonl")).unwrap_or_default();
-        text.lines()
-            .map(|l| serde_json::from_str(l).expect("valid JSON line"))
-            .collect()
+        if !self.dir.path().join("state/audit").exists() {
+            return Vec::new();
+        }
+        let out = self.cli(&["audit", "events", "--json"]);
+        assert!(
+            out.status.success(),
+            "audit events: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("audit events --json prints a JSON array")
     }
 
     /// Waits until an event matching `pred` has been recorded.

@@ -1,5 +1,6 @@
 //! Integration tests, as root, against the real kernel and real servers.
 //! One binary, a module per area, shared helpers in [`harness`].
 
+mod audit;
 mod harness;
 mod kernel;

@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+mod audit;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
@@ -26,6 +28,16 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Auditor tools: sessions, events, replay, data subjects, verify, export.
+    Audit {
+        #[command(subcommand)]
+        command: audit::AuditCommand,
+    },
+    /// Compliance reports from the audit store.
+    Report {
+        #[command(subcommand)]
+        command: audit::ReportCommand,
+    },
     /// Run the gateway daemon (attach kernel enforcement, serve listeners).
     Run,
     /// Inspect or remove kernel enforcement.
@@ -68,6 +80,8 @@ pub enum ConfigCommand {
 pub fn run_command(cli: &Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Run => unreachable!("the daemon is started by main"),
+        Command::Audit { command } => audit::run(&cli.config, command),
+        Command::Report { command } => audit::report(&cli.config, command),
         Command::Kernel { command } => match command {
             KernelCommand::Status { json, pin_dir } => {
                 let pin_dir = pin_dir_for(&cli.config, pin_dir.as_deref());

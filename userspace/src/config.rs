@@ -45,6 +45,9 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     #[serde(default, rename = "protect")]
     pub protect: Vec<ProtectRule>,
+    /// The audit store: retention, checkpoints, export.
+    #[serde(default)]
+    pub audit: crate::audit::AuditConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -210,6 +213,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        self.audit.validate().map_err(ConfigError::Invalid)?;
         let mut names = HashSet::new();
         for listener in &self.listeners {
             if listener.name == "block" {

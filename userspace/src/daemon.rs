@@ -14,7 +14,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::{
-    audit::{AuditEvent, JsonLinesRecorder, Recorder},
+    audit::{service::AuditService, AuditEvent, Recorder},
     config::Config,
     identity::UnixIdentity,
     kernel::{self, Enforcement, EventReader, KernelAction},
@@ -26,8 +26,8 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let rules = kernel::compile_rules(&config)?;
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state directory {}", config.state_dir.display()))?;
-    let events_path = config.state_dir.join("events.jsonl");
-    let recorder: Arc<dyn Recorder> = Arc::new(JsonLinesRecorder::open(&events_path)?);
+    let audit = AuditService::start(&config).context("opening the audit store")?;
+    let recorder: Arc<dyn Recorder> = audit.recorder();
 
     let listeners = proxy::bind(&config.listeners).await?;
     let mut enforcement = Enforcement::start(&config.kernel, &rules)
@@ -74,6 +74,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     signal_shutdown.fire();
     let _ = server.await;
+    audit.stop().await;
     Ok(())
 }
 

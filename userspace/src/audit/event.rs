@@ -1,7 +1,7 @@
 //! The typed events every part of the gateway records. Add a variant (or a
 //! struct) per new kind of fact; never log lines.
 
-use std::net::SocketAddr;
+use std::{collections::BTreeMap, net::SocketAddr};
 
 use serde::Serialize;
 
@@ -24,6 +24,8 @@ pub enum AuditEvent {
         peer: SocketAddr,
         reason: String,
     },
+    /// Expired payloads were replaced by their hashes (retention).
+    RetentionPurge(RetentionPurge),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -46,4 +48,19 @@ pub struct SessionEnd {
     pub duration_ms: u64,
     /// Why the session ended abnormally, if it did.
     pub error: Option<String>,
+}
+
+/// A retention purge: which records lost their payloads (their hashes stay,
+/// so the chain still verifies).
+#[derive(Debug, Clone, Serialize)]
+pub struct RetentionPurge {
+    /// Payloads recorded before their resource's retention at this time
+    /// were purged.
+    pub as_of: String,
+    pub records: u64,
+    /// Purged seqs as inclusive ranges.
+    pub ranges: Vec<[u64; 2]>,
+    pub sessions: u64,
+    /// Purged records per resource (`(none)` for events without one).
+    pub by_resource: BTreeMap<String, u64>,
 }

@@ -1,37 +1,86 @@
 //! Recording: the one interface through which every part of the gateway
-//! reports what happened, and its first sink.
+//! reports what happened, and the tamper-evident store behind it.
 //!
 //! Callers build typed [`AuditEvent`]s and hand them to a [`Recorder`]; they
-//! never format log lines. The tamper-evident store (sled, hash chain) will be
-//! another `Recorder`; until then [`JsonLinesRecorder`] appends one JSON
-//! object per line and flushes it before `record` returns.
+//! never format log lines. The daemon's recorder is [`SledRecorder`]: one
+//! hash chain in sled with signed checkpoints (see docs/audit.md).
+//!
+//! * [`config`]: the `[audit]` section.
+//! * [`record`]: a chain record and a signed checkpoint, and their hashes.
+//! * [`keys`]: the signing key and the subject-index key.
+//! * [`store`]: the sled trees and reads.
+//! * [`writer`]: the single writer, group commit, checkpoints, purges.
+//! * [`verify`]: walking the chain and checkpoints for tampering.
+//! * [`subject`]: keyed hashes of personal values, and their detection.
+//! * [`retention`]: which payloads have expired.
+//! * [`source`]: reading the store directly or through the daemon.
+//! * [`server`]: the daemon's side of `audit.sock`.
+//! * [`service`]: the store's life in the daemon.
+//! * [`query`]: event and session views and filters for the auditor tools.
+//! * [`report`], [`report_html`]: the GDPR report.
+//! * [`export`]: JSON-lines export for log shippers.
 
-use std::{
-    fs::{File, OpenOptions},
-    io::{BufWriter, Write},
-    path::Path,
-    sync::Mutex,
-    time::SystemTime,
-};
+pub mod config;
+mod event;
+pub mod export;
+pub mod keys;
+pub mod query;
+pub mod record;
+pub mod report;
+pub mod report_html;
+pub mod retention;
+pub mod server;
+pub mod service;
+pub mod source;
+pub mod store;
+pub mod subject;
+pub mod verify;
+pub mod writer;
 
-use serde::Serialize;
 use tokio::sync::oneshot;
 
-mod event;
-
-pub use event::{AuditEvent, SessionEnd, SessionStart};
+pub use config::AuditConfig;
+pub use event::{ApprovalStep, MaskingApplied, PolicyBlock, PolicyLoad};
+pub use event::{
+    AuditEvent, DatabaseLogin, RetentionPurge, SessionEnd, SessionStart, Statement, StatementError,
+};
+pub use event::{IdentityBinding, IdentityLogout, SessionRefused};
+pub use store::Store;
+pub use writer::{CheckpointPolicy, SledRecorder};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
-    #[error("writing audit record to {path}: {source}")]
-    Write {
-        path: String,
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("audit store: {0}")]
+    Store(#[from] sled::Error),
+    #[error("audit key {path}: {message}")]
+    Key {
+        path: std::path::PathBuf,
+        message: String,
+    },
+    #[error("no audit store at {0}: the daemon creates it on first start (check state_dir in the config)")]
+    NoStore(std::path::PathBuf),
+    #[error(
+        "the audit store {0} is locked by another process, but the daemon does not answer on audit.sock; \
+         wait for the daemon to finish starting or stop it"
+    )]
+    Locked(std::path::PathBuf),
+    #[error("audit store damaged: {0}")]
+    Corrupt(String),
     #[error("encoding audit record: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("audit records not stored: {0}")]
+    Commit(String),
+    #[error("audit daemon: {0}")]
+    Daemon(String),
     #[error("the audit writer stopped before confirming the record")]
     WriterGone,
+    #[error("this recorder keeps no data-subject index")]
+    NoSubjectIndex,
 }
 
 /// Where events go.
@@ -43,6 +92,15 @@ pub enum AuditError {
 /// commit can amortise the flush across sessions.
 pub trait Recorder: Send + Sync {
     fn record(&self, event: AuditEvent) -> Ack;
+
+    /// Indexes a personal value seen in statement `statement_seq` of
+    /// `session` (before masking) as a keyed hash, for data-subject
+    /// requests; the value itself is never stored. Adapters and the policy
+    /// engine call this for each detected personal value.
+    fn subject_index(&self, session: &str, statement_seq: u64, value: &str) -> Ack {
+        let _ = (session, statement_seq, value);
+        Ack::done(Err(AuditError::NoSubjectIndex))
+    }
 }
 
 /// Resolves once an event is durable, or with the reason it is not.
@@ -71,59 +129,5 @@ impl Ack {
             AckInner::Done(result) => result.unwrap_or(Ok(())),
             AckInner::Pending(rx) => rx.await.unwrap_or(Err(AuditError::WriterGone)),
         }
-    }
-}
-
-/// Appends events as JSON lines to a file.
-pub struct JsonLinesRecorder {
-    path: String,
-    file: Mutex<BufWriter<File>>,
-}
-
-#[derive(Serialize)]
-struct Line<'a> {
-    at: String,
-    #[serde(flatten)]
-    event: &'a AuditEvent,
-}
-
-impl JsonLinesRecorder {
-    pub fn open(path: &Path) -> Result<Self, AuditError> {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|source| AuditError::Write {
-                path: path.display().to_string(),
-                source,
-            })?;
-        Ok(Self {
-            path: path.display().to_string(),
-            file: Mutex::new(BufWriter::new(file)),
-        })
-    }
-}
-
-impl Recorder for JsonLinesRecorder {
-    fn record(&self, event: AuditEvent) -> Ack {
-        Ack::done(self.append(&event))
-    }
-}
-
-impl JsonLinesRecorder {
-    fn append(&self, event: &AuditEvent) -> Result<(), AuditError> {
-        let line = Line {
-            at: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
-            event,
-        };
-        let mut text = serde_json::to_vec(&line)?;
-        text.push(b'\n');
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        file.write_all(&text)
-            .and_then(|()| file.flush())
-            .map_err(|source| AuditError::Write {
-                path: self.path.clone(),
-                source,
-            })
     }
 }

@@ -1,0 +1,611 @@
+//! The audit store against the real daemon and its files: tampering is
+//! pinpointed, nothing acknowledged is lost to kill -9, data-subject
+//! look-up, retention purge and the GDPR report.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    thread,
+    time::{Duration, SystemTime},
+};
+
+use portcullis::{
+    audit::{
+        keys::Keys, record::Record, AuditEvent, CheckpointPolicy, Recorder, SessionEnd,
+        SessionStart, SledRecorder, Store,
+    },
+    identity::{Principal, PrincipalKind},
+    kernel::ConnectOrigin,
+};
+use serde_json::Value;
+
+use crate::harness::*;
+
+/// Runs `portcullis --config CONFIG args...`.
+fn portcullis(config: &Path, args: &[&str]) -> Output {
+    Command::new(PORTCULLIS)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A config naming `state` as the state directory, plus `extra` TOML.
+fn config_for(dir: &Path, state: &Path, extra: &str) -> PathBuf {
+    let path = dir.join(format!("{}.toml", unique("config")));
+    std::fs::write(
+        &path,
+        format!("state_dir = \"{}\"\n{extra}", state.display()),
+    )
+    .unwrap();
+    path
+}
+
+/// A store recorded by the real daemon: redirected curls (kernel
+/// redirect, session start and end each) and a blocked connect, then a
+/// clean stop (final signed checkpoint). Returns the state directory.
+fn recorded_by_daemon(connections: usize) -> (tempfile::TempDir, PathBuf) {
+    let cgroup = TestCgroup::new();
+    let upstream = HttpUpstream::start("127.0.0.1:0", "evidence");
+    let blocked = free_port();
+    let mut gateway = Gateway::start(
+        &cgroup,
+        &[
+            Protect::redirect("127.0.0.1", upstream.addr.port()),
+            Protect::block("127.0.0.1", Some(blocked)),
+        ],
+    );
+    let url = format!("http://{}/", upstream.addr);
+    for _ in 0..connections {
+        let out = cgroup.run("curl", &["-sS", "-m", "10", &url]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "evidence");
+    }
+    let _ = cgroup.run(
+        "curl",
+        &["-sS", "-m", "2", &format!("http://127.0.0.1:{blocked}/")],
+    );
+    gateway.wait_for_event("session ends", |_| {
+        gateway
+            .events()
+            .iter()
+            .filter(|e| e["event"] == "session_end")
+            .count()
+            == connections
+    });
+    gateway.wait_for_event("kernel block", |e| e["action"] == "block");
+    gateway.stop();
+    let copy = tempfile::tempdir().unwrap();
+    let state = copy.path().join("state");
+    copy_state(&gateway.dir.path().join("state"), &state);
+    (copy, state)
+}
+
+/// Copies a stopped daemon's state (regular files only: not the socket).
+fn copy_state(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let kind = entry.file_type().unwrap();
+        let target = to.join(entry.file_name());
+        if kind.is_dir() {
+            copy_state(&entry.path(), &target);
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Opens the chain tree of a stopped store, as an intruder would.
+fn with_chain(state: &Path, f: impl FnOnce(&sled::Db, &sled::Tree)) {
+    let db = sled::open(state.join("audit/chain")).unwrap();
+    let chain = db.open_tree("chain").unwrap();
+    f(&db, &chain);
+    db.flush().unwrap();
+}
+
+fn key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+fn get(chain: &sled::Tree, seq: u64) -> Record {
+    Record::decode(&chain.get(key(seq)).unwrap().unwrap()).unwrap()
+}
+
+/// Verifies and expects failure at `seq` with `words` in the message.
+fn expect_tampered(config: &Path, seq: u64, words: &str) {
+    let out = portcullis(config, &["audit", "verify"]);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "verify must fail: {all}");
+    assert!(
+        all.contains(&format!("first problem at seq {seq}:")),
+        "expected the first problem at seq {seq}: {all}"
+    );
+    assert!(all.contains(words), "expected '{words}': {all}");
+}
+
+#[test]
+fn tampering_with_the_sled_files_is_pinpointed() {
+    let (dir, pristine) = recorded_by_daemon(4);
+    let fresh = |name: &str| {
+        let state = dir.path().join(name);
+        copy_state(&pristine, &state);
+        (config_for(dir.path(), &state, ""), state)
+    };
+    let (config, _) = fresh("untouched");
+    let out = portcullis(&config, &["audit", "verify"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("OK: the chain and every signed checkpoint verify"));
+    let head = {
+        let out = portcullis(&config, &["audit", "verify", "--json"]);
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["head_seq"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(
+        head >= 12,
+        "4 sessions make at least 12 records, got {head}"
+    );
+
+    // Edit one event in place (its stored hash no longer matches).
+    let (config, state) = fresh("edited");
+    with_chain(&state, |_, chain| {
+        let mut r = get(chain, 5);
+        let edited = r
+            .payload
+            .unwrap()
+            .get()
+            .replacen("\"event\":", "\"forged\":1,\"event\":", 1);
+        r.payload = Some(serde_json::value::RawValue::from_string(edited).unwrap());
+        chain.insert(key(5), r.encode().unwrap()).unwrap();
+    });
+    expect_tampered(&config, 5, "record 5 was edited");
+
+    // Edit one event and recompute its hashes: the next link breaks.
+    let (config, state) = fresh("rehashed");
+    with_chain(&state, |_, chain| {
+        let r = get(chain, 6);
+        let edited = r
+            .payload
+            .unwrap()
+            .get()
+            .replacen("\"event\":", "\"forged\":1,\"event\":", 1);
+        let forged = Record::new(
+            6,
+            r.at_us,
+            r.prev,
+            serde_json::value::RawValue::from_string(edited).unwrap(),
+        );
+        chain.insert(key(6), forged.encode().unwrap()).unwrap();
+    });
+    expect_tampered(&config, 6, "record 6 was rewritten");
+
+    // Delete one record.
+    let (config, state) = fresh("deleted");
+    with_chain(&state, |_, chain| {
+        chain.remove(key(7)).unwrap();
+    });
+    expect_tampered(&config, 7, "record 7 is missing: deleted");
+
+    // Swap two records.
+    let (config, state) = fresh("reordered");
+    with_chain(&state, |_, chain| {
+        let (a, b) = (
+            chain.get(key(3)).unwrap().unwrap(),
+            chain.get(key(4)).unwrap().unwrap(),
+        );
+        chain.insert(key(3), b).unwrap();
+        chain.insert(key(4), a).unwrap();
+    });
+    expect_tampered(
+        &config,
+        3,
+        "position 3 holds record 4: records were reordered",
+    );
+
+    // Cut off the end: the last signed checkpoint covers it.
+    let (config, state) = fresh("truncated");
+    with_chain(&state, |_, chain| {
+        for seq in head - 2..=head {
+            chain.remove(key(seq)).unwrap();
+        }
+    });
+    expect_tampered(&config, head - 2, "were truncated");
+
+    // Cut off the end and delete the checkpoints and their count too: the
+    // checkpoint file outside sled still has the signed head.
+    let (config, state) = fresh("truncated-and-hidden");
+    with_chain(&state, |db, chain| {
+        for seq in head - 2..=head {
+            chain.remove(key(seq)).unwrap();
+        }
+        db.open_tree("checkpoints").unwrap().clear().unwrap();
+        db.open_tree("meta").unwrap().clear().unwrap();
+    });
+    expect_tampered(&config, head - 2, "were truncated");
+
+    // An auditor's own copy of the public key catches a replaced key.
+    let (config, _) = fresh("other-key");
+    let out = portcullis(
+        &config,
+        &["audit", "verify", "--public-key", &"11".repeat(32)],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("is not signed by key"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn kill_9_during_heavy_recording_loses_nothing_acknowledged() {
+    let cgroup = TestCgroup::new();
+    let upstream = HttpUpstream::start("127.0.0.1:0", "ok");
+    let mut gateway = Gateway::start(
+        &cgroup,
+        &[Protect::redirect("127.0.0.1", upstream.addr.port())],
+    );
+    // Four threads connect in a loop; a response means the gateway had
+    // durably recorded the session start (it relays only after the ack).
+    // Each prints its local address for every response it got.
+    let client = format!(
+        "import socket, sys, threading\n\
+         lock = threading.Lock()\n\
+         def run():\n\
+         \x20   for _ in range(100000):\n\
+         \x20       try:\n\
+         \x20           s = socket.create_connection(('127.0.0.1', {port}), timeout=5)\n\
+         \x20           local = s.getsockname()\n\
+         \x20           s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n\
+         \x20           data = b''\n\
+         \x20           while True:\n\
+         \x20               chunk = s.recv(4096)\n\
+         \x20               if not chunk: break\n\
+         \x20               data += chunk\n\
+         \x20           s.close()\n\
+         \x20       except OSError:\n\
+         \x20           return\n\
+         \x20       if data.endswith(b'ok'):\n\
+         \x20           with lock:\n\
+         \x20               print('%s:%d' % local, flush=True)\n\
+         threads = [threading.Thread(target=run) for _ in range(4)]\n\
+         [t.start() for t in threads]\n\
+         [t.join() for t in threads]\n",
+        port = upstream.addr.port()
+    );
+    let child = cgroup
+        .command("python3", &["-c", &client])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(2500));
+    gateway.kill9();
+    let out = wait_with_timeout(child, Duration::from_secs(30));
+    let acknowledged: Vec<SocketAddr> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert!(
+        acknowledged.len() >= 50,
+        "expected heavy recording, got {} sessions: {}",
+        acknowledged.len(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Read the store as the crash left it (daemon down: the files).
+    let events = gateway.events();
+    let started: std::collections::HashSet<String> = events
+        .iter()
+        .filter(|e| e["event"] == "session_start")
+        .map(|e| e["peer"].as_str().unwrap().to_string())
+        .collect();
+    let lost: Vec<_> = acknowledged
+        .iter()
+        .filter(|a| !started.contains(&a.to_string()))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged but lost: {lost:?} of {}",
+        acknowledged.len()
+    );
+    let out = gateway.cli(&["audit", "verify"]);
+    assert!(out.status.success(), "after the crash: {}", text(&out));
+
+    // The daemon continues the chain after the crash, and it verifies.
+    gateway.spawn();
+    let url = format!("http://{}/", upstream.addr);
+    let again = cgroup.run("curl", &["-sS", "-m", "10", &url]);
+    assert_eq!(String::from_utf8_lossy(&again.stdout), "ok");
+    gateway.wait_for_event("a session after the restart", |e| {
+        e["event"] == "session_end"
+            && e["seq"].as_u64() > events.last().and_then(|l| l["seq"].as_u64())
+    });
+    let out = gateway.cli(&["audit", "verify"]);
+    assert!(out.status.success(), "after the restart: {}", text(&out));
+}
+
+/// A store written through the library (a direct load), as the
+/// PostgreSQL adapter and policy engine will: sessions on two resources,
+/// one principal named by e-mail, an adapter-reported personal value.
+fn recorded_directly(dir: &Path, sessions: &[(&str, &str, &str)]) -> PathBuf {
+    let state = dir.join("state");
+    let store = Store::open(&state).unwrap();
+    let keys = Keys::load_or_create(&state).unwrap();
+    let recorder = SledRecorder::start(store, keys, CheckpointPolicy::default()).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        for (session, listener, person) in sessions {
+            let start = AuditEvent::SessionStart(SessionStart {
+                session: session.to_string(),
+                listener: listener.to_string(),
+                protocol: "tcp",
+                peer: "127.0.0.1:40000".parse().unwrap(),
+                principal: Some(Principal {
+                    subject: format!("https://idp.example/{person}"),
+                    name: person.to_string(),
+                    kind: PrincipalKind::Person,
+                    roles: vec!["engineers".into()],
+                }),
+                origin: Some(ConnectOrigin {
+                    original_destination: "10.0.0.5:5432".parse().unwrap(),
+                    uid: 1000,
+                    gid: 1000,
+                    pid: 4242,
+                    command: "psql".into(),
+                    cgroup_id: 1,
+                    rule: 0,
+                }),
+            });
+            recorder.record(start).durable().await.unwrap();
+            recorder
+                .subject_index(session, 1, "Bob.Customer@Example.org")
+                .durable()
+                .await
+                .unwrap();
+            let end = AuditEvent::SessionEnd(SessionEnd {
+                session: session.to_string(),
+                bytes_from_client: 10,
+                bytes_from_server: 20,
+                duration_ms: 5,
+                error: None,
+            });
+            recorder.record(end).durable().await.unwrap();
+        }
+    });
+    recorder.close().unwrap();
+    state
+}
+
+/// Every file under `dir`, concatenated.
+fn all_bytes(dir: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(all_bytes(&path));
+        } else {
+            out.extend(std::fs::read(&path).unwrap_or_default());
+        }
+    }
+    out
+}
+
+#[test]
+fn subject_lookup_finds_sessions_by_keyed_hash_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = recorded_directly(
+        dir.path(),
+        &[
+            ("s-alice", "orders", "alice@example.com"),
+            ("s-carol", "crm", "carol@example.com"),
+        ],
+    );
+    let config = config_for(dir.path(), &state, "");
+    let lookup = |value: &str| {
+        let out = portcullis(&config, &["audit", "subject", value, "--json"]);
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice::<Vec<Value>>(&out.stdout).unwrap()
+    };
+    // Detected in the recorded event (the principal's e-mail).
+    let alice = lookup("Alice@Example.com");
+    assert_eq!(alice.len(), 1, "{alice:?}");
+    assert_eq!(alice[0]["session"], "s-alice");
+    assert_eq!(alice[0]["source"], "detected");
+    // Reported by an adapter: both sessions, statement 1.
+    let bob = lookup("bob.customer@example.org");
+    let sessions: Vec<_> = bob.iter().map(|h| h["session"].as_str().unwrap()).collect();
+    assert_eq!(sessions, ["s-alice", "s-carol"], "{bob:?}");
+    assert!(bob
+        .iter()
+        .all(|h| h["statement_seq"] == 1 && h["source"] == "reported"));
+    assert!(lookup("nobody@example.com").is_empty());
+    // The reported value itself is nowhere in the store.
+    let bytes = String::from_utf8_lossy(&all_bytes(&state)).to_lowercase();
+    assert!(!bytes.contains("bob.customer@example.org"));
+    let table = text(&portcullis(
+        &config,
+        &["audit", "subject", "bob.customer@example.org"],
+    ));
+    assert!(
+        table.contains("s-carol") && table.contains("reported"),
+        "{table}"
+    );
+}
+
+#[test]
+fn retention_purge_keeps_the_chain_verifiable() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = recorded_directly(
+        dir.path(),
+        &[
+            ("s-orders", "orders", "alice@example.com"),
+            ("s-crm", "crm", "carol@example.com"),
+        ],
+    );
+    let config = config_for(
+        dir.path(),
+        &state,
+        "[audit]\nretention_days = 30\n[audit.retention]\norders = 1\n",
+    );
+    // Nothing has expired yet.
+    let out = portcullis(&config, &["audit", "purge"]);
+    assert!(text(&out).contains("nothing has expired"), "{}", text(&out));
+    // Two days on, the orders session's payloads are past their retention.
+    let later =
+        humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(2 * 86_400))
+            .to_string();
+    let out = portcullis(&config, &["audit", "purge", "--as-of", &later]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("purged 2 records of 1 sessions"),
+        "{}",
+        text(&out)
+    );
+
+    let out = portcullis(&config, &["audit", "events", "--json"]);
+    let events: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<_> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "purged",
+            "purged",
+            "session_start",
+            "session_end",
+            "retention_purge"
+        ]
+    );
+    let purge = &events[4];
+    assert_eq!(purge["records"], 2);
+    assert_eq!(purge["ranges"], serde_json::json!([[1, 2]]));
+    assert_eq!(purge["by_resource"]["orders"], 2);
+    // Gone from the store's records (and so from every export); sled's log
+    // may hold superseded bytes until it reclaims the segment (docs/audit.md).
+    let export = portcullis(&config, &["audit", "export"]);
+    let lines = String::from_utf8_lossy(&export.stdout).to_string();
+    assert_eq!(lines.lines().count(), 5, "{lines}");
+    assert!(
+        !lines.contains("s-orders"),
+        "purged payloads must be gone: {lines}"
+    );
+    assert!(lines.contains("s-crm"), "{lines}");
+    let out = portcullis(&config, &["audit", "verify"]);
+    assert!(
+        out.status.success(),
+        "the chain verifies after a purge: {}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("(2 purged by retention)"),
+        "{}",
+        text(&out)
+    );
+    // The purged session's subject entries went with it.
+    let out = portcullis(
+        &config,
+        &["audit", "subject", "bob.customer@example.org", "--json"],
+    );
+    let hits: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(hits.len(), 1, "{hits:?}");
+    assert_eq!(hits[0]["session"], "s-crm");
+
+    // Emptying a payload without a purge is tampering.
+    with_chain(&state, |_, chain| {
+        let mut r = get(chain, 3);
+        r.payload = None;
+        r.purged_by = Some(5);
+        chain.insert(key(3), r.encode().unwrap()).unwrap();
+    });
+    expect_tampered(&config, 3, "removed without a retention purge");
+}
+
+#[test]
+fn gdpr_report_renders_in_a_browser() {
+    let (dir, state) = recorded_by_daemon(2);
+    let config = config_for(dir.path(), &state, "");
+    let html = dir.path().join("report.html");
+    let json = dir.path().join("report.json");
+    let out = portcullis(
+        &config,
+        &[
+            "report",
+            "gdpr",
+            "--from",
+            "1d",
+            "--out",
+            html.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let page = std::fs::read_to_string(&html).unwrap();
+    for section in [
+        "Record of processing (Article 30)",
+        "Masking evidence",
+        "Blocked and bypass attempts",
+        "Approvals",
+        "Integrity of the evidence",
+        "Signed checkpoint",
+        "Verified: the hash chain",
+    ] {
+        assert!(page.contains(section), "missing {section}");
+    }
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(report["processing"].as_array().unwrap().len(), 2);
+    assert!(report["blocked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|b| b["event"] == "kernel"));
+    assert_eq!(report["verification"]["ok"], true);
+
+    let png = dir.path().join("report.png");
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("--screenshot={}", png.display()))
+        .arg("--window-size=1280,2000")
+        .arg(format!("file://{}", html.display()))
+        .output()
+        .expect("chromium (apt-get install chromium)");
+    assert!(png.exists(), "no screenshot: {}", text(&out));
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[1..4], b"PNG");
+    assert!(
+        bytes.len() > 20_000,
+        "a rendered page, not a blank one ({} bytes)",
+        bytes.len()
+    );
+    let keep = std::env::var_os("PORTCULLIS_REPORT_PNG");
+    if let Some(path) = keep {
+        std::fs::copy(&png, path).unwrap();
+        std::fs::copy(&html, dir.path().join("report.html")).unwrap();
+    }
+}

@@ -1,0 +1,104 @@
+//! The `[audit]` section of the configuration.
+//!
+//! ```toml
+//! [audit]
+//! retention_days = 365            # default for every resource
+//! checkpoint_every = 1000         # sign a checkpoint after this many records
+//! checkpoint_interval = "60s"     # ... or after this long with new records
+//! export = "unix:/run/vector/portcullis.sock"   # or a file path; optional
+//!
+//! [audit.retention]
+//! orders = 30                     # per resource name
+//! ```
+
+use std::{collections::BTreeMap, time::Duration};
+
+use serde::{Deserialize, Deserializer};
+
+use super::{retention::Retention, writer::CheckpointPolicy};
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Days an event's payload is kept; its hash stays in the chain.
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u32,
+    /// Per-resource overrides of `retention_days`, by resource name.
+    #[serde(default)]
+    pub retention: BTreeMap<String, u32>,
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    #[serde(default = "default_checkpoint_interval", deserialize_with = "duration")]
+    pub checkpoint_interval: Duration,
+    /// Stream the chain as JSON lines to this file or `unix:PATH` socket.
+    #[serde(default)]
+    pub export: Option<String>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            retention_days: default_retention_days(),
+            retention: BTreeMap::new(),
+            checkpoint_every: default_checkpoint_every(),
+            checkpoint_interval: default_checkpoint_interval(),
+            export: None,
+        }
+    }
+}
+
+impl AuditConfig {
+    /// Checks values serde cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.retention_days == 0 {
+            return Err("[audit] retention_days must be at least 1".into());
+        }
+        if let Some((name, _)) = self.retention.iter().find(|(_, days)| **days == 0) {
+            return Err(format!(
+                "[audit.retention] {name} = 0: keep payloads at least 1 day"
+            ));
+        }
+        if self.checkpoint_every == 0 {
+            return Err("[audit] checkpoint_every must be at least 1".into());
+        }
+        if self.checkpoint_interval < Duration::from_secs(1) {
+            return Err("[audit] checkpoint_interval must be at least 1s".into());
+        }
+        Ok(())
+    }
+
+    pub fn retention(&self) -> Retention {
+        Retention {
+            default_days: self.retention_days,
+            per_resource: self.retention.clone(),
+        }
+    }
+
+    pub fn checkpoints(&self) -> CheckpointPolicy {
+        CheckpointPolicy {
+            every: self.checkpoint_every,
+            interval: self.checkpoint_interval,
+        }
+    }
+}
+
+fn default_retention_days() -> u32 {
+    365
+}
+
+fn default_checkpoint_every() -> u64 {
+    1000
+}
+
+fn default_checkpoint_interval() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "'{text}' is not a duration (examples: 30s, 5m): {e}"
+        ))
+    })
+}

@@ -1,0 +1,340 @@
+//! Views of the chain for auditors: events with their session's context,
+//! sessions, and the filters of `portcullis audit events|sessions`.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::{Duration, SystemTime},
+};
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::{
+    record::Record,
+    source::{for_each_record, AuditSource},
+    AuditError,
+};
+
+/// Who, where and how for one session, from its start record.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SessionContext {
+    pub identity: String,
+    pub resource: String,
+    pub protocol: String,
+    pub destination: String,
+}
+
+/// One event as auditors see it.
+#[derive(Debug, Clone)]
+pub struct EventView {
+    pub seq: u64,
+    pub at_us: u64,
+    /// The event's fields; empty once retention purged it.
+    pub fields: Map<String, Value>,
+    pub purged: bool,
+    pub context: SessionContext,
+}
+
+impl EventView {
+    pub fn name(&self) -> &str {
+        if self.purged {
+            return "(purged)";
+        }
+        self.fields
+            .get("event")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+    }
+
+    pub fn session(&self) -> Option<&str> {
+        self.fields.get("session").and_then(Value::as_str)
+    }
+
+    /// The JSON object printed by `audit events --json`: the event's own
+    /// fields (flattened, as recorded) plus `seq` and `at`.
+    pub fn to_json(&self) -> Value {
+        let mut map = self.fields.clone();
+        map.insert("seq".into(), self.seq.into());
+        map.insert("at".into(), format_time(self.at_us).into());
+        if self.purged {
+            map.insert("event".into(), "purged".into());
+        }
+        Value::Object(map)
+    }
+
+    /// A short description of what happened, for tables.
+    pub fn summary(&self) -> String {
+        let f = &self.fields;
+        let s = |k: &str| {
+            f.get(k).map(|v| match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+        };
+        match self.name() {
+            "kernel" => format!(
+                "{} {} to {} by {} (pid {})",
+                s("action").unwrap_or_default(),
+                s("transport").unwrap_or_default(),
+                s("original_destination").unwrap_or_default(),
+                s("command").unwrap_or_default(),
+                s("pid").unwrap_or_default()
+            ),
+            "session_start" => format!(
+                "{} from {}",
+                self.context.destination,
+                s("command").unwrap_or_default()
+            ),
+            "session_end" => format!(
+                "{} ms, {} bytes in, {} out{}",
+                s("duration_ms").unwrap_or_default(),
+                s("bytes_from_client").unwrap_or_default(),
+                s("bytes_from_server").unwrap_or_default(),
+                s("error")
+                    .filter(|e| e != "null")
+                    .map(|e| format!(", error: {e}"))
+                    .unwrap_or_default()
+            ),
+            _ => [
+                "statement",
+                "text",
+                "sql",
+                "reason",
+                "decision",
+                "justification",
+                "summary",
+            ]
+            .iter()
+            .find_map(|k| s(k))
+            .unwrap_or_default(),
+        }
+    }
+}
+
+/// Every event from `from` on, with session context.
+pub fn events(source: &dyn AuditSource) -> Result<Vec<EventView>, AuditError> {
+    let mut sessions: HashMap<String, SessionContext> = HashMap::new();
+    let mut out = Vec::new();
+    for_each_record(source, 1, |entry| {
+        let Ok(record) = Record::decode(entry.value.as_bytes()) else {
+            return true;
+        };
+        out.push(view(&record, &mut sessions));
+        true
+    })?;
+    Ok(out)
+}
+
+fn view(record: &Record, sessions: &mut HashMap<String, SessionContext>) -> EventView {
+    let fields = record.event().unwrap_or_default();
+    let session = fields
+        .get("session")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let context = if fields.get("event").and_then(Value::as_str) == Some("session_start") {
+        let context = start_context(&fields);
+        if let Some(id) = &session {
+            sessions.insert(id.clone(), context.clone());
+        }
+        context
+    } else if let Some(ctx) = session.as_ref().and_then(|s| sessions.get(s)) {
+        ctx.clone()
+    } else {
+        SessionContext {
+            identity: fields
+                .get("uid")
+                .and_then(Value::as_u64)
+                .map(uid_identity)
+                .unwrap_or_default(),
+            resource: str_field(&fields, "resource")
+                .or_else(|| str_field(&fields, "listener"))
+                .unwrap_or_default(),
+            protocol: str_field(&fields, "protocol")
+                .or_else(|| str_field(&fields, "transport"))
+                .unwrap_or_default(),
+            destination: str_field(&fields, "original_destination").unwrap_or_default(),
+        }
+    };
+    EventView {
+        seq: record.seq,
+        at_us: record.at_us,
+        purged: record.payload.is_none(),
+        fields,
+        context,
+    }
+}
+
+fn str_field(fields: &Map<String, Value>, key: &str) -> Option<String> {
+    fields.get(key).and_then(Value::as_str).map(str::to_owned)
+}
+
+fn start_context(fields: &Map<String, Value>) -> SessionContext {
+    let principal = fields.get("principal").filter(|p| !p.is_null());
+    let identity = principal
+        .and_then(|p| p["name"].as_str())
+        .map(str::to_owned)
+        .or_else(|| fields.get("uid").and_then(Value::as_u64).map(uid_identity))
+        .unwrap_or_default();
+    SessionContext {
+        identity,
+        resource: str_field(fields, "resource")
+            .or_else(|| str_field(fields, "listener"))
+            .unwrap_or_default(),
+        protocol: str_field(fields, "protocol").unwrap_or_default(),
+        destination: str_field(fields, "original_destination").unwrap_or_default(),
+    }
+}
+
+/// `uid:1000 (alice)`, the local account name from /etc/passwd if known.
+pub fn uid_identity(uid: u64) -> String {
+    let name = std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|line| {
+                let mut parts = line.split(':');
+                let name = parts.next()?;
+                (parts.nth(1)?.parse::<u64>().ok()? == uid).then(|| name.to_owned())
+            })
+        });
+    match name {
+        Some(name) => format!("uid:{uid} ({name})"),
+        None => format!("uid:{uid}"),
+    }
+}
+
+/// The filters of `audit events` and `audit sessions`.
+#[derive(Debug, Default, Clone)]
+pub struct Filter {
+    pub identity: Option<String>,
+    pub resource: Option<String>,
+    pub protocol: Option<String>,
+    pub since_us: Option<u64>,
+    pub until_us: Option<u64>,
+    pub action: Option<String>,
+    pub rule: Option<String>,
+    pub session: Option<String>,
+}
+
+impl Filter {
+    pub fn matches(&self, e: &EventView) -> bool {
+        let contains =
+            |hay: &str, needle: &String| hay.to_lowercase().contains(&needle.to_lowercase());
+        let principal_matches = |want: &String| {
+            contains(&e.context.identity, want)
+                || e.fields.get("principal").is_some_and(|p| {
+                    [p["subject"].as_str(), p["name"].as_str()]
+                        .into_iter()
+                        .flatten()
+                        .any(|v| contains(v, want))
+                })
+        };
+        self.identity.as_ref().is_none_or(principal_matches)
+            && self.resource.as_ref().is_none_or(|r| {
+                contains(&e.context.resource, r) || contains(&e.context.destination, r)
+            })
+            && self
+                .protocol
+                .as_ref()
+                .is_none_or(|p| e.context.protocol.eq_ignore_ascii_case(p))
+            && self.since_us.is_none_or(|t| e.at_us >= t)
+            && self.until_us.is_none_or(|t| e.at_us < t)
+            && self.action.as_ref().is_none_or(|a| {
+                e.name() == a
+                    || e.fields.get("action").and_then(Value::as_str) == Some(a.as_str())
+                    || e.fields.get("decision").and_then(Value::as_str) == Some(a.as_str())
+            })
+            && self.rule.as_ref().is_none_or(|r| {
+                e.fields.get("rule").is_some_and(|v| match v {
+                    Value::String(s) => s == r,
+                    other => other.to_string() == *r,
+                })
+            })
+            && self
+                .session
+                .as_ref()
+                .is_none_or(|s| e.session() == Some(s.as_str()))
+    }
+}
+
+/// One session, summarised.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionSummary {
+    pub session: String,
+    pub start: String,
+    pub end: Option<String>,
+    #[serde(flatten)]
+    pub context: SessionContext,
+    pub command: String,
+    pub uid: Option<u64>,
+    pub events: u64,
+    pub bytes_from_client: Option<u64>,
+    pub bytes_from_server: Option<u64>,
+    pub error: Option<String>,
+    #[serde(skip)]
+    pub start_us: u64,
+}
+
+/// Groups events by session, in order of first appearance.
+pub fn sessions<'a>(events: impl Iterator<Item = &'a EventView>) -> Vec<SessionSummary> {
+    let mut order = Vec::new();
+    let mut by_id: BTreeMap<String, SessionSummary> = BTreeMap::new();
+    for e in events {
+        let Some(id) = e.session() else { continue };
+        let entry = by_id.entry(id.to_owned()).or_insert_with(|| {
+            order.push(id.to_owned());
+            SessionSummary {
+                session: id.to_owned(),
+                start: format_time(e.at_us),
+                start_us: e.at_us,
+                end: None,
+                context: e.context.clone(),
+                command: String::new(),
+                uid: None,
+                events: 0,
+                bytes_from_client: None,
+                bytes_from_server: None,
+                error: None,
+            }
+        });
+        entry.events += 1;
+        match e.name() {
+            "session_start" => {
+                entry.command = str_field(&e.fields, "command").unwrap_or_default();
+                entry.uid = e.fields.get("uid").and_then(Value::as_u64);
+            }
+            "session_end" => {
+                entry.end = Some(format_time(e.at_us));
+                entry.bytes_from_client = e.fields.get("bytes_from_client").and_then(Value::as_u64);
+                entry.bytes_from_server = e.fields.get("bytes_from_server").and_then(Value::as_u64);
+                entry.error = str_field(&e.fields, "error");
+            }
+            _ => {}
+        }
+    }
+    order
+        .into_iter()
+        .filter_map(|id| by_id.remove(&id))
+        .collect()
+}
+
+/// RFC 3339 UTC with milliseconds.
+pub fn format_time(at_us: u64) -> String {
+    humantime::format_rfc3339_millis(SystemTime::UNIX_EPOCH + Duration::from_micros(at_us))
+        .to_string()
+}
+
+/// Parses `2026-11-22`, `2026-11-22T10:00:00Z` or a duration ago (`2h`).
+pub fn parse_time(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let parsed = if t.len() == 10 {
+        humantime::parse_rfc3339_weak(&format!("{t} 00:00:00")).ok()
+    } else {
+        humantime::parse_rfc3339_weak(t).ok()
+    };
+    if let Some(time) = parsed {
+        return Ok(super::writer::micros(time));
+    }
+    humantime::parse_duration(t)
+        .map(|ago| super::writer::micros(SystemTime::now() - ago))
+        .map_err(|_| format!("'{text}' is not a time (examples: 2026-11-22, 2026-11-22T10:00:00Z, 2h for two hours ago)"))
+}

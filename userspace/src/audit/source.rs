@@ -1,0 +1,229 @@
+//! Where the auditor tools read from: the daemon over `audit.sock` while it
+//! runs (it owns the sled database: sled allows one process), or the files
+//! directly when it does not.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use super::{
+    keys::Keys,
+    record::{Checkpoint, Hash},
+    retention::Retention,
+    store::{CheckpointMeta, RawEntry, Store, SubjectHit},
+    writer::{micros, CheckpointPolicy, PurgeSummary, SledRecorder},
+    AuditError,
+};
+
+/// The daemon's socket for auditor requests, root only.
+pub const SOCKET_FILE: &str = "audit.sock";
+
+/// Records per request page.
+pub const PAGE: usize = 10_000;
+
+/// Read access to a store, and the two writes auditors trigger.
+pub trait AuditSource {
+    fn raw_records(&self, from: u64, limit: usize) -> Result<Vec<RawEntry>, AuditError>;
+    fn raw_checkpoints(&self) -> Result<Vec<RawEntry>, AuditError>;
+    fn checkpoint_meta(&self) -> Result<Option<CheckpointMeta>, AuditError>;
+    fn file_checkpoint(&self) -> Result<Option<Checkpoint>, AuditError>;
+    fn subject_hits(&self, hash: &Hash) -> Result<Vec<SubjectHit>, AuditError>;
+    /// Signs a checkpoint over the current head (if it moved) and returns
+    /// the latest one.
+    fn checkpoint(&self) -> Result<Option<Checkpoint>, AuditError>;
+    /// Purges payloads expired at `as_of_us` under the configured retention.
+    fn purge(&self, as_of_us: u64) -> Result<PurgeSummary, AuditError>;
+}
+
+/// Calls `f` on every chain entry from `from` on, page by page, until it
+/// returns false.
+pub fn for_each_record(
+    source: &dyn AuditSource,
+    from: u64,
+    mut f: impl FnMut(&RawEntry) -> bool,
+) -> Result<(), AuditError> {
+    let mut next = from;
+    loop {
+        let page = source.raw_records(next, PAGE)?;
+        let Some(last) = page.last() else {
+            return Ok(());
+        };
+        let last_key = last.key;
+        for entry in &page {
+            if !f(entry) {
+                return Ok(());
+            }
+        }
+        if page.len() < PAGE || last_key == u64::MAX {
+            return Ok(());
+        }
+        next = last_key + 1;
+    }
+}
+
+/// The daemon's socket when it answers, else the store files.
+pub fn open(state_dir: &Path, retention: Retention) -> Result<Box<dyn AuditSource>, AuditError> {
+    let socket = state_dir.join(SOCKET_FILE);
+    if let Ok(stream) = UnixStream::connect(&socket) {
+        drop(stream);
+        return Ok(Box::new(DaemonSource { socket }));
+    }
+    Ok(Box::new(LocalSource {
+        store: Store::open_existing(state_dir)?,
+        state_dir: state_dir.to_owned(),
+        retention,
+    }))
+}
+
+/// A request on `audit.sock`: one JSON line; the answer is one JSON line.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Records { from: u64, limit: usize },
+    Checkpoints,
+    Meta,
+    FileCheckpoint,
+    Subject { hash: String },
+    Checkpoint,
+    Purge { as_of_us: u64 },
+}
+
+/// The answer to a [`Request`].
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response<T> {
+    Ok(T),
+    Error(String),
+}
+
+/// Asks the running daemon.
+pub struct DaemonSource {
+    socket: PathBuf,
+}
+
+impl DaemonSource {
+    fn ask<T: DeserializeOwned>(&self, request: &Request) -> Result<T, AuditError> {
+        let io = |source| AuditError::Io {
+            path: self.socket.clone(),
+            source,
+        };
+        let mut stream = UnixStream::connect(&self.socket).map_err(io)?;
+        let mut line = serde_json::to_vec(request)?;
+        line.push(b'\n');
+        stream.write_all(&line).map_err(io)?;
+        let mut answer = String::new();
+        BufReader::new(stream).read_line(&mut answer).map_err(io)?;
+        if answer.is_empty() {
+            return Err(AuditError::Daemon(
+                "closed the connection without answering (see its log)".into(),
+            ));
+        }
+        match serde_json::from_str::<Response<T>>(&answer)? {
+            Response::Ok(value) => Ok(value),
+            Response::Error(message) => Err(AuditError::Daemon(message)),
+        }
+    }
+}
+
+impl AuditSource for DaemonSource {
+    fn raw_records(&self, from: u64, limit: usize) -> Result<Vec<RawEntry>, AuditError> {
+        self.ask(&Request::Records { from, limit })
+    }
+    fn raw_checkpoints(&self) -> Result<Vec<RawEntry>, AuditError> {
+        self.ask(&Request::Checkpoints)
+    }
+    fn checkpoint_meta(&self) -> Result<Option<CheckpointMeta>, AuditError> {
+        self.ask(&Request::Meta)
+    }
+    fn file_checkpoint(&self) -> Result<Option<Checkpoint>, AuditError> {
+        self.ask(&Request::FileCheckpoint)
+    }
+    fn subject_hits(&self, hash: &Hash) -> Result<Vec<SubjectHit>, AuditError> {
+        self.ask(&Request::Subject {
+            hash: hex::encode(hash),
+        })
+    }
+    fn checkpoint(&self) -> Result<Option<Checkpoint>, AuditError> {
+        self.ask(&Request::Checkpoint)
+    }
+    fn purge(&self, as_of_us: u64) -> Result<PurgeSummary, AuditError> {
+        self.ask(&Request::Purge { as_of_us })
+    }
+}
+
+/// Reads the files directly (daemon stopped).
+pub struct LocalSource {
+    store: Store,
+    state_dir: PathBuf,
+    retention: Retention,
+}
+
+impl LocalSource {
+    /// Reads an open store (the daemon's exporter); purges and checkpoints
+    /// through it use the default retention.
+    pub fn new(store: Store) -> Self {
+        let state_dir = store
+            .dir()
+            .parent()
+            .map_or_else(PathBuf::new, Path::to_path_buf);
+        Self {
+            store,
+            state_dir,
+            retention: crate::audit::AuditConfig::default().retention(),
+        }
+    }
+
+    /// Runs `f` with a writer over the store, then closes it (which signs
+    /// a final checkpoint).
+    fn with_writer<T>(
+        &self,
+        f: impl FnOnce(&SledRecorder, &tokio::runtime::Runtime) -> Result<T, AuditError>,
+    ) -> Result<T, AuditError> {
+        let keys = Keys::load_or_create(&self.state_dir)?;
+        let writer = SledRecorder::start(self.store.clone(), keys, CheckpointPolicy::default())?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map_err(|source| AuditError::Io {
+                path: self.state_dir.clone(),
+                source,
+            })?;
+        let result = f(&writer, &runtime);
+        writer.close()?;
+        result
+    }
+}
+
+impl AuditSource for LocalSource {
+    fn raw_records(&self, from: u64, limit: usize) -> Result<Vec<RawEntry>, AuditError> {
+        self.store.raw_records(from, limit)
+    }
+    fn raw_checkpoints(&self) -> Result<Vec<RawEntry>, AuditError> {
+        self.store.raw_checkpoints()
+    }
+    fn checkpoint_meta(&self) -> Result<Option<CheckpointMeta>, AuditError> {
+        self.store.checkpoint_meta()
+    }
+    fn file_checkpoint(&self) -> Result<Option<Checkpoint>, AuditError> {
+        self.store.file_checkpoint()
+    }
+    fn subject_hits(&self, hash: &Hash) -> Result<Vec<SubjectHit>, AuditError> {
+        self.store.subject_hits(hash)
+    }
+    fn checkpoint(&self) -> Result<Option<Checkpoint>, AuditError> {
+        self.with_writer(|w, rt| rt.block_on(w.checkpoint()))
+    }
+    fn purge(&self, as_of_us: u64) -> Result<PurgeSummary, AuditError> {
+        let as_of = SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(as_of_us);
+        self.with_writer(|w, rt| rt.block_on(w.purge(self.retention.clone(), as_of)))
+    }
+}
+
+/// Now, in the store's time unit.
+pub fn now_us() -> u64 {
+    micros(SystemTime::now())
+}

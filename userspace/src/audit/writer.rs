@@ -1,0 +1,482 @@
+//! [`SledRecorder`]: the store's single writer, with group commit.
+//!
+//! `record` only enqueues (so events keep their call order) and returns an
+//! [`Ack`]. One thread takes everything queued, chains it, writes it as one
+//! sled batch, flushes (fsync) and only then resolves the acks of the whole
+//! batch: the more producers, the more events share one flush. The same
+//! thread signs checkpoints (every N records, every T seconds when there is
+//! something new, and at close) and runs retention purges, so nothing else
+//! ever writes the chain.
+
+use std::{
+    sync::{
+        mpsc::{self, RecvTimeoutError},
+        Mutex,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant, SystemTime},
+};
+
+use serde_json::value::RawValue;
+use tokio::sync::oneshot;
+use tracing::{error, info};
+
+use super::{
+    event::RetentionPurge,
+    keys::Keys,
+    record::{Checkpoint, Hash, Record, GENESIS},
+    retention::{self, Retention},
+    store::{Store, SubjectHit},
+    subject::{detect, subject_hash},
+    Ack, AuditError, AuditEvent, Recorder,
+};
+
+/// Most events committed in one batch.
+const MAX_BATCH: usize = 4096;
+
+/// When to sign checkpoints.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckpointPolicy {
+    /// After this many new records.
+    pub every: u64,
+    /// After this long with new records.
+    pub interval: Duration,
+}
+
+impl Default for CheckpointPolicy {
+    fn default() -> Self {
+        Self {
+            every: 1000,
+            interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What a purge did.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PurgeSummary {
+    /// Seq of the `retention_purge` record, if anything was purged.
+    pub purge_seq: Option<u64>,
+    pub records: u64,
+    pub sessions: u64,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, AuditError>>;
+
+enum Msg {
+    Append {
+        at_us: u64,
+        payload: Box<RawValue>,
+        ack: Reply<()>,
+    },
+    Subject {
+        hit: SubjectHit,
+        hash: Hash,
+        ack: Reply<()>,
+    },
+    Purge {
+        as_of_us: u64,
+        retention: Retention,
+        reply: Reply<PurgeSummary>,
+    },
+    Checkpoint {
+        reply: Reply<Option<Checkpoint>>,
+    },
+    /// Answered over a std channel: `close` may run inside a runtime.
+    Close {
+        reply: mpsc::Sender<Result<(), AuditError>>,
+    },
+}
+
+/// The durable, tamper-evident [`Recorder`].
+pub struct SledRecorder {
+    tx: mpsc::Sender<Msg>,
+    subject_key: [u8; 32],
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl SledRecorder {
+    /// Starts the writer over `store`, continuing its chain.
+    ///
+    /// # Errors
+    /// Refuses a store whose end no longer matches its last signed
+    /// checkpoint (truncated or rewritten): appending would hide that.
+    pub fn start(store: Store, keys: Keys, policy: CheckpointPolicy) -> Result<Self, AuditError> {
+        let head = store.head()?;
+        let (head_seq, head_hash) = head.map_or((0, GENESIS), |r| (r.seq, r.hash));
+        let last = store.last_checkpoint()?;
+        if let Some(cp) = &last {
+            let at_checkpoint = store.record(cp.seq)?;
+            if head_seq < cp.seq || at_checkpoint.map(|r| r.hash) != Some(cp.hash) {
+                return Err(AuditError::Corrupt(format!(
+                    "the chain (head seq {head_seq}) does not match signed checkpoint #{} (seq {}): \
+                     the store was truncated or rewritten. Run `portcullis audit verify`, keep the \
+                     store as evidence, then move {} aside to start a new chain",
+                    cp.number,
+                    cp.seq,
+                    store.dir().display()
+                )));
+            }
+        }
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            subject_key: keys.subject,
+            keys,
+            policy,
+            head_seq,
+            head_hash,
+            checkpoint_number: last.as_ref().map_or(0, |c| c.number),
+            checkpoint_seq: last.as_ref().map_or(0, |c| c.seq),
+            checkpoint_time: Instant::now(),
+            store,
+        };
+        let subject_key = writer.subject_key;
+        let thread = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| AuditError::Corrupt(format!("cannot start the audit writer: {e}")))?;
+        Ok(Self {
+            tx,
+            subject_key,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Purges payloads expired at `as_of` (normally now).
+    pub async fn purge(
+        &self,
+        retention: Retention,
+        as_of: SystemTime,
+    ) -> Result<PurgeSummary, AuditError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Msg::Purge {
+            as_of_us: micros(as_of),
+            retention,
+            reply,
+        });
+        rx.await.unwrap_or(Err(AuditError::WriterGone))
+    }
+
+    /// Signs a checkpoint over the current head now (if it has moved) and
+    /// returns the latest checkpoint.
+    pub async fn checkpoint(&self) -> Result<Option<Checkpoint>, AuditError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Msg::Checkpoint { reply });
+        rx.await.unwrap_or(Err(AuditError::WriterGone))
+    }
+
+    /// Commits what is queued, signs a final checkpoint and stops the
+    /// writer. Blocks until done; later records fail with `WriterGone`.
+    pub fn close(&self) -> Result<(), AuditError> {
+        let (reply, rx) = mpsc::channel();
+        self.send(Msg::Close { reply });
+        let result = rx.recv().unwrap_or(Err(AuditError::WriterGone));
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+        result
+    }
+
+    /// A failed send drops the message and with it its reply sender, so
+    /// the waiting side sees `WriterGone`.
+    fn send(&self, msg: Msg) {
+        let _ = self.tx.send(msg);
+    }
+}
+
+impl Recorder for SledRecorder {
+    fn record(&self, event: AuditEvent) -> Ack {
+        let payload = match serde_json::value::to_raw_value(&event) {
+            Ok(p) => p,
+            Err(e) => return Ack::done(Err(e.into())),
+        };
+        let (ack, pending) = Ack::pending();
+        self.send(Msg::Append {
+            at_us: micros(SystemTime::now()),
+            payload,
+            ack,
+        });
+        pending
+    }
+
+    fn subject_index(&self, session: &str, statement_seq: u64, value: &str) -> Ack {
+        let (ack, pending) = Ack::pending();
+        self.send(Msg::Subject {
+            hash: subject_hash(&self.subject_key, value),
+            hit: SubjectHit {
+                session: Some(session.to_owned()),
+                statement_seq: Some(statement_seq),
+                seq: 0,
+                at_us: micros(SystemTime::now()),
+                source: "reported".into(),
+            },
+            ack,
+        });
+        pending
+    }
+}
+
+pub(super) fn micros(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+struct Writer {
+    store: Store,
+    keys: Keys,
+    subject_key: [u8; 32],
+    policy: CheckpointPolicy,
+    head_seq: u64,
+    head_hash: Hash,
+    checkpoint_number: u64,
+    checkpoint_seq: u64,
+    checkpoint_time: Instant,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        loop {
+            let wait = if self.head_seq > self.checkpoint_seq {
+                self.policy
+                    .interval
+                    .saturating_sub(self.checkpoint_time.elapsed())
+            } else {
+                Duration::from_secs(3600)
+            };
+            let first = match rx.recv_timeout(wait) {
+                Ok(msg) => msg,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.checkpoint_logged();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.checkpoint_logged();
+                    return;
+                }
+            };
+            let mut queued = vec![first];
+            while queued.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(msg) => queued.push(msg),
+                    Err(_) => break,
+                }
+            }
+            let mut batch = Vec::new();
+            for msg in queued {
+                match msg {
+                    Msg::Append { .. } | Msg::Subject { .. } => batch.push(msg),
+                    Msg::Purge {
+                        as_of_us,
+                        retention,
+                        reply,
+                    } => {
+                        self.commit(std::mem::take(&mut batch));
+                        let _ = reply.send(self.purge(&retention, as_of_us));
+                    }
+                    Msg::Checkpoint { reply } => {
+                        self.commit(std::mem::take(&mut batch));
+                        let result = self
+                            .checkpoint()
+                            .and_then(|()| self.store.last_checkpoint());
+                        let _ = reply.send(result);
+                    }
+                    Msg::Close { reply } => {
+                        self.commit(std::mem::take(&mut batch));
+                        let _ = reply.send(self.checkpoint());
+                        return;
+                    }
+                }
+            }
+            self.commit(batch);
+            if self.head_seq - self.checkpoint_seq >= self.policy.every {
+                self.checkpoint_logged();
+            }
+        }
+    }
+
+    /// Appends and indexes a batch, flushes, then resolves its acks.
+    fn commit(&mut self, batch: Vec<Msg>) {
+        if batch.is_empty() {
+            return;
+        }
+        let (mut seq, mut prev) = (self.head_seq, self.head_hash);
+        let mut chain = sled::Batch::default();
+        let mut acks = Vec::with_capacity(batch.len());
+        let mut subjects: Vec<(Hash, SubjectHit)> = Vec::new();
+        let mut encode_error = None;
+        for msg in batch {
+            match msg {
+                Msg::Append {
+                    at_us,
+                    payload,
+                    ack,
+                } => {
+                    seq += 1;
+                    for found in detect(payload.get()) {
+                        subjects.push((
+                            subject_hash(&self.subject_key, &found.value),
+                            SubjectHit {
+                                session: found.session,
+                                statement_seq: found.statement_seq,
+                                seq,
+                                at_us,
+                                source: "detected".into(),
+                            },
+                        ));
+                    }
+                    let record = Record::new(seq, at_us, prev, payload);
+                    prev = record.hash;
+                    match record.encode() {
+                        Ok(bytes) => chain.insert(&seq.to_be_bytes(), bytes),
+                        Err(e) => encode_error = Some(e.to_string()),
+                    }
+                    acks.push(ack);
+                }
+                Msg::Subject { mut hit, hash, ack } => {
+                    hit.seq = seq;
+                    subjects.push((hash, hit));
+                    acks.push(ack);
+                }
+                _ => {}
+            }
+        }
+        let result = match encode_error {
+            Some(e) => Err(AuditError::Commit(format!("encoding a record: {e}"))),
+            None => self.write(chain, subjects),
+        };
+        match result {
+            Ok(()) => {
+                self.head_seq = seq;
+                self.head_hash = prev;
+                for ack in acks {
+                    let _ = ack.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                error!("audit batch of {} not stored: {e}", acks.len());
+                let message = e.to_string();
+                for ack in acks {
+                    let _ = ack.send(Err(AuditError::Commit(message.clone())));
+                }
+                // What reached the disk is the truth to continue from.
+                if let Ok(head) = self.store.head() {
+                    (self.head_seq, self.head_hash) =
+                        head.map_or((0, GENESIS), |r| (r.seq, r.hash));
+                }
+            }
+        }
+    }
+
+    fn write(
+        &self,
+        chain: sled::Batch,
+        subjects: Vec<(Hash, SubjectHit)>,
+    ) -> Result<(), AuditError> {
+        self.store.chain.apply_batch(chain)?;
+        if !subjects.is_empty() {
+            let mut index = sled::Batch::default();
+            for (hash, hit) in subjects {
+                let mut key = hash.to_vec();
+                key.extend_from_slice(&self.store.db.generate_id()?.to_be_bytes());
+                index.insert(key, serde_json::to_vec(&hit)?);
+            }
+            self.store.subjects.apply_batch(index)?;
+        }
+        self.store.db.flush()?;
+        Ok(())
+    }
+
+    fn checkpoint_logged(&mut self) {
+        if let Err(e) = self.checkpoint() {
+            error!("signing audit checkpoint failed: {e}");
+        }
+    }
+
+    /// Signs the head if it moved since the last checkpoint.
+    fn checkpoint(&mut self) -> Result<(), AuditError> {
+        self.checkpoint_time = Instant::now();
+        if self.head_seq == 0 || self.head_seq == self.checkpoint_seq {
+            return Ok(());
+        }
+        let cp = Checkpoint::sign(
+            &self.keys.signing,
+            self.checkpoint_number + 1,
+            self.head_seq,
+            self.head_hash,
+            micros(SystemTime::now()),
+        );
+        self.store.store_checkpoint(&cp)?;
+        self.checkpoint_number = cp.number;
+        self.checkpoint_seq = cp.seq;
+        Ok(())
+    }
+
+    /// Empties expired payloads and records the purge, in one atomic batch.
+    fn purge(&mut self, retention: &Retention, as_of_us: u64) -> Result<PurgeSummary, AuditError> {
+        let plan = retention::plan(&self.store, retention, as_of_us)?;
+        if plan.seqs.is_empty() {
+            return Ok(PurgeSummary {
+                purge_seq: None,
+                records: 0,
+                sessions: 0,
+            });
+        }
+        let purge_seq = self.head_seq + 1;
+        let event = AuditEvent::RetentionPurge(RetentionPurge {
+            as_of: humantime::format_rfc3339_seconds(
+                SystemTime::UNIX_EPOCH + Duration::from_micros(as_of_us),
+            )
+            .to_string(),
+            records: plan.seqs.len() as u64,
+            ranges: retention::ranges(&plan.seqs),
+            sessions: plan.sessions.len() as u64,
+            by_resource: plan.by_resource.clone(),
+        });
+        let payload = serde_json::value::to_raw_value(&event)?;
+        let record = Record::new(
+            purge_seq,
+            micros(SystemTime::now()),
+            self.head_hash,
+            payload,
+        );
+        let mut chain = sled::Batch::default();
+        chain.insert(&purge_seq.to_be_bytes(), record.encode()?);
+        for &seq in &plan.seqs {
+            if let Some(mut old) = self.store.record(seq)? {
+                old.payload = None;
+                old.purged_by = Some(purge_seq);
+                chain.insert(&seq.to_be_bytes(), old.encode()?);
+            }
+        }
+        let mut index = sled::Batch::default();
+        for item in self.store.subjects.iter() {
+            let (key, value) = item?;
+            let Ok(hit) = serde_json::from_slice::<SubjectHit>(&value) else {
+                continue;
+            };
+            let expired = plan.seqs.binary_search(&hit.seq).is_ok()
+                || hit
+                    .session
+                    .as_ref()
+                    .is_some_and(|s| plan.sessions.contains(s));
+            if expired {
+                index.remove(key);
+            }
+        }
+        self.store.chain.apply_batch(chain)?;
+        self.store.subjects.apply_batch(index)?;
+        self.store.db.flush()?;
+        self.head_seq = purge_seq;
+        self.head_hash = record.hash;
+        info!(
+            records = plan.seqs.len(),
+            purge_seq, "expired audit payloads purged"
+        );
+        Ok(PurgeSummary {
+            purge_seq: Some(purge_seq),
+            records: plan.seqs.len() as u64,
+            sessions: plan.sessions.len() as u64,
+        })
+    }
+}
