@@ -45,6 +45,11 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     #[serde(default, rename = "protect")]
     pub protect: Vec<ProtectRule>,
+    /// The policy file (see [`crate::policy`]); relative paths are taken
+    /// from the config file's directory. Without one, every statement is
+    /// allowed and nothing is masked.
+    #[serde(default)]
+    pub policy: Option<PathBuf>,
     /// The audit store: retention, checkpoints, export.
     #[serde(default)]
     pub audit: crate::audit::AuditConfig,
@@ -258,6 +263,15 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The policy file's path, resolved against the config file's directory.
+    pub fn policy_path(&self, config_path: &Path) -> Option<PathBuf> {
+        let policy = self.policy.as_ref()?;
+        Some(match config_path.parent() {
+            Some(dir) if policy.is_relative() => dir.join(policy),
+            _ => policy.clone(),
+        })
     }
 
     pub fn listener(&self, name: &str) -> Option<&ListenerConfig> {

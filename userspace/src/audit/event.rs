@@ -26,6 +26,15 @@ pub enum AuditEvent {
     },
     /// Expired payloads were replaced by their hashes (retention).
     RetentionPurge(RetentionPurge),
+    /// The policy refused a statement, command or request.
+    PolicyBlock(PolicyBlock),
+    /// Masks changed what a session returned (which rules, how often).
+    MaskingApplied(MaskingApplied),
+    /// A step of a just-in-time approval: requested, approved, denied,
+    /// timed out.
+    Approval(ApprovalStep),
+    /// A policy file was loaded, or rejected (the previous one stays).
+    PolicyLoad(PolicyLoad),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -63,4 +72,55 @@ pub struct RetentionPurge {
     pub sessions: u64,
     /// Purged records per resource (`(none)` for events without one).
     pub by_resource: BTreeMap<String, u64>,
+}
+
+/// A request the policy refused.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyBlock {
+    pub session: String,
+    pub resource: String,
+    pub principal: String,
+    /// The rule that decided (`default`, `unparseable`, `masking`, or a rule name).
+    pub rule: String,
+    pub reason: String,
+    pub statement: String,
+}
+
+/// Masking totals of one session: mask name to values masked.
+#[derive(Debug, Clone, Serialize)]
+pub struct MaskingApplied {
+    pub session: String,
+    pub resource: String,
+    pub rules: BTreeMap<String, u64>,
+}
+
+/// One step of a just-in-time approval.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApprovalStep {
+    /// `requested`, `approved`, `denied` or `timed_out`.
+    pub step: &'static str,
+    pub id: String,
+    pub session: String,
+    pub requester: String,
+    pub resource: String,
+    pub rule: String,
+    pub statement: String,
+    pub approver: Option<String>,
+    pub justification: Option<String>,
+    /// For an approval granting a time window: its length.
+    pub window_secs: Option<u64>,
+    /// Unix seconds.
+    pub requested_at: u64,
+    pub expires_at: u64,
+}
+
+/// A policy (re)load.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyLoad {
+    pub path: String,
+    pub accepted: bool,
+    /// Why it was rejected (with the line).
+    pub error: Option<String>,
+    pub rules: usize,
+    pub masks: usize,
 }

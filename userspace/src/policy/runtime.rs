@@ -1,0 +1,368 @@
+//! The live policy: loading, safe reloads, and the calls adapters make.
+//!
+//! The policy in force is an `Arc<Policy>` behind a lock that is only held
+//! to clone or swap the pointer: a session judges each message against one
+//! consistent policy, and a reload never waits for sessions. A reload that
+//! fails (unreadable file, invalid rule) is logged and recorded with its
+//! line and reason, and the previous policy stays in force.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use tracing::{error, info, warn};
+
+use super::{
+    approval::{ApprovalOutcome, ApprovalRequest, ApprovalStore, Waiter},
+    classify, combine,
+    control::{self, SOCKET_NAME},
+    engine::{request_for, Decision},
+    mask::PseudonymKey,
+    stream::{Field, Fired, RowMasker},
+    webhook, Policy, PolicyError, Statement,
+};
+use crate::{
+    audit::{AuditEvent, MaskingApplied, PolicyBlock, PolicyLoad, Recorder},
+    identity::{IdentityProvider, Principal},
+};
+
+/// File name of the pseudonym key in the state directory.
+pub const KEY_NAME: &str = "pseudonym.key";
+
+/// The policy in force and everything that goes with it.
+pub struct PolicyRuntime {
+    path: Option<PathBuf>,
+    current: RwLock<Arc<Policy>>,
+    loaded_mtime: RwLock<Option<SystemTime>>,
+    key: PseudonymKey,
+    pub approvals: Arc<ApprovalStore>,
+    recorder: Arc<dyn Recorder>,
+}
+
+/// What to do with a client message.
+pub enum Gate {
+    /// Relay it; mask what comes back as [`Proceed`] says.
+    Proceed(Proceed),
+    /// Refuse it with SQLSTATE 42501 and this reason (already recorded).
+    Refuse(Refusal),
+    /// Hold it: tell the client `notice`, then await [`Hold::resolve`].
+    Hold(Hold),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub rule: String,
+    pub reason: String,
+}
+
+/// An allowed message: its statements and the masks for each.
+pub struct Proceed {
+    pub policy: Arc<Policy>,
+    pub statements: Vec<Statement>,
+    /// Masks per statement (indices into `policy.masks`).
+    pub masks: Vec<Vec<usize>>,
+    key: PseudonymKey,
+}
+
+impl Proceed {
+    /// The row masker for the result of statement `index` (a simple Query
+    /// string returns one result per statement), or `None` to forward rows
+    /// untouched.
+    pub fn rows(&self, index: usize, fields: &[Field<'_>]) -> Option<RowMasker> {
+        let masks = self.masks.get(index).filter(|m| !m.is_empty())?;
+        RowMasker::for_rows(
+            Arc::clone(&self.policy),
+            self.key.clone(),
+            masks,
+            self.statements.get(index),
+            fields,
+        )
+    }
+
+    /// The masker for `COPY ... TO` rows of statement `index`.
+    pub fn copy_rows(&self, index: usize) -> Option<RowMasker> {
+        let masks = self.masks.get(index).filter(|m| !m.is_empty())?;
+        let columns = self
+            .statements
+            .get(index)?
+            .copy_out
+            .as_ref()
+            .and_then(|c| c.columns.as_deref());
+        RowMasker::for_copy(Arc::clone(&self.policy), self.key.clone(), masks, columns)
+    }
+}
+
+/// A held message awaiting an approver.
+pub struct Hold {
+    /// What to tell the client (NoticeResponse) while it waits.
+    pub notice: String,
+    pub id: String,
+    waiter: Waiter,
+    proceed: Proceed,
+}
+
+impl Hold {
+    /// Waits for the decision: approved gives the [`Proceed`], denied or
+    /// timed out the [`Refusal`] (the steps are recorded by the store).
+    pub async fn resolve(self) -> Result<Proceed, Refusal> {
+        let rule = self.waiter.info.rule.clone();
+        match self.waiter.outcome().await {
+            ApprovalOutcome::Approved { .. } => Ok(self.proceed),
+            ApprovalOutcome::Denied { approver, reason } => Err(Refusal {
+                rule,
+                reason: format!("request {} denied by {approver}: {reason}", self.id),
+            }),
+            ApprovalOutcome::TimedOut => Err(Refusal {
+                rule,
+                reason: format!("request {} was not approved in time", self.id),
+            }),
+        }
+    }
+}
+
+fn mtime(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+impl PolicyRuntime {
+    /// Loads the policy at `path` (or an allow-everything policy without
+    /// masks when none is configured) and the pseudonym key in `state_dir`.
+    ///
+    /// # Errors
+    /// [`PolicyError`] if the file is unreadable or invalid: at start-up
+    /// there is no previous policy to keep, so the daemon must not start.
+    pub fn load(
+        path: Option<&Path>,
+        state_dir: &Path,
+        recorder: Arc<dyn Recorder>,
+    ) -> Result<Arc<Self>, PolicyError> {
+        let policy = match path {
+            Some(path) => read(path)?,
+            None => Policy::parse("").map_err(|source| PolicyError::Invalid {
+                path: PathBuf::new(),
+                source,
+            })?,
+        };
+        let key = PseudonymKey::load_or_create(&state_dir.join(KEY_NAME))?;
+        Ok(Arc::new(Self {
+            path: path.map(Path::to_owned),
+            loaded_mtime: RwLock::new(path.and_then(mtime)),
+            current: RwLock::new(Arc::new(policy)),
+            key,
+            approvals: ApprovalStore::new(Arc::clone(&recorder)),
+            recorder,
+        }))
+    }
+
+    /// The policy in force.
+    pub fn current(&self) -> Arc<Policy> {
+        Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn key(&self) -> PseudonymKey {
+        self.key.clone()
+    }
+
+    /// Re-reads the file; on any error the running policy stays. Both
+    /// outcomes are recorded.
+    pub fn reload(&self) -> Result<(), PolicyError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        *self.loaded_mtime.write().unwrap_or_else(|e| e.into_inner()) = mtime(path);
+        let result = read(path);
+        let event = match &result {
+            Ok(p) => PolicyLoad {
+                path: path.display().to_string(),
+                accepted: true,
+                error: None,
+                rules: p.rules.len(),
+                masks: p.masks.len(),
+            },
+            Err(e) => PolicyLoad {
+                path: path.display().to_string(),
+                accepted: false,
+                error: Some(e.to_string()),
+                rules: 0,
+                masks: 0,
+            },
+        };
+        drop(self.recorder.record(AuditEvent::PolicyLoad(event)));
+        let policy = result?;
+        info!(
+            rules = policy.rules.len(),
+            masks = policy.masks.len(),
+            "policy reloaded"
+        );
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+        Ok(())
+    }
+
+    /// Reloads whenever the file's modification time changes.
+    pub async fn watch(self: Arc<Self>) {
+        let Some(path) = self.path.clone() else {
+            return;
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            let now = mtime(&path);
+            let seen = *self.loaded_mtime.read().unwrap_or_else(|e| e.into_inner());
+            if now.is_some() && now != seen {
+                if let Err(e) = self.reload() {
+                    error!("policy reload rejected, the previous policy stays in force: {e}");
+                }
+            }
+        }
+    }
+
+    /// Serves `portcullis approvals` on `<state_dir>/approvals.sock`.
+    pub fn serve_approvals(
+        self: &Arc<Self>,
+        state_dir: &Path,
+        identity: Arc<dyn IdentityProvider>,
+    ) -> Result<(), PolicyError> {
+        let listener = control::bind(&state_dir.join(SOCKET_NAME))?;
+        tokio::spawn(control::serve(
+            listener,
+            Arc::clone(&self.approvals),
+            identity,
+        ));
+        Ok(())
+    }
+
+    /// Judges one client message of SQL (a simple Query, or the query of
+    /// an extended-protocol Parse).
+    pub fn gate_sql(
+        &self,
+        session: &str,
+        resource: &str,
+        principal: &Principal,
+        sql: &str,
+    ) -> Gate {
+        let policy = self.current();
+        let statements = match classify(sql, &policy.settings.large_tables) {
+            Ok(s) => s,
+            Err(e) if !policy.settings.allow_unparseable => {
+                return Gate::Refuse(self.refuse(
+                    session,
+                    resource,
+                    principal,
+                    "unparseable",
+                    &e.to_string(),
+                    sql,
+                ));
+            }
+            Err(_) => Vec::new(),
+        };
+        let verdicts: Vec<_> = statements
+            .iter()
+            .map(|s| policy.judge_statement(s, resource, principal, self.approvals.as_ref()))
+            .collect();
+        let masks = statements
+            .iter()
+            .map(|s| policy.masks_for(&request_for(s, resource, principal)))
+            .collect();
+        let proceed = Proceed {
+            policy: Arc::clone(&policy),
+            statements,
+            masks,
+            key: self.key.clone(),
+        };
+        match combine(&verdicts) {
+            Decision::Allow | Decision::Mask { .. } => Gate::Proceed(proceed),
+            Decision::Block { reason, rule } => {
+                Gate::Refuse(self.refuse(session, resource, principal, &rule, &reason, sql))
+            }
+            Decision::RequireApproval {
+                rule,
+                reason,
+                approvers,
+                timeout,
+                scope,
+            } => {
+                let waiter = self.approvals.request(ApprovalRequest {
+                    session,
+                    requester: principal,
+                    resource,
+                    rule: &rule,
+                    reason: &reason,
+                    statement: sql,
+                    approvers: &approvers,
+                    timeout,
+                    scope,
+                });
+                let id = waiter.info.id.clone();
+                if let Some(url) = policy.settings.webhook.clone() {
+                    let info = waiter.info.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = webhook::announce(&url, &info).await {
+                            warn!("approval webhook failed: {e}");
+                        }
+                    });
+                }
+                Gate::Hold(Hold {
+                    notice: format!(
+                        "approval request {id}: {reason}; waiting up to {} for an approver ({approvers}); they can run `portcullis approvals approve {id}`",
+                        humantime::format_duration(timeout)
+                    ),
+                    id,
+                    waiter,
+                    proceed,
+                })
+            }
+        }
+    }
+
+    fn refuse(
+        &self,
+        session: &str,
+        resource: &str,
+        principal: &Principal,
+        rule: &str,
+        reason: &str,
+        sql: &str,
+    ) -> Refusal {
+        drop(self.recorder.record(AuditEvent::PolicyBlock(PolicyBlock {
+            session: session.into(),
+            resource: resource.into(),
+            principal: principal.subject.clone(),
+            rule: rule.into(),
+            reason: reason.into(),
+            statement: sql.into(),
+        })));
+        Refusal {
+            rule: rule.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Records a session's masking totals, if anything was masked.
+    pub fn record_masking(&self, session: &str, resource: &str, fired: &Fired) {
+        if fired.is_empty() {
+            return;
+        }
+        let rules = fired.counts().clone();
+        drop(
+            self.recorder
+                .record(AuditEvent::MaskingApplied(MaskingApplied {
+                    session: session.into(),
+                    resource: resource.into(),
+                    rules,
+                })),
+        );
+    }
+}
+
+fn read(path: &Path) -> Result<Policy, PolicyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    Policy::parse(&text).map_err(|source| PolicyError::Invalid {
+        path: path.to_owned(),
+        source,
+    })
+}
