@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 mod audit;
+mod policy;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -40,6 +41,16 @@ pub enum Command {
     },
     /// Run the gateway daemon (attach kernel enforcement, serve listeners).
     Run,
+    /// Validate the policy file, or explain a decision without running anything.
+    Policy {
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
+    },
+    /// Just-in-time approvals: list requests waiting for you, approve, deny.
+    Approvals {
+        #[command(subcommand)]
+        command: policy::ApprovalsCommand,
+    },
     /// Inspect or remove kernel enforcement.
     Kernel {
         #[command(subcommand)]
@@ -82,6 +93,8 @@ pub fn run_command(cli: &Cli) -> anyhow::Result<()> {
         Command::Run => unreachable!("the daemon is started by main"),
         Command::Audit { command } => audit::run(&cli.config, command),
         Command::Report { command } => audit::report(&cli.config, command),
+        Command::Policy { command } => policy::run_policy(&cli.config, command),
+        Command::Approvals { command } => policy::run_approvals(&cli.config, command),
         Command::Kernel { command } => match command {
             KernelCommand::Status { json, pin_dir } => {
                 let pin_dir = pin_dir_for(&cli.config, pin_dir.as_deref());
