@@ -178,10 +178,17 @@ pub struct Gateway {
     child: Option<Child>,
     log_path: PathBuf,
     cgroup_path: PathBuf,
+    /// TOML appended to the generated config (e.g. an `[identity]` section).
+    extra_config: String,
 }
 
 impl Gateway {
     pub fn start(cgroup: &TestCgroup, rules: &[Protect]) -> Self {
+        Self::start_with_config(cgroup, rules, "")
+    }
+
+    /// Like [`Gateway::start`], with `extra` TOML appended to the config.
+    pub fn start_with_config(cgroup: &TestCgroup, rules: &[Protect], extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("portcullis-test"));
         let listener: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -194,6 +201,7 @@ impl Gateway {
             config_path,
             child: None,
             cgroup_path: cgroup.path.clone(),
+            extra_config: extra.to_string(),
         };
         gateway.write_config(rules);
         gateway.spawn();
@@ -217,6 +225,8 @@ impl Gateway {
                 text.push_str(&format!("port = {port}\n"));
             }
         }
+        text.push('\n');
+        text.push_str(&self.extra_config);
         // Atomic replace, as a config manager would: a daemon reloading
         // mid-write must never read a truncated file.
         let tmp = self.config_path.with_extension("tmp");

@@ -4,3 +4,5 @@
 mod audit;
 mod harness;
 mod kernel;
+mod pg;
+mod postgres;

@@ -61,6 +61,24 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Certificates for the gateway's TLS listeners.
+    Tls {
+        #[command(subcommand)]
+        command: TlsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TlsCommand {
+    /// Write a self-signed certificate (cert.pem) and key (key.pem, 0600).
+    SelfSigned {
+        /// Directory to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Names (DNS or IP) the certificate is valid for.
+        #[arg(long = "name", default_values = ["localhost", "127.0.0.1", "::1"])]
+        names: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -120,6 +138,17 @@ pub fn run_command(cli: &Cli) -> anyhow::Result<()> {
                 Ok(())
             }
         },
+        Command::Tls {
+            command: TlsCommand::SelfSigned { out, names },
+        } => {
+            let (cert, key) = crate::protocol::postgres::tls::write_self_signed(out, names)?;
+            println!(
+                "wrote {} and {}; set them as tls_cert and tls_key of the listener",
+                cert.display(),
+                key.display()
+            );
+            Ok(())
+        }
         Command::Config {
             command: ConfigCommand::Check,
         } => {

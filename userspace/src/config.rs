@@ -45,14 +45,29 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     #[serde(default, rename = "protect")]
     pub protect: Vec<ProtectRule>,
-    /// The policy file (see [`crate::policy`]); relative paths are taken
-    /// from the config file's directory. Without one, every statement is
-    /// allowed and nothing is masked.
+    /// The OIDC provider; without it sessions are named by local account.
     #[serde(default)]
-    pub policy: Option<PathBuf>,
+    pub identity: Option<crate::identity::IdentityConfig>,
+    /// Protected upstreams the protocol adapters serve (see [`crate::resource`]).
+    #[serde(default, rename = "resource")]
+    pub resources: Vec<crate::resource::ResourceConfig>,
     /// The audit store: retention, checkpoints, export.
     #[serde(default)]
     pub audit: crate::audit::AuditConfig,
+    /// `[policy]`: the policy file (see [`crate::policy`]). Without it,
+    /// every statement is allowed and nothing is masked.
+    #[serde(default)]
+    pub policy: Option<PolicyConfig>,
+}
+
+/// `[policy]`: a table rather than a top-level key so it can sit anywhere
+/// in the file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// The policy file; a relative path is taken from the config file's
+    /// directory.
+    pub file: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -88,6 +103,16 @@ pub struct ListenerConfig {
     pub address: SocketAddr,
     #[serde(default)]
     pub protocol: Protocol,
+    /// Also accept clients that were not redirected by the kernel (remote
+    /// clients); they must present a token. PostgreSQL listeners only.
+    #[serde(default)]
+    pub direct: bool,
+    /// PEM certificate chain offered to clients that ask for TLS.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl ListenerConfig {
@@ -104,18 +129,21 @@ impl ListenerConfig {
 }
 
 /// What a listener speaks. More protocols arrive with their adapters.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// Opaque TCP: relay bytes to the original destination, record the session.
     #[default]
     Tcp,
+    /// PostgreSQL wire protocol: identity-bound, per-statement recording.
+    Postgres,
 }
 
 impl Protocol {
     pub fn name(self) -> &'static str {
         match self {
             Protocol::Tcp => "tcp",
+            Protocol::Postgres => "postgres",
         }
     }
 }
@@ -219,6 +247,9 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.audit.validate().map_err(ConfigError::Invalid)?;
+        if let Some(identity) = &self.identity {
+            identity.validate().map_err(ConfigError::Invalid)?;
+        }
         let mut names = HashSet::new();
         for listener in &self.listeners {
             if listener.name == "block" {
@@ -239,7 +270,20 @@ impl Config {
                     listener.name
                 )));
             }
+            if listener.direct && listener.protocol != Protocol::Postgres {
+                return Err(ConfigError::Invalid(format!(
+                    "listener '{}': direct = true needs protocol = \"postgres\" (only it can ask a remote client for a token)",
+                    listener.name
+                )));
+            }
+            if listener.tls_cert.is_some() != listener.tls_key.is_some() {
+                return Err(ConfigError::Invalid(format!(
+                    "listener '{}': set both tls_cert and tls_key (generate a pair with `portcullis tls self-signed --out DIR`)",
+                    listener.name
+                )));
+            }
         }
+        crate::resource::validate(&self.resources).map_err(ConfigError::Invalid)?;
         for (index, rule) in self.protect.iter().enumerate() {
             if rule.port == Some(0) {
                 return Err(ConfigError::Invalid(format!(
@@ -267,7 +311,7 @@ impl Config {
 
     /// The policy file's path, resolved against the config file's directory.
     pub fn policy_path(&self, config_path: &Path) -> Option<PathBuf> {
-        let policy = self.policy.as_ref()?;
+        let policy = &self.policy.as_ref()?.file;
         Some(match config_path.parent() {
             Some(dir) if policy.is_relative() => dir.join(policy),
             _ => policy.clone(),
@@ -347,6 +391,9 @@ mod tests {
             name: "x".into(),
             address: "0.0.0.0:7000".parse().unwrap(),
             protocol: Protocol::Tcp,
+            direct: false,
+            tls_cert: None,
+            tls_key: None,
         };
         assert_eq!(l.redirect_target(), "127.0.0.1:7000".parse().unwrap());
     }

@@ -16,8 +16,10 @@ use tracing::{error, info, warn};
 use crate::{
     audit::{service::AuditService, AuditEvent, Recorder},
     config::Config,
-    identity::UnixIdentity,
+    control,
+    identity::{IdentityProvider, OidcIdentity, UnixIdentity},
     kernel::{self, Enforcement, EventReader, KernelAction},
+    protocol::postgres::PostgresGateway,
     proxy::{self, Gateway, ShutdownSignal},
 };
 
@@ -29,6 +31,9 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let audit = AuditService::start(&config).context("opening the audit store")?;
     let recorder: Arc<dyn Recorder> = audit.recorder();
 
+    let postgres = Arc::new(
+        PostgresGateway::from_config(&config).context("loading the PostgreSQL listeners and resources")?,
+    );
     let listeners = proxy::bind(&config.listeners).await?;
     let mut enforcement = Enforcement::start(&config.kernel, &rules)
         .context("attaching kernel enforcement (run as root, or with CAP_BPF and CAP_NET_ADMIN)")?;
@@ -48,13 +53,31 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         tokio::spawn(kernel::forward_log(logger));
     }
 
+    // OIDC when configured, with the control socket `portcullis login`
+    // talks to; else the local account names the person.
+    let (identity, control_socket): (Arc<dyn IdentityProvider>, _) = match &config.identity {
+        Some(identity) => {
+            let oidc = OidcIdentity::start(identity, Arc::clone(&recorder))
+                .await
+                .with_context(|| format!("starting OIDC sign-in with {}", identity.issuer))?;
+            let socket = control::bind(&identity.control_socket)?;
+            (Arc::clone(&oidc) as _, Some((socket, oidc)))
+        }
+        None => (Arc::new(UnixIdentity), None),
+    };
+    let policy = load_policy(&config, &config_path, &recorder, &identity)?;
     let gateway = Arc::new(Gateway {
         recorder,
         connections: enforcement.connections(),
-        identity: Arc::new(UnixIdentity),
+        identity,
         exempt_mark: config.kernel.exempt_mark,
+        postgres,
+        policy: policy.clone(),
     });
     let (signal_shutdown, shutdown) = ShutdownSignal::new();
+    if let Some((socket, oidc)) = control_socket {
+        tokio::spawn(control::serve(socket, oidc, shutdown.clone()));
+    }
     let server = tokio::spawn(proxy::serve(listeners, gateway, shutdown));
 
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
@@ -65,7 +88,14 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
-            _ = hangup.recv() => reload(&config_path, &config, &mut enforcement),
+            _ = hangup.recv() => {
+                reload(&config_path, &config, &mut enforcement);
+                if let Some(policy) = &policy {
+                    if let Err(e) = policy.reload() {
+                        error!("policy reload rejected, the previous policy stays in force: {e}");
+                    }
+                }
+            }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
@@ -76,6 +106,26 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let _ = server.await;
     audit.stop().await;
     Ok(())
+}
+
+/// Loads the policy file if one is configured, watches it for changes and
+/// serves `portcullis approvals`. An invalid policy stops start-up: there is
+/// no previous policy to keep.
+fn load_policy(
+    config: &Config,
+    config_path: &std::path::Path,
+    recorder: &Arc<dyn Recorder>,
+    identity: &Arc<dyn IdentityProvider>,
+) -> anyhow::Result<Option<Arc<crate::policy::PolicyRuntime>>> {
+    let Some(path) = config.policy_path(config_path) else {
+        return Ok(None);
+    };
+    let policy =
+        crate::policy::PolicyRuntime::load(Some(&path), &config.state_dir, Arc::clone(recorder))?;
+    policy.serve_approvals(&config.state_dir, Arc::clone(identity))?;
+    tokio::spawn(Arc::clone(&policy).watch());
+    info!(policy = %path.display(), "policy loaded");
+    Ok(Some(policy))
 }
 
 /// Re-reads the config and swaps the protected set. An invalid file changes

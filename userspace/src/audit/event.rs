@@ -24,6 +24,25 @@ pub enum AuditEvent {
         peer: SocketAddr,
         reason: String,
     },
+    /// `portcullis login` bound a principal to a local uid.
+    IdentityLogin(IdentityBinding),
+    /// A refresh token renewed a uid binding without a new login.
+    IdentityRefresh(IdentityBinding),
+    /// A uid binding ended: `logout`, expiry, or a refused refresh.
+    IdentityLogout(IdentityLogout),
+    /// A login over the control socket was refused.
+    IdentityRejected {
+        uid: u32,
+        reason: String,
+    },
+    /// A redirected connection was refused before anything was relayed
+    /// (for example: no identity bound to its uid on a protocol that cannot
+    /// ask for a token).
+    SessionRefused(SessionRefused),
+    /// A database client was identified and authorized for a resource.
+    DatabaseLogin(DatabaseLogin),
+    /// One statement relayed to a database.
+    Statement(Statement),
     /// Expired payloads were replaced by their hashes (retention).
     RetentionPurge(RetentionPurge),
     /// The policy refused a statement, command or request.
@@ -45,8 +64,9 @@ pub struct SessionStart {
     pub peer: SocketAddr,
     /// Who is behind the session, when known at its start.
     pub principal: Option<Principal>,
+    /// The kernel's record; absent for direct (remote) clients.
     #[serde(flatten)]
-    pub origin: ConnectOrigin,
+    pub origin: Option<ConnectOrigin>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -72,6 +92,78 @@ pub struct RetentionPurge {
     pub sessions: u64,
     /// Purged records per resource (`(none)` for events without one).
     pub by_resource: BTreeMap<String, u64>,
+}
+
+/// Who opened a database session, as which upstream role, on what.
+#[derive(Debug, Clone, Serialize)]
+pub struct DatabaseLogin {
+    pub session: String,
+    pub resource: String,
+    pub principal: Principal,
+    pub upstream_user: String,
+    pub database: String,
+    /// The user name the client asked for (informational: the grant decides).
+    pub client_user: Option<String>,
+    pub application_name: Option<String>,
+    /// Whether the client's connection to the gateway is encrypted.
+    pub client_tls: bool,
+    /// Whether the client connected directly (token) rather than redirected.
+    pub direct: bool,
+}
+
+/// One statement: a simple Query, or an Execute of the extended protocol.
+#[derive(Debug, Clone, Serialize)]
+pub struct Statement {
+    pub session: String,
+    pub resource: String,
+    /// `simple`, `extended` or `function`.
+    pub protocol: &'static str,
+    pub text: String,
+    /// Bound parameters: text as sent, binary as `\x` hex, SQL NULL as null.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub parameters: Vec<Option<String>>,
+    pub duration_us: u64,
+    /// Rows returned (DataRow messages).
+    pub rows_returned: u64,
+    /// Rows affected or returned as the command tag reports them.
+    pub rows: Option<u64>,
+    pub command_tag: Option<String>,
+    pub error: Option<StatementError>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StatementError {
+    pub sqlstate: String,
+    pub message: String,
+}
+
+/// A uid bound to a principal until `expires_at` (Unix seconds).
+#[derive(Debug, Clone, Serialize)]
+pub struct IdentityBinding {
+    pub uid: u32,
+    pub principal: Principal,
+    pub expires_at: u64,
+    /// Whether the daemon holds a refresh token for it.
+    pub refreshable: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct IdentityLogout {
+    pub uid: u32,
+    pub principal: Principal,
+    /// `logout`, `expired` or `refresh failed: ...`.
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionRefused {
+    pub session: String,
+    pub listener: String,
+    pub protocol: &'static str,
+    pub peer: SocketAddr,
+    pub reason: String,
+    #[serde(flatten)]
+    pub origin: ConnectOrigin,
 }
 
 /// A request the policy refused.

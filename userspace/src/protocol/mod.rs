@@ -5,6 +5,7 @@
 //! credentials, talks to the upstream, and reports what it relayed. Identity,
 //! policy and recording stay in shared code behind the context.
 
+pub mod postgres;
 pub mod tcp;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -17,8 +18,9 @@ pub struct SessionContext {
     pub listener: Arc<str>,
     /// The client's address as accept() returned it.
     pub peer: SocketAddr,
-    /// The kernel's record of the connect(), for redirected clients.
-    pub origin: ConnectOrigin,
+    /// The kernel's record of the connect(), for redirected clients; None
+    /// for a client that reached a `direct` listener on its own.
+    pub origin: Option<ConnectOrigin>,
     /// Who is behind the session, when already known (uid binding).
     pub principal: Option<Principal>,
     pub gateway: Arc<Gateway>,

@@ -7,7 +7,11 @@ use crate::proxy::upstream;
 
 /// Connects to the original destination and copies in both directions.
 pub async fn serve(ctx: &SessionContext, mut client: TcpStream) -> Result<Relayed, String> {
-    let destination = ctx.origin.original_destination;
+    let destination = ctx
+        .origin
+        .as_ref()
+        .ok_or("the tcp adapter only serves redirected clients")?
+        .original_destination;
     let mut server = upstream::connect(destination, ctx.gateway.exempt_mark)
         .await
         .map_err(|e| format!("upstream {destination}: {e}"))?;

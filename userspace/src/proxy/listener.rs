@@ -15,6 +15,8 @@ const MAX_SESSIONS: usize = 4096;
 pub struct BoundListener {
     pub name: String,
     pub protocol: Protocol,
+    /// Accepts clients the kernel did not redirect (see ListenerConfig).
+    pub direct: bool,
     pub local_addr: SocketAddr,
     socket: TcpListener,
 }
@@ -36,6 +38,7 @@ pub async fn bind(configs: &[ListenerConfig]) -> std::io::Result<Vec<BoundListen
         bound.push(BoundListener {
             name: config.name.clone(),
             protocol: config.protocol,
+            direct: config.direct,
             local_addr: socket.local_addr()?,
             socket,
         });
@@ -64,9 +67,9 @@ pub(super) async fn run(listener: BoundListener, gateway: Arc<Gateway>, mut shut
                 let gateway = Arc::clone(&gateway);
                 let name = Arc::clone(&name);
                 let shutdown = shutdown.clone();
-                let protocol = listener.protocol;
+                let (protocol, direct) = (listener.protocol, listener.direct);
                 sessions.spawn(async move {
-                    session::run(stream, peer, name, protocol, gateway, shutdown).await;
+                    session::run(stream, peer, name, protocol, direct, gateway, shutdown).await;
                     drop(permit);
                 });
             }

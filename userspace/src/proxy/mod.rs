@@ -33,6 +33,11 @@ pub struct Gateway {
     pub identity: Arc<dyn IdentityProvider>,
     /// SO_MARK for upstream sockets, so the kernel lets them through.
     pub exempt_mark: u32,
+    /// Resources, listener certificates and cancel keys of the PostgreSQL
+    /// adapter.
+    pub postgres: Arc<crate::protocol::postgres::PostgresGateway>,
+    /// The policy in force, when a policy file is configured.
+    pub policy: Option<Arc<crate::policy::PolicyRuntime>>,
 }
 
 /// Serves `listeners` until `shutdown` fires, then waits for the sessions to

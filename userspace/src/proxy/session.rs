@@ -14,7 +14,7 @@ use tracing::{info, info_span, warn, Instrument};
 
 use super::{Gateway, Shutdown};
 use crate::{
-    audit::{AuditEvent, SessionEnd, SessionStart},
+    audit::{AuditEvent, SessionEnd, SessionRefused, SessionStart},
     config::Protocol,
     kernel::{normalise_addr, ConnectOrigin},
     protocol::{self, Relayed, SessionContext},
@@ -37,13 +37,18 @@ pub(super) async fn run(
     peer: SocketAddr,
     listener: Arc<str>,
     protocol: Protocol,
+    direct: bool,
     gateway: Arc<Gateway>,
     mut shutdown: Shutdown,
 ) {
     let peer = normalise_addr(peer);
     let origin = match identify(&gateway, peer) {
-        Ok(origin) => origin,
-        Err(reason) => {
+        Ok(origin) => Some(origin),
+        // A direct listener serves remote clients too: the adapter asks them
+        // for a token instead of relying on the kernel's uid.
+        Err(Unidentified::NoRecord) if direct => None,
+        Err(unidentified) => {
+            let reason = unidentified.to_string();
             warn!(%listener, %peer, "refused: {reason}");
             record_durably(
                 &gateway,
@@ -57,7 +62,33 @@ pub(super) async fn run(
             return;
         }
     };
-    let principal = gateway.identity.principal_for_uid(origin.uid).await;
+    let principal = match &origin {
+        Some(origin) => gateway.identity.principal_for_uid(origin.uid).await,
+        None => None,
+    };
+    // Opaque TCP cannot ask the client for a token: without a uid binding
+    // there is nobody to attribute the session to (OIDC configured, the
+    // user has not run `portcullis login`).
+    if let (Protocol::Tcp, None, Some(origin)) = (protocol, &principal, &origin) {
+        let reason = format!(
+            "no identity bound to uid {}: run `portcullis login`",
+            origin.uid
+        );
+        warn!(%listener, %peer, "refused: {reason}");
+        record_durably(
+            &gateway,
+            AuditEvent::SessionRefused(SessionRefused {
+                session: next_session_id(),
+                listener: listener.to_string(),
+                protocol: protocol.name(),
+                peer,
+                reason,
+                origin: origin.clone(),
+            }),
+        )
+        .await;
+        return;
+    }
     let ctx = SessionContext {
         id: next_session_id(),
         listener,
@@ -71,12 +102,15 @@ pub(super) async fn run(
         id = %ctx.id,
         listener = %ctx.listener,
         peer = %ctx.peer,
-        uid = ctx.origin.uid,
+        uid = ?ctx.origin.as_ref().map(|o| o.uid),
         principal = ctx.principal.as_ref().map_or("-", |p| p.name.as_str()),
     );
     async move {
         let started = Instant::now();
-        info!(destination = %ctx.origin.original_destination, pid = ctx.origin.pid, command = %ctx.origin.command, "session start");
+        match &ctx.origin {
+            Some(o) => info!(destination = %o.original_destination, pid = o.pid, command = %o.command, "session start"),
+            None => info!("session start (direct client)"),
+        }
         let recorded = record_durably(
             &ctx.gateway,
             AuditEvent::SessionStart(SessionStart {
@@ -123,14 +157,22 @@ pub(super) async fn run(
     .await
 }
 
+/// Why a connection has no kernel record.
+#[derive(Debug, thiserror::Error)]
+enum Unidentified {
+    /// Not redirected: a direct client, or a bypass attempt.
+    #[error("no kernel record for this connection (it was not redirected by Portcullis)")]
+    NoRecord,
+    #[error("kernel connection table unreadable: {0}")]
+    Table(String),
+}
+
 /// The kernel's account of who connected and where they were going.
-fn identify(gateway: &Gateway, peer: SocketAddr) -> Result<ConnectOrigin, String> {
+fn identify(gateway: &Gateway, peer: SocketAddr) -> Result<ConnectOrigin, Unidentified> {
     match gateway.connections.take(peer) {
         Ok(Some(origin)) => Ok(origin),
-        Ok(None) => {
-            Err("no kernel record for this connection (it was not redirected by Portcullis)".into())
-        }
-        Err(e) => Err(format!("kernel connection table unreadable: {e}")),
+        Ok(None) => Err(Unidentified::NoRecord),
+        Err(e) => Err(Unidentified::Table(e.to_string())),
     }
 }
 
@@ -142,6 +184,7 @@ async fn serve(
 ) -> Result<Relayed, String> {
     match protocol {
         Protocol::Tcp => protocol::tcp::serve(ctx, client).await,
+        Protocol::Postgres => protocol::postgres::serve(ctx, client).await,
     }
 }
 

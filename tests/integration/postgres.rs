@@ -1,0 +1,723 @@
+//! The PostgreSQL adapter against a real cluster with real psql and
+//! pgbench: redirected and direct clients, simple and extended protocol,
+//! pipelining, COPY, cancel, large results with bounded memory, TLS on both
+//! sides, refusals, upstream failures and malformed input.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{
+    harness::*,
+    pg::{PgCluster, MD5_ROLE, PG_PASSWORD, PLAIN_ROLE},
+};
+
+/// A cluster behind a gateway with a `postgres` listener (direct, TLS) and
+/// one resource for it.
+struct Setup {
+    cgroup: TestCgroup,
+    cluster: PgCluster,
+    gateway: Gateway,
+    listener: SocketAddr,
+    /// The gateway listener's certificate.
+    cert: PathBuf,
+}
+
+/// How the resource's grants are written.
+struct Options {
+    grant_users: &'static str,
+    password: &'static str,
+    secret_mode: u32,
+    upstream_tls: &'static str,
+    cluster_tls: bool,
+    /// Resource address override (for "upstream down").
+    address: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            grant_users: "users = [\"unix:root\"]",
+            password: PG_PASSWORD,
+            secret_mode: 0o600,
+            upstream_tls: "disable",
+            cluster_tls: false,
+            address: None,
+        }
+    }
+}
+
+impl Setup {
+    fn new() -> Self {
+        Self::with(Options::default())
+    }
+
+    fn with(o: Options) -> Self {
+        let cgroup = TestCgroup::new();
+        let cluster = PgCluster::start_with(o.cluster_tls);
+        let secret = cluster.secret_file("main", o.password);
+        std::fs::set_permissions(
+            &secret,
+            std::os::unix::fs::PermissionsExt::from_mode(o.secret_mode),
+        )
+        .unwrap();
+        let tls_dir = cluster.dir.path().join("gateway-tls");
+        let out = Command::new(PORTCULLIS)
+            .args(["tls", "self-signed", "--out"])
+            .arg(&tls_dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let listener: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let address = o.address.clone().unwrap_or_else(|| cluster.addr());
+        let ca = match &cluster.cert {
+            Some(cert) => format!("ca_file = \"{}\"\n", cert.display()),
+            None => String::new(),
+        };
+        let extra = format!(
+            r#"
+[[listener]]
+name = "pg"
+address = "{listener}"
+protocol = "postgres"
+direct = true
+tls_cert = "{dir}/cert.pem"
+tls_key = "{dir}/key.pem"
+
+[[resource]]
+name = "orders"
+protocol = "postgres"
+address = "{address}"
+tls = "{tls}"
+{ca}
+[[resource.grant]]
+{users}
+upstream_user = "postgres"
+password_file = "{secret}"
+
+[[resource.grant]]
+{users}
+upstream_user = "{MD5_ROLE}"
+password_file = "{secret}"
+
+[[resource.grant]]
+{users}
+upstream_user = "{PLAIN_ROLE}"
+password_file = "{secret}"
+"#,
+            dir = tls_dir.display(),
+            tls = o.upstream_tls,
+            users = o.grant_users,
+            secret = secret.display(),
+        );
+        let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
+        let gateway = Gateway::start_with_config(
+            &cgroup,
+            &[Protect {
+                destination: "127.0.0.1".into(),
+                port: Some(port),
+                to: "pg".into(),
+            }],
+            &extra,
+        );
+        Self {
+            cgroup,
+            gateway,
+            listener,
+            cert: tls_dir.join("cert.pem"),
+            cluster,
+        }
+    }
+
+    fn port(&self) -> String {
+        self.cluster.port.to_string()
+    }
+
+    /// psql inside the test cgroup (so redirected), to the protected address.
+    fn psql_cmd(&self, user: &str, args: &[&str]) -> Command {
+        let mut full = vec![
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            user,
+            "-d",
+            "postgres",
+        ];
+        let port = self.port();
+        full.extend(["-p", port.as_str()]);
+        full.extend(args);
+        let mut cmd = self.cgroup.command("psql", &full);
+        cmd.env("PGCONNECT_TIMEOUT", "10")
+            .env_remove("PGPASSWORD")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    }
+
+    fn psql(&self, args: &[&str]) -> Output {
+        self.psql_as("postgres", args)
+    }
+
+    fn psql_as(&self, user: &str, args: &[&str]) -> Output {
+        let child = self.psql_cmd(user, args).spawn().unwrap();
+        wait_with_timeout(child, Duration::from_secs(60))
+    }
+
+    fn query(&self, sql: &str) -> String {
+        let out = self.psql(&["-Atc", sql]);
+        assert!(
+            out.status.success(),
+            "psql {sql}: {}\ngateway log: {}",
+            String::from_utf8_lossy(&out.stderr),
+            self.gateway.log()
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn pgbench(&self, args: &[&str]) -> Output {
+        let port = self.port();
+        let mut full = vec!["-h", "127.0.0.1", "-p", port.as_str(), "-U", "postgres"];
+        full.extend(args);
+        full.push("postgres");
+        let child = self
+            .cgroup
+            .command("pgbench", &full)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_with_timeout(child, Duration::from_secs(120))
+    }
+
+    fn statements(&self) -> Vec<Value> {
+        self.gateway
+            .events()
+            .into_iter()
+            .filter(|e| e["event"] == "statement")
+            .collect()
+    }
+
+    fn wait_statement(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        self.gateway
+            .wait_for_event(what, |e| e["event"] == "statement" && pred(e))
+    }
+
+    /// The daemon's peak resident memory (VmHWM) in KiB.
+    fn daemon_peak_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.gateway.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+
+    fn assert_no_panic(&self) {
+        let log = self.gateway.log();
+        assert!(!log.contains("panicked"), "the gateway panicked: {log}");
+    }
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[test]
+fn psql_simple_extended_copy_and_statement_records() {
+    let s = Setup::new();
+    // Simple protocol; the gateway logged in upstream with SCRAM.
+    assert_eq!(s.query("select 40 + 2"), "42");
+    assert_eq!(s.query("select current_user"), "postgres");
+    let login = s
+        .gateway
+        .wait_for_event("database_login", |e| e["event"] == "database_login");
+    assert_eq!(login["resource"], "orders");
+    assert_eq!(login["upstream_user"], "postgres");
+    assert_eq!(login["principal"]["subject"], "unix:root");
+
+    // MD5 and cleartext upstream roles, chosen by the client's user name.
+    let out = s.psql_as(MD5_ROLE, &["-Atc", "select current_user"]);
+    assert_eq!(stdout(&out).trim(), MD5_ROLE, "{}", stderr(&out));
+    let out = s.psql_as(PLAIN_ROLE, &["-Atc", "select current_user"]);
+    assert_eq!(stdout(&out).trim(), PLAIN_ROLE, "{}", stderr(&out));
+
+    // Several statements in one Query, an error, notices.
+    s.query(
+        "create table t (id int primary key, name text); insert into t values (1, 'a'), (2, 'b')",
+    );
+    let out = s.psql(&["-Atc", "select 1/0"]);
+    assert!(
+        stderr(&out).contains("division by zero"),
+        "{}",
+        stderr(&out)
+    );
+    let err = s.wait_statement("division error", |e| e["text"] == "select 1/0");
+    assert_eq!(err["error"]["sqlstate"], "22012");
+    let out = s.psql(&["-Atc", "do $$ begin raise notice 'hello notice'; end $$"]);
+    assert!(stderr(&out).contains("hello notice"), "{}", stderr(&out));
+
+    // COPY in from stdin and out to stdout.
+    let mut child = s
+        .psql_cmd("postgres", &["-c", "\\copy t from stdin"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rows: String = (3..=1002).map(|i| format!("{i}\tname{i}\n")).collect();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(rows.as_bytes())
+        .unwrap();
+    let out = wait_with_timeout(child, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(s.query("select count(*) from t"), "1002");
+    let out = s.psql(&["-c", "copy (select * from t order by id) to stdout"]);
+    assert_eq!(stdout(&out).lines().count(), 1002, "{}", stderr(&out));
+    let copy_in = s.wait_statement("copy in", |e| {
+        e["text"].as_str().unwrap_or("").contains("FROM STDIN")
+            || e["text"].as_str().unwrap_or("").contains("from stdin")
+    });
+    assert_eq!(copy_in["rows"], 1000);
+    let copy_out = s.wait_statement("copy out", |e| {
+        e["text"].as_str().unwrap_or("").starts_with("copy (select")
+    });
+    assert_eq!(copy_out["rows"], 1002);
+
+    let select = s.wait_statement("select", |e| e["text"] == "select 40 + 2");
+    assert_eq!(select["rows_returned"], 1);
+    assert_eq!(select["protocol"], "simple");
+    assert!(select["duration_us"].as_u64().is_some());
+    s.assert_no_panic();
+}
+
+#[test]
+fn pgbench_prepared_pipelined_and_fifty_sessions() {
+    let s = Setup::new();
+    // Initialisation goes through the gateway too (COPY, DDL).
+    let out = s.pgbench(&["-i", "-s", "1", "-q"]);
+    assert!(out.status.success(), "pgbench -i: {}", stderr(&out));
+
+    // Prepared statements (named), extended protocol, 50 sessions at once.
+    let out = s.pgbench(&["-c", "50", "-j", "2", "-t", "20", "-M", "prepared", "-S"]);
+    assert!(
+        out.status.success(),
+        "pgbench: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out).contains("number of transactions actually processed: 1000/1000"),
+        "{}",
+        stdout(&out)
+    );
+
+    // A pipeline: several Bind/Execute before one Sync, bound parameters.
+    let script = s.cluster.dir.path().join("pipeline.sql");
+    std::fs::write(
+        &script,
+        "\\set aid random(1, 100000)\n\\startpipeline\n\
+         select abalance from pgbench_accounts where aid = :aid;\n\
+         select :aid::int + 1 as next;\n\
+         select 'pipelined ' || :aid;\n\\endpipeline\n",
+    )
+    .unwrap();
+    let script = script.to_str().unwrap();
+    let out = s.pgbench(&["-c", "4", "-t", "25", "-M", "extended", "-f", script]);
+    assert!(
+        out.status.success(),
+        "pgbench pipeline: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let piped = s.wait_statement("pipelined execute", |e| {
+        e["text"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("select 'pipelined '")
+    });
+    assert_eq!(piped["protocol"], "extended");
+    assert_eq!(piped["rows"], 1);
+    let params = piped["parameters"]
+        .as_array()
+        .expect("bound parameters recorded");
+    assert_eq!(params.len(), 1);
+    assert!(
+        params[0].as_str().unwrap().parse::<u32>().is_ok(),
+        "{piped}"
+    );
+    let stmts = s.statements();
+    let pipelined = stmts
+        .iter()
+        .filter(|e| {
+            e["text"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("select 'pipelined '")
+        })
+        .count();
+    assert_eq!(pipelined, 100);
+    s.assert_no_panic();
+}
+
+#[test]
+fn cancel_request_reaches_the_upstream_backend() {
+    let s = Setup::new();
+    let started = Instant::now();
+    // psql sends a protocol CancelRequest on SIGINT.
+    let child = s
+        .cgroup
+        .command(
+            "timeout",
+            &[
+                "-s",
+                "INT",
+                "2",
+                "psql",
+                "-X",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &s.port(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-c",
+                "select pg_sleep(30)",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_with_timeout(child, Duration::from_secs(25));
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert!(
+        stderr(&out).contains("canceling statement due to user request"),
+        "{}\n{}",
+        stderr(&out),
+        s.gateway.log()
+    );
+    let e = s.wait_statement("cancelled", |e| e["text"] == "select pg_sleep(30)");
+    assert_eq!(e["error"]["sqlstate"], "57014");
+    // A forged key cancels nothing and is not an error.
+    let mut raw = TcpStream::connect(s.listener).unwrap();
+    raw.write_all(&[0, 0, 0, 16, 4, 210, 22, 46, 0, 0, 0, 1, 0, 0, 0, 2])
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = raw.read_to_end(&mut buf);
+    assert_eq!(s.query("select 1"), "1");
+    s.assert_no_panic();
+}
+
+#[test]
+fn million_rows_stream_with_bounded_memory_and_mid_result_disconnect() {
+    let s = Setup::new();
+    let sql = "copy (select g, repeat('x', 100) from generate_series(1, 1000000) g) to stdout";
+    // A slow reader: psql's output pipe is not read for 3 s.
+    let child = s
+        .cgroup
+        .command(
+            "sh",
+            &[
+                "-c",
+                &format!(
+                    "psql -X -h 127.0.0.1 -p {} -U postgres -d postgres -c \"{sql}\" | (sleep 3; wc -l)",
+                    s.port()
+                ),
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_with_timeout(child, Duration::from_secs(120));
+    assert_eq!(stdout(&out).trim(), "1000000", "{}", stderr(&out));
+    // The same as a query result (DataRows rather than CopyData).
+    let child = s
+        .cgroup
+        .command(
+            "sh",
+            &[
+                "-c",
+                &format!(
+                    "psql -X -At -h 127.0.0.1 -p {} -U postgres -d postgres -c \"select g, repeat('y', 100) from generate_series(1, 1000000) g\" | wc -l",
+                    s.port()
+                ),
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_with_timeout(child, Duration::from_secs(120));
+    assert_eq!(stdout(&out).trim(), "1000000", "{}", stderr(&out));
+    let rows = s.wait_statement("big select", |e| {
+        e["text"].as_str().unwrap_or("").contains("repeat('y'")
+    });
+    assert_eq!(rows["rows_returned"], 1_000_000);
+    let peak = s.daemon_peak_kib();
+    assert!(peak < 64 * 1024, "gateway peak RSS {peak} KiB");
+
+    // A client that goes away mid-result: the session ends, the daemon
+    // keeps serving.
+    let child = s
+        .cgroup
+        .command(
+            "sh",
+            &[
+                "-c",
+                &format!(
+                    "psql -X -h 127.0.0.1 -p {} -U postgres -d postgres -c \"{sql}\" | head -c 100000 > /dev/null",
+                    s.port()
+                ),
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_with_timeout(child, Duration::from_secs(60));
+    assert_eq!(s.query("select 'still serving'"), "still serving");
+    // The upstream backend of the abandoned session goes away too.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.cluster.sql("select count(*) from pg_stat_activity where query like 'copy (select g%' and pid <> pg_backend_pid()") != "0" {
+        assert!(Instant::now() < deadline, "abandoned upstream query still running");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s.assert_no_panic();
+}
+
+#[test]
+fn tls_on_both_sides_and_direct_clients() {
+    let s = Setup::with(Options {
+        upstream_tls: "verify-full",
+        cluster_tls: true,
+        ..Options::default()
+    });
+    // Client to gateway: TLS, the gateway's certificate verified by psql.
+    let out = s
+        .psql_cmd(
+            "postgres",
+            &[
+                "-Atc",
+                "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
+            ],
+        )
+        .env("PGSSLMODE", "verify-full")
+        .env("PGSSLROOTCERT", &s.cert)
+        .spawn()
+        .unwrap();
+    let out = wait_with_timeout(out, Duration::from_secs(30));
+    // Gateway to upstream: TLS verified against the cluster's certificate.
+    assert_eq!(
+        stdout(&out).trim(),
+        "t",
+        "{}\n{}",
+        stderr(&out),
+        s.gateway.log()
+    );
+    let login = s.gateway.wait_for_event("tls login", |e| {
+        e["event"] == "database_login" && e["client_tls"] == true
+    });
+    assert_eq!(login["direct"], false);
+
+    // A direct (not redirected) client must use TLS and present a token.
+    let direct = |sslmode: &str, password: &str| {
+        let out = Command::new("psql")
+            .args([
+                "-X",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &s.listener.port().to_string(),
+            ])
+            .args(["-U", "anyone", "-d", "orders", "-Atc", "select 1"])
+            .env("PGSSLMODE", sslmode)
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        stderr(&out)
+    };
+    let plain = direct("disable", "whatever");
+    assert!(plain.contains("must be encrypted"), "{plain}");
+    let forged = direct("require", "not-a-token");
+    assert!(forged.contains("token refused"), "{forged}");
+    let unknown = Command::new("psql")
+        .args([
+            "-X",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &s.listener.port().to_string(),
+        ])
+        .args(["-U", "anyone", "-d", "nosuch", "-Atc", "select 1"])
+        .env("PGSSLMODE", "require")
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&unknown).contains("no resource named \"nosuch\""),
+        "{}",
+        stderr(&unknown)
+    );
+
+    // GSSAPI encryption is declined cleanly; the client falls back.
+    let out = s
+        .psql_cmd("postgres", &["-Atc", "select 7"])
+        .env("PGGSSENCMODE", "prefer")
+        .spawn()
+        .unwrap();
+    let out = wait_with_timeout(out, Duration::from_secs(30));
+    assert_eq!(stdout(&out).trim(), "7", "{}", stderr(&out));
+    s.assert_no_panic();
+}
+
+#[test]
+fn refusals_have_sqlstates_and_clear_messages() {
+    // No grant for this principal: 42501.
+    let s = Setup::with(Options {
+        grant_users: "users = [\"unix:somebody-else\"]\nroles = [\"dba\"]",
+        ..Options::default()
+    });
+    let out = s.psql(&["-Atc", "select 1"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("unix:root (no roles) has no grant on resource \"orders\""),
+        "{}",
+        stderr(&out)
+    );
+    drop(s);
+
+    // The gateway's secret is wrong: the upstream refuses the gateway.
+    let s = Setup::with(Options {
+        password: "wrong-password",
+        ..Options::default()
+    });
+    let out = s.psql(&["-Atc", "select 1"]);
+    assert!(
+        stderr(&out).contains("the database refused the gateway's login"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("wrong-password"));
+    drop(s);
+
+    // A group-readable secret file is refused.
+    let s = Setup::with(Options {
+        secret_mode: 0o640,
+        ..Options::default()
+    });
+    let out = s.psql(&["-Atc", "select 1"]);
+    assert!(
+        stderr(&out).contains("cannot use its credentials"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(s.gateway.log().contains("chmod 600"), "{}", s.gateway.log());
+    drop(s);
+
+    // Upstream down: nothing listens on the resource's port.
+    let down = format!("127.0.0.1:{}", free_port());
+    let s = Setup::with(Options {
+        address: Some(down.clone()),
+        ..Options::default()
+    });
+    let child = s
+        .cgroup
+        .command(
+            "psql",
+            &[
+                "-X",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                down.rsplit(':').next().unwrap(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-Atc",
+                "select 1",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_with_timeout(child, Duration::from_secs(30));
+    assert!(
+        stderr(&out).contains("cannot open resource \"orders\""),
+        "{}",
+        stderr(&out)
+    );
+    s.assert_no_panic();
+}
+
+#[test]
+fn malformed_frames_get_a_clean_error_and_the_daemon_keeps_serving() {
+    let s = Setup::new();
+    // Garbage instead of a startup packet, straight to the direct listener.
+    let mut raw = TcpStream::connect(s.listener).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut reply = Vec::new();
+    let _ = raw.read_to_end(&mut reply);
+    assert_eq!(reply.first(), Some(&b'E'), "{reply:?}");
+    let text = String::from_utf8_lossy(&reply);
+    assert!(
+        text.contains("08P01") && text.contains("invalid startup packet length"),
+        "{text}"
+    );
+
+    // A logged-in session that then sends a frame with a bad length.
+    let script = format!(
+        r#"
+import socket, struct
+s = socket.create_connection(("127.0.0.1", {port}), timeout=10)
+params = b"user\0postgres\0database\0postgres\0\0"
+s.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
+buf = b""
+while not buf.endswith(b"Z\0\0\0\x05I"):
+    chunk = s.recv(4096)
+    if not chunk: break
+    buf += chunk
+s.sendall(b"Q\0\0\0\x02garbage")
+rest = b""
+try:
+    while True:
+        chunk = s.recv(4096)
+        if not chunk: break
+        rest += chunk
+except OSError:
+    pass
+print("closed", len(buf) > 0)
+"#,
+        port = s.cluster.port
+    );
+    assert_eq!(s.cgroup.python(&script), "closed True");
+    assert_eq!(s.query("select 'alive'"), "alive");
+    s.assert_no_panic();
+}

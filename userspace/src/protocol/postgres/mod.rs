@@ -1,0 +1,309 @@
+//! The PostgreSQL adapter: transparent to clients (psql, pgbench, libpq
+//! drivers), identity-bound, recorded per statement.
+//!
+//! A session goes through:
+//!
+//! 1. [`startup`]: SSLRequest (TLS with the listener's certificate),
+//!    GSSENCRequest (declined), CancelRequest ([`cancel`]), protocol version
+//!    negotiation, the startup packet.
+//! 2. [`auth`]: the resource (by original destination, or by database name
+//!    for direct clients), the principal (uid binding, or a token sent as
+//!    password), the grant that maps it to an upstream role.
+//! 3. [`upstream`]: the gateway logs in with the secret it holds
+//!    (SCRAM-SHA-256 via [`scram`], MD5 or cleartext), optionally over
+//!    verified TLS ([`tls`]).
+//! 4. [`relay`]: bytes both ways with back-pressure; [`frame`] finds message
+//!    boundaries and [`statements`] records each statement.
+//!
+//! Messages sent are encoded with pgwire; messages received are read with
+//! the checked [`wire::Reader`].
+
+mod auth;
+mod cancel;
+mod frame;
+mod relay;
+mod scram;
+mod startup;
+mod statements;
+pub mod tls;
+mod upstream;
+mod wire;
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::BytesMut;
+use pgwire::messages::{
+    response::{ReadyForQuery, TransactionStatus},
+    startup::{Authentication, BackendKeyData, SecretKey},
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+use tokio_rustls::TlsAcceptor;
+use tracing::{info, warn};
+
+use self::{cancel::CancelRegistry, relay::Counters, startup::Opening};
+use super::{Relayed, SessionContext};
+use crate::{
+    audit::{AuditEvent, DatabaseLogin},
+    config::{Config, Protocol},
+    resource::ResourceConfig,
+};
+
+/// Time a client has to negotiate, identify itself and be logged in
+/// upstream (PostgreSQL's authentication_timeout is a minute too).
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A client or upstream byte stream, plain or TLS.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+pub type PgStream = Box<dyn Io>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Malformed(#[from] wire::Malformed),
+    #[error("client: {0}")]
+    Client(String),
+    #[error("upstream: {0}")]
+    Upstream(String),
+    #[error("upstream refused the gateway's login ({sqlstate}): {message}")]
+    UpstreamRefused { sqlstate: String, message: String },
+    #[error("upstream authentication: {0}")]
+    Scram(#[from] scram::ScramError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A resource with its upstream TLS settings loaded.
+pub struct Resource {
+    pub config: ResourceConfig,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// What the PostgreSQL adapter shares between sessions.
+pub struct PostgresGateway {
+    resources: Vec<Resource>,
+    /// TLS acceptor per PostgreSQL listener with a certificate.
+    tls: HashMap<String, TlsAcceptor>,
+    cancels: Arc<CancelRegistry>,
+}
+
+impl PostgresGateway {
+    /// Loads certificates and CA files now, so a bad path fails start-up.
+    pub fn from_config(config: &Config) -> Result<Self, PgError> {
+        let mut tls = HashMap::new();
+        for l in &config.listeners {
+            if let (Protocol::Postgres, Some(cert), Some(key)) =
+                (l.protocol, &l.tls_cert, &l.tls_key)
+            {
+                let server = tls::server_config(cert, key)?;
+                tls.insert(l.name.clone(), TlsAcceptor::from(server));
+            }
+        }
+        let resources = config
+            .resources
+            .iter()
+            .filter(|r| r.protocol == Protocol::Postgres)
+            .map(|r| {
+                Ok(Resource {
+                    tls: tls::client_config(r)?,
+                    config: r.clone(),
+                })
+            })
+            .collect::<Result<_, PgError>>()?;
+        Ok(Self {
+            resources,
+            tls,
+            cancels: Arc::default(),
+        })
+    }
+
+    fn resource_at(&self, address: SocketAddr) -> Option<&Resource> {
+        self.resources.iter().find(|r| r.config.address == address)
+    }
+
+    fn resource_named(&self, name: &str) -> Option<&Resource> {
+        self.resources.iter().find(|r| r.config.name == name)
+    }
+}
+
+/// Serves one PostgreSQL client.
+pub async fn serve(ctx: &SessionContext, client: TcpStream) -> Result<Relayed, String> {
+    let counters = Counters::default();
+    let result = session(ctx, client, &counters).await;
+    let relayed = Relayed {
+        from_client: counters.from_client.into_inner(),
+        from_server: counters.from_server.into_inner(),
+    };
+    match result {
+        Ok(()) => Ok(relayed),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+async fn session(
+    ctx: &SessionContext,
+    client: TcpStream,
+    counters: &Counters,
+) -> Result<(), PgError> {
+    let pg = &ctx.gateway.postgres;
+    let mark = ctx.gateway.exempt_mark;
+    let opening = tokio::time::timeout(
+        LOGIN_TIMEOUT,
+        startup::negotiate(Box::new(client), pg.tls.get(&*ctx.listener)),
+    )
+    .await
+    .map_err(|_| PgError::Client("start-up timed out".into()))??;
+    let mut startup = match opening {
+        Opening::Cancel { pid, secret } => {
+            let routed = pg.cancels.cancel(pid, &secret, mark).await?;
+            info!(routed, "cancel request");
+            return Ok(());
+        }
+        Opening::Session(startup) => startup,
+    };
+
+    let login = tokio::time::timeout(LOGIN_TIMEOUT, auth::login(ctx, pg, &mut startup))
+        .await
+        .map_err(|_| PgError::Client("login timed out".into()))??;
+    let login = match login {
+        Ok(login) => login,
+        Err(refusal) => {
+            warn!(sqlstate = refusal.sqlstate, "refused: {}", refusal.message);
+            let _ = startup::fatal(&mut startup.stream, refusal.sqlstate, &refusal.message).await;
+            return Err(PgError::Refused(refusal.message));
+        }
+    };
+
+    let resource = login.resource;
+    let opened = tokio::time::timeout(
+        LOGIN_TIMEOUT,
+        upstream::open(
+            resource,
+            login.grant,
+            &login.database,
+            &startup.params,
+            mark,
+        ),
+    )
+    .await
+    .unwrap_or_else(|_| Err(PgError::Upstream("upstream login timed out".into())));
+    let upstream = match opened {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            warn!("upstream login failed: {e}");
+            let (sqlstate, message) = match &e {
+                PgError::UpstreamRefused { sqlstate, message } => (
+                    sqlstate.as_str(),
+                    format!(
+                        "the database refused the gateway's login for resource \"{}\": {message}; ask an administrator to check the grant's credentials",
+                        resource.config.name
+                    ),
+                ),
+                PgError::Config(_) => (
+                    "08004",
+                    format!(
+                        "the gateway cannot use its credentials for resource \"{}\"; an administrator can see why in the gateway log",
+                        resource.config.name
+                    ),
+                ),
+                other => (
+                    "08001",
+                    format!(
+                        "the gateway cannot open resource \"{}\": {other}",
+                        resource.config.name
+                    ),
+                ),
+            };
+            let _ = startup::fatal(&mut startup.stream, sqlstate, &message).await;
+            return Err(e);
+        }
+    };
+
+    let recorded = ctx
+        .gateway
+        .recorder
+        .record(AuditEvent::DatabaseLogin(DatabaseLogin {
+            session: ctx.id.clone(),
+            resource: resource.config.name.clone(),
+            principal: login.principal.clone(),
+            upstream_user: login.grant.upstream_user.clone(),
+            database: login.database.clone(),
+            client_user: startup.param("user").map(str::to_string),
+            application_name: startup.param("application_name").map(str::to_string),
+            client_tls: startup.tls,
+            direct: ctx.origin.is_none(),
+        }))
+        .durable()
+        .await;
+    if let Err(e) = recorded {
+        // No session goes unrecorded: fail closed.
+        let _ = startup::fatal(
+            &mut startup.stream,
+            "58000",
+            "the gateway cannot record this session; try again later",
+        )
+        .await;
+        return Err(PgError::Config(format!("recording the login: {e}")));
+    }
+
+    let key = pg
+        .cancels
+        .register(resource.config.address, upstream.pid, upstream.secret)
+        .map_err(|_| PgError::Config("no randomness for the cancel key".into()))?;
+    let mut hello = BytesMut::new();
+    wire::encode(&Authentication::Ok, &mut hello);
+    hello.extend_from_slice(&upstream.greeting);
+    wire::encode(
+        &BackendKeyData::new(key.pid, SecretKey::I32(key.secret)),
+        &mut hello,
+    );
+    wire::encode(&ReadyForQuery::new(TransactionStatus::Idle), &mut hello);
+    startup.stream.write_all(&hello).await?;
+    startup.stream.flush().await?;
+    info!(
+        resource = %resource.config.name,
+        principal = %login.principal.subject,
+        upstream_user = %login.grant.upstream_user,
+        database = %login.database,
+        "database session open"
+    );
+
+    let (requests, responses, mut acks) = statements::tracker(
+        ctx.id.clone(),
+        resource.config.name.clone(),
+        Arc::clone(&ctx.gateway.recorder),
+    );
+    // Statement records are confirmed off the hot path; the session end
+    // waits for all of them.
+    let confirmations = tokio::spawn(async move {
+        let mut lost = 0u64;
+        while let Some(ack) = acks.recv().await {
+            if let Err(e) = ack.durable().await {
+                tracing::error!("statement record lost: {e}");
+                lost += 1;
+            }
+        }
+        lost
+    });
+    let relayed = relay::run(startup.stream, upstream.stream, requests, responses, counters).await;
+    drop(key);
+    let lost = confirmations.await.unwrap_or(0);
+    relayed?;
+    if lost > 0 {
+        return Err(PgError::Config(format!(
+            "{lost} statement records were not stored"
+        )));
+    }
+    Ok(())
+}

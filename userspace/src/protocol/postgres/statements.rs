@@ -1,0 +1,457 @@
+//! Statement tracking: pairs what the client asked (Query, or
+//! Parse/Bind/Execute ... Sync) with what the upstream answered (rows,
+//! command tag, error) and records one [`Statement`] event per statement.
+//!
+//! The client half sees requests before they are forwarded and queues what
+//! it expects; the upstream half completes the queue front as responses go
+//! by. Responses come back in request order, which is what makes a queue
+//! enough even with pipelining.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use tokio::sync::mpsc;
+
+use super::wire::{self, Reader};
+use crate::audit::{Ack, AuditEvent, Recorder, Statement, StatementError};
+
+/// Longest parameter value kept in a record; longer ones are cut.
+const MAX_PARAMETER: usize = 4096;
+
+/// What the client is waiting for, in order.
+enum Expect {
+    /// A simple Query (or FunctionCall): ends at ReadyForQuery.
+    Query {
+        text: Arc<str>,
+        protocol: &'static str,
+        started: Instant,
+    },
+    /// An Execute: ends at CommandComplete, EmptyQuery, PortalSuspended or
+    /// ErrorResponse.
+    Execute {
+        text: Arc<str>,
+        parameters: Vec<Option<String>>,
+        started: Instant,
+    },
+    /// A Sync: ends at ReadyForQuery.
+    Sync,
+}
+
+type Queue = Arc<Mutex<VecDeque<Expect>>>;
+
+/// The client half: remembers prepared statements and portals.
+pub struct Requests {
+    queue: Queue,
+    statements: HashMap<String, Arc<str>>,
+    portals: HashMap<String, (Arc<str>, Vec<Option<String>>)>,
+    /// Set when the client sent Terminate.
+    pub terminated: bool,
+}
+
+/// The upstream half: completes statements and records them.
+pub struct Responses {
+    queue: Queue,
+    session: String,
+    resource: String,
+    recorder: Arc<dyn Recorder>,
+    acks: mpsc::UnboundedSender<Ack>,
+    rows: u64,
+    rows_by_tag: Option<u64>,
+    tag: Option<String>,
+    error: Option<StatementError>,
+}
+
+/// Inspected client message types (all others pass untouched).
+pub fn client_inspects(kind: u8) -> bool {
+    matches!(kind, b'Q' | b'P' | b'B' | b'E' | b'C' | b'F')
+}
+
+/// Inspected upstream message types; DataRow is only counted.
+pub fn upstream_inspects(kind: u8) -> bool {
+    matches!(kind, b'C' | b'E')
+}
+
+/// The two halves of one session's tracking, and the receiver of record
+/// acknowledgements (awaited off the hot path).
+pub fn tracker(
+    session: String,
+    resource: String,
+    recorder: Arc<dyn Recorder>,
+) -> (Requests, Responses, mpsc::UnboundedReceiver<Ack>) {
+    let queue: Queue = Arc::default();
+    let (acks, acks_rx) = mpsc::unbounded_channel();
+    (
+        Requests {
+            queue: Arc::clone(&queue),
+            statements: HashMap::new(),
+            portals: HashMap::new(),
+            terminated: false,
+        },
+        Responses {
+            queue,
+            session,
+            resource,
+            recorder,
+            acks,
+            rows: 0,
+            rows_by_tag: None,
+            tag: None,
+            error: None,
+        },
+        acks_rx,
+    )
+}
+
+impl Requests {
+    fn push(&self, expect: Expect) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(expect);
+    }
+
+    /// A complete client message; malformed ones are the upstream's to
+    /// refuse, the tracker only records what it can read.
+    pub fn on_message(&mut self, kind: u8, body: &[u8]) {
+        let now = Instant::now();
+        match kind {
+            b'Q' => {
+                let text = Reader::new(body, "Query").cstr().unwrap_or_default();
+                self.push(Expect::Query {
+                    text: text.into(),
+                    protocol: "simple",
+                    started: now,
+                });
+            }
+            b'F' => self.push(Expect::Query {
+                text: "<function call>".into(),
+                protocol: "function",
+                started: now,
+            }),
+            b'P' => {
+                let mut r = Reader::new(body, "Parse");
+                if let (Ok(name), Ok(text)) = (r.cstr(), r.cstr()) {
+                    self.statements.insert(name, text.into());
+                }
+            }
+            b'B' => {
+                if let Ok((portal, statement, parameters)) = parse_bind(body) {
+                    let text = self.statements.get(&statement).cloned().unwrap_or_else(|| {
+                        format!("<unknown prepared statement {statement:?}>").into()
+                    });
+                    self.portals.insert(portal, (text, parameters));
+                }
+            }
+            b'E' => {
+                let portal = Reader::new(body, "Execute").cstr().unwrap_or_default();
+                let (text, parameters) = match self.portals.get(&portal) {
+                    Some((text, parameters)) => (Arc::clone(text), parameters.clone()),
+                    None => (format!("<unknown portal {portal:?}>").into(), Vec::new()),
+                };
+                self.push(Expect::Execute {
+                    text,
+                    parameters,
+                    started: now,
+                });
+            }
+            b'C' => {
+                let mut r = Reader::new(body, "Close");
+                if let (Ok(target), Ok(name)) = (r.u8(), r.cstr()) {
+                    match target {
+                        b'S' => self.statements.remove(&name),
+                        _ => self.portals.remove(&name).map(|(t, _)| t),
+                    };
+                }
+            }
+            b'S' => self.push(Expect::Sync),
+            b'X' => self.terminated = true,
+            _ => {}
+        }
+    }
+}
+
+/// Bind: portal, statement, and the parameters rendered for the record.
+fn parse_bind(body: &[u8]) -> Result<(String, String, Vec<Option<String>>), wire::Malformed> {
+    let mut r = Reader::new(body, "Bind");
+    let portal = r.cstr()?;
+    let statement = r.cstr()?;
+    let format_count = r.i16()?.max(0) as usize;
+    let mut formats = Vec::with_capacity(format_count.min(body.len()));
+    for _ in 0..format_count {
+        formats.push(r.i16()?);
+    }
+    let count = r.i16()?.max(0) as usize;
+    let mut parameters = Vec::with_capacity(count.min(body.len()));
+    for i in 0..count {
+        let len = r.i32()?;
+        if len < 0 {
+            parameters.push(None);
+            continue;
+        }
+        let value = r.bytes(len as usize)?;
+        let binary = match formats.len() {
+            0 => false,
+            1 => formats[0] == 1,
+            _ => formats.get(i) == Some(&1),
+        };
+        parameters.push(Some(render(value, binary)));
+    }
+    Ok((portal, statement, parameters))
+}
+
+fn render(value: &[u8], binary: bool) -> String {
+    let cut = &value[..value.len().min(MAX_PARAMETER)];
+    let mut text = if binary {
+        let mut hex = String::with_capacity(2 + 2 * cut.len());
+        hex.push_str("\\x");
+        for b in cut {
+            hex.push_str(&format!("{b:02x}"));
+        }
+        hex
+    } else {
+        String::from_utf8_lossy(cut).into_owned()
+    };
+    if cut.len() < value.len() {
+        text.push_str(&format!("... ({} bytes)", value.len()));
+    }
+    text
+}
+
+impl Responses {
+    /// A complete upstream message (`body` only for inspected types).
+    pub fn on_message(&mut self, kind: u8, body: &[u8]) {
+        match kind {
+            b'D' => self.rows += 1,
+            b'C' => {
+                let tag = Reader::new(body, "CommandComplete")
+                    .cstr()
+                    .unwrap_or_default();
+                let rows = tag.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok());
+                if let Some(rows) = rows {
+                    *self.rows_by_tag.get_or_insert(0) += rows;
+                }
+                self.tag = Some(tag);
+                self.finish_execute();
+            }
+            b'I' | b's' => self.finish_execute(),
+            b'E' => {
+                let fields = wire::error_fields(body).unwrap_or_default();
+                self.error = Some(StatementError {
+                    sqlstate: wire::field(&fields, b'C').unwrap_or("").to_string(),
+                    message: wire::field(&fields, b'M').unwrap_or("").to_string(),
+                });
+                if self.front_is_execute() {
+                    self.finish_execute();
+                } else if self.front_is_sync() {
+                    // An error for Parse/Bind/Describe with no Execute.
+                    self.error = None;
+                }
+            }
+            b'Z' => self.ready(),
+            _ => {}
+        }
+    }
+
+    fn front_is_execute(&self) -> bool {
+        matches!(self.lock().front(), Some(Expect::Execute { .. }))
+    }
+
+    fn front_is_sync(&self) -> bool {
+        matches!(self.lock().front(), Some(Expect::Sync))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Expect>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Completes the front Execute, if the front is one.
+    fn finish_execute(&mut self) {
+        let front = {
+            let mut queue = self.lock();
+            match queue.front() {
+                Some(Expect::Execute { .. }) => queue.pop_front(),
+                _ => None,
+            }
+        };
+        if let Some(Expect::Execute {
+            text,
+            parameters,
+            started,
+        }) = front
+        {
+            self.record("extended", &text, parameters, started);
+        }
+    }
+
+    /// ReadyForQuery ends a Query or a Sync; Executes still queued before
+    /// it were skipped by the upstream after an error.
+    fn ready(&mut self) {
+        loop {
+            let front = self.lock().pop_front();
+            match front {
+                None | Some(Expect::Sync) => break,
+                Some(Expect::Query {
+                    text,
+                    protocol,
+                    started,
+                }) => {
+                    self.record(protocol, &text, Vec::new(), started);
+                    break;
+                }
+                Some(Expect::Execute {
+                    text,
+                    parameters,
+                    started,
+                }) => {
+                    self.error = Some(StatementError {
+                        sqlstate: String::new(),
+                        message: "not executed: an earlier message before Sync failed".into(),
+                    });
+                    self.record("extended", &text, parameters, started);
+                }
+            }
+        }
+        self.reset();
+    }
+
+    fn reset(&mut self) {
+        self.rows = 0;
+        self.rows_by_tag = None;
+        self.tag = None;
+        self.error = None;
+    }
+
+    fn record(
+        &mut self,
+        protocol: &'static str,
+        text: &str,
+        parameters: Vec<Option<String>>,
+        started: Instant,
+    ) {
+        let event = AuditEvent::Statement(Statement {
+            session: self.session.clone(),
+            resource: self.resource.clone(),
+            protocol,
+            text: text.to_string(),
+            parameters,
+            duration_us: started.elapsed().as_micros() as u64,
+            rows_returned: self.rows,
+            rows: self.rows_by_tag.or((self.rows > 0).then_some(self.rows)),
+            command_tag: self.tag.take(),
+            error: self.error.take(),
+        });
+        self.reset();
+        let _ = self.acks.send(self.recorder.record(event));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::AuditError;
+
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<AuditEvent>>);
+
+    impl Recorder for Collect {
+        fn record(&self, event: AuditEvent) -> Ack {
+            self.0.lock().unwrap().push(event);
+            Ack::done(Ok::<(), AuditError>(()))
+        }
+    }
+
+    fn statements(c: &Collect) -> Vec<Statement> {
+        c.0.lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| match e {
+                AuditEvent::Statement(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn bind(portal: &str, stmt: &str, params: &[&[u8]], binary: bool) -> Vec<u8> {
+        let mut b = Vec::new();
+        for s in [portal, stmt] {
+            b.extend_from_slice(s.as_bytes());
+            b.push(0);
+        }
+        b.extend_from_slice(&1i16.to_be_bytes());
+        b.extend_from_slice(&(binary as i16).to_be_bytes());
+        b.extend_from_slice(&(params.len() as i16).to_be_bytes());
+        for p in params {
+            b.extend_from_slice(&(p.len() as i32).to_be_bytes());
+            b.extend_from_slice(p);
+        }
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b
+    }
+
+    #[test]
+    fn pipelined_executes_are_matched_in_order_and_skipped_after_an_error() {
+        let recorder = Arc::new(Collect::default());
+        let (mut req, mut resp, _acks) =
+            tracker("s".into(), "r".into(), Arc::clone(&recorder) as _);
+        req.on_message(b'P', b"q1\0select $1\0\0\0");
+        req.on_message(b'B', &bind("", "q1", &[b"42"], false));
+        req.on_message(b'E', b"\0\0\0\0\0");
+        req.on_message(b'B', &bind("", "q1", &[&[1, 2]], true));
+        req.on_message(b'E', b"\0\0\0\0\0");
+        req.on_message(b'B', &bind("", "q1", &[b"x"], false));
+        req.on_message(b'E', b"\0\0\0\0\0");
+        req.on_message(b'S', b"");
+        for (k, b) in [
+            (b'1', &b""[..]),
+            (b'2', b""),
+            (b'D', b""),
+            (b'C', b"SELECT 1\0"),
+            (b'2', b""),
+            (b'E', b"SERROR\0C22P02\0Mbad input\0\0"),
+            (b'Z', b"I"),
+        ] {
+            resp.on_message(k, b);
+        }
+        let s = statements(&recorder);
+        assert_eq!(s.len(), 3);
+        assert_eq!(s[0].text, "select $1");
+        assert_eq!(s[0].parameters, vec![Some("42".to_string())]);
+        assert_eq!(s[0].rows, Some(1));
+        assert_eq!(s[1].parameters, vec![Some("\\x0102".to_string())]);
+        assert_eq!(s[1].error.as_ref().unwrap().sqlstate, "22P02");
+        assert!(s[2]
+            .error
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("not executed"));
+    }
+
+    #[test]
+    fn simple_query_sums_rows_and_keeps_the_error() {
+        let recorder = Arc::new(Collect::default());
+        let (mut req, mut resp, _acks) =
+            tracker("s".into(), "r".into(), Arc::clone(&recorder) as _);
+        req.on_message(b'Q', b"insert into t values (1); select 1/0\0");
+        resp.on_message(b'C', b"INSERT 0 1\0");
+        resp.on_message(b'E', b"SERROR\0C22012\0Mdivision by zero\0\0");
+        resp.on_message(b'Z', b"I");
+        let s = statements(&recorder);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].rows, Some(1));
+        assert_eq!(s[0].error.as_ref().unwrap().sqlstate, "22012");
+    }
+
+    #[test]
+    fn malformed_bind_is_ignored_without_panic() {
+        let recorder = Arc::new(Collect::default());
+        let (mut req, _resp, _acks) = tracker("s".into(), "r".into(), recorder as _);
+        req.on_message(b'B', b"\0\0\0\x05\0");
+        req.on_message(b'B', b"");
+        req.on_message(b'B', b"p\0s\0\0\0\0\x01\x7f\xff\xff\xff");
+        req.on_message(b'E', b"");
+    }
+}

@@ -1,0 +1,209 @@
+//! TLS on both sides of the PostgreSQL adapter (rustls, ring provider).
+//!
+//! Client side: the listener's certificate answers SSLRequest. Upstream side:
+//! libpq's sslmode semantics, `require` (encrypted, unverified) or
+//! `verify-full` (chain checked against the resource's CA file and the
+//! certificate checked against the upstream's address).
+
+use std::{
+    io::Write,
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use rustls::{
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::{ring, CryptoProvider},
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime},
+    ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
+};
+
+use crate::resource::{ResourceConfig, UpstreamTls};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read TLS file {path}: {reason}; generate a pair with `portcullis tls self-signed --out DIR`")]
+    File { path: PathBuf, reason: String },
+    #[error("TLS configuration rejected: {0}")]
+    Config(#[from] rustls::Error),
+    #[error("generating a certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(ring::default_provider())
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let file_err = |reason: String| TlsError::File {
+        path: path.to_owned(),
+        reason,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_err(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(file_err("no PEM certificate in it".into()));
+    }
+    Ok(certs)
+}
+
+/// The listener's TLS configuration, from its PEM certificate and key.
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let certs = read_certs(cert)?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::File {
+        path: key.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    Ok(Arc::new(config))
+}
+
+/// The TLS client configuration for `resource`, or None for `tls = "disable"`.
+pub fn client_config(resource: &ResourceConfig) -> Result<Option<Arc<ClientConfig>>, TlsError> {
+    let builder =
+        ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let config = match resource.tls {
+        UpstreamTls::Disable => return Ok(None),
+        UpstreamTls::Require => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider())))
+            .with_no_client_auth(),
+        UpstreamTls::VerifyFull => {
+            let mut roots = RootCertStore::empty();
+            // validate() guarantees ca_file for verify-full.
+            let ca = resource.ca_file.as_deref().unwrap_or(Path::new(""));
+            for cert in read_certs(ca)? {
+                roots.add(cert)?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+    };
+    Ok(Some(Arc::new(config)))
+}
+
+/// The name the upstream certificate must carry: its IP address.
+pub fn upstream_name(resource: &ResourceConfig) -> ServerName<'static> {
+    ServerName::IpAddress(resource.address.ip().into())
+}
+
+/// `tls = "require"`: encryption without authentication of the server, as
+/// libpq's sslmode=require. Handshake signatures are still checked, so the
+/// session is at least bound to the key the server presented.
+#[derive(Debug)]
+struct EncryptOnly(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for EncryptOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Writes a self-signed certificate (`cert.pem`) and its key (`key.pem`,
+/// mode 0600) for `names` (DNS names or IP addresses) into `out`.
+pub fn write_self_signed(out: &Path, names: &[String]) -> Result<(PathBuf, PathBuf), TlsError> {
+    let certified = rcgen::generate_simple_self_signed(names.to_vec())?;
+    std::fs::create_dir_all(out).map_err(|source| TlsError::Write {
+        path: out.to_owned(),
+        source,
+    })?;
+    let cert_path = out.join("cert.pem");
+    let key_path = out.join("key.pem");
+    write_file(&cert_path, certified.cert.pem().as_bytes(), 0o644)?;
+    write_file(
+        &key_path,
+        certified.key_pair.serialize_pem().as_bytes(),
+        0o600,
+    )?;
+    Ok((cert_path, key_path))
+}
+
+fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), TlsError> {
+    let write_err = |source| TlsError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let _ = std::fs::remove_file(path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(write_err)?;
+    file.write_all(data).map_err(write_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_signed_pair_loads_as_server_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) =
+            write_self_signed(dir.path(), &["localhost".into(), "127.0.0.1".into()]).unwrap();
+        server_config(&cert, &key).unwrap();
+        let mode = std::fs::metadata(&key).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn missing_files_say_how_to_make_them() {
+        let err = server_config(Path::new("/nonexistent/c"), Path::new("/nonexistent/k"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("portcullis tls self-signed"), "{err}");
+    }
+}

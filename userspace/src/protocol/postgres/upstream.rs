@@ -1,0 +1,263 @@
+//! The gateway's own login to the upstream: TLS per the resource, then
+//! SCRAM-SHA-256, MD5 or cleartext with the secret the gateway holds. The
+//! client never sees that secret, nor the upstream's cancel key.
+
+use std::sync::Arc;
+
+use base64::{engine::general_purpose::STANDARD as B64, Engine};
+use bytes::BytesMut;
+use md5::{Digest, Md5};
+use pgwire::messages::startup::{Password, SASLInitialResponse, SASLResponse};
+use ring::rand::{SecureRandom, SystemRandom};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::TlsConnector;
+
+use super::{
+    scram::{self, Scram},
+    tls,
+    wire::{self, Reader},
+    PgError, PgStream, Resource,
+};
+use crate::{proxy::upstream, resource::Grant};
+
+/// Largest message accepted during the upstream's start-up.
+const MAX_STARTUP_MESSAGE: usize = 1 << 20;
+
+/// A logged-in upstream session, ready for queries.
+pub struct Upstream {
+    pub stream: PgStream,
+    /// ParameterStatus (and start-up NoticeResponse) messages, as received,
+    /// to replay to the client.
+    pub greeting: BytesMut,
+    pub pid: i32,
+    pub secret: i32,
+}
+
+/// Connects and logs in as `grant.upstream_user` on `database`, passing the
+/// client's other start-up parameters (application_name, options, ...).
+pub async fn open(
+    resource: &Resource,
+    grant: &Grant,
+    database: &str,
+    client_params: &[(String, String)],
+    mark: u32,
+) -> Result<Upstream, PgError> {
+    let address = resource.config.address;
+    let password = grant
+        .password()
+        .map_err(|e| PgError::Config(format!("resource '{}': {e}", resource.config.name)))?;
+    let tcp = upstream::connect(address, mark).await.map_err(|e| {
+        PgError::Upstream(format!(
+            "cannot reach resource '{}' at {address}: {e}",
+            resource.config.name
+        ))
+    })?;
+    let mut stream: PgStream = Box::new(tcp);
+    if let Some(config) = &resource.tls {
+        stream = start_tls(stream, Arc::clone(config), resource).await?;
+    }
+
+    let mut startup = BytesMut::new();
+    startup.extend_from_slice(&[0, 0, 0, 0, 0, 3, 0, 0]);
+    let mut put = |k: &str, v: &str| {
+        for s in [k, v] {
+            startup.extend_from_slice(s.as_bytes());
+            startup.extend_from_slice(&[0]);
+        }
+    };
+    put("user", &grant.upstream_user);
+    put("database", database);
+    for (k, v) in client_params {
+        if k != "user" && k != "database" && !k.contains('\0') && !v.contains('\0') {
+            put(k, v);
+        }
+    }
+    startup.extend_from_slice(&[0]);
+    let len = (startup.len() as u32).to_be_bytes();
+    startup[..4].copy_from_slice(&len);
+    stream.write_all(&startup).await?;
+    stream.flush().await?;
+
+    let mut greeting = BytesMut::new();
+    let mut key = None;
+    let mut scram: Option<Scram> = None;
+    loop {
+        let (kind, body) = read_message(&mut stream).await?;
+        match kind {
+            b'R' => {
+                let mut r = Reader::new(&body, "Authentication");
+                let mut out = BytesMut::new();
+                match r.i32()? {
+                    0 => {}
+                    3 => wire::encode(&Password::new(password.clone()), &mut out),
+                    5 => {
+                        let salt = r.bytes(4)?;
+                        wire::encode(
+                            &Password::new(md5_password(&grant.upstream_user, &password, salt)),
+                            &mut out,
+                        );
+                    }
+                    10 => {
+                        let mut mechanisms = Vec::new();
+                        while !r.is_empty() {
+                            let m = r.cstr()?;
+                            if m.is_empty() {
+                                break;
+                            }
+                            mechanisms.push(m);
+                        }
+                        if !mechanisms.iter().any(|m| m == scram::MECHANISM) {
+                            return Err(PgError::Upstream(format!(
+                                "upstream offers SASL mechanisms {mechanisms:?}, none of which the gateway speaks (SCRAM-SHA-256)"
+                            )));
+                        }
+                        let s = Scram::new(&password, nonce()?);
+                        wire::encode(
+                            &SASLInitialResponse::new(
+                                scram::MECHANISM.into(),
+                                Some(s.client_first().into_bytes().into()),
+                            ),
+                            &mut out,
+                        );
+                        scram = Some(s);
+                    }
+                    11 => {
+                        let s = scram.as_mut().ok_or_else(|| {
+                            PgError::Upstream("SASL continue without SASL start".into())
+                        })?;
+                        let reply = s.client_final(r.rest())?;
+                        wire::encode(&SASLResponse::new(reply.into_bytes().into()), &mut out);
+                    }
+                    12 => {
+                        let s = scram.as_ref().ok_or_else(|| {
+                            PgError::Upstream("SASL final without SASL start".into())
+                        })?;
+                        s.verify_final(r.rest())?;
+                    }
+                    other => {
+                        return Err(PgError::Upstream(format!(
+                            "upstream asks for authentication method {other}, which the gateway does not speak (use scram-sha-256, md5 or password in pg_hba.conf)"
+                        )))
+                    }
+                }
+                if !out.is_empty() {
+                    stream.write_all(&out).await?;
+                    stream.flush().await?;
+                }
+            }
+            b'E' => {
+                let fields = wire::error_fields(&body)?;
+                return Err(PgError::UpstreamRefused {
+                    sqlstate: wire::field(&fields, b'C').unwrap_or("08004").to_string(),
+                    message: wire::field(&fields, b'M').unwrap_or("").to_string(),
+                });
+            }
+            b'S' | b'N' => {
+                greeting.extend_from_slice(&[kind]);
+                greeting.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+                greeting.extend_from_slice(&body);
+            }
+            b'K' => {
+                let mut r = Reader::new(&body, "BackendKeyData");
+                key = Some((r.i32()?, r.i32()?));
+            }
+            b'v' => {} // the upstream negotiated down; we asked for 3.0 anyway.
+            b'Z' => {
+                let (pid, secret) = key.unwrap_or((0, 0));
+                return Ok(Upstream {
+                    stream,
+                    greeting,
+                    pid,
+                    secret,
+                });
+            }
+            other => {
+                return Err(PgError::Upstream(format!(
+                    "unexpected message {:?} from the upstream during start-up",
+                    char::from(other)
+                )))
+            }
+        }
+    }
+}
+
+async fn start_tls(
+    mut stream: PgStream,
+    config: Arc<rustls::ClientConfig>,
+    resource: &Resource,
+) -> Result<PgStream, PgError> {
+    stream
+        .write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .await?;
+    stream.flush().await?;
+    let mut answer = [0u8; 1];
+    stream.read_exact(&mut answer).await?;
+    if answer[0] != b'S' {
+        return Err(PgError::Upstream(format!(
+            "resource '{}' requires TLS (tls = {:?}) but the upstream does not offer it; enable ssl in postgresql.conf or set tls = \"disable\"",
+            resource.config.name, resource.config.tls
+        )));
+    }
+    let tls = TlsConnector::from(config)
+        .connect(tls::upstream_name(&resource.config), stream)
+        .await
+        .map_err(|e| {
+            PgError::Upstream(format!(
+                "TLS with resource '{}' failed: {e}",
+                resource.config.name
+            ))
+        })?;
+    Ok(Box::new(tls))
+}
+
+/// One typed message from the upstream during start-up.
+async fn read_message(stream: &mut PgStream) -> Result<(u8, Vec<u8>), PgError> {
+    let mut header = [0u8; 5];
+    stream.read_exact(&mut header).await?;
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if !(4..=MAX_STARTUP_MESSAGE).contains(&len) {
+        return Err(PgError::Upstream(format!(
+            "upstream sent an invalid message length {len}: is it PostgreSQL?"
+        )));
+    }
+    let mut body = vec![0u8; len - 4];
+    stream.read_exact(&mut body).await?;
+    Ok((header[0], body))
+}
+
+/// PostgreSQL's MD5 response: "md5" + md5(md5(password + user) + salt).
+fn md5_password(user: &str, password: &str, salt: &[u8]) -> String {
+    let inner = hex_digest(&[password.as_bytes(), user.as_bytes()]);
+    format!("md5{}", hex_digest(&[inner.as_bytes(), salt]))
+}
+
+fn hex_digest(parts: &[&[u8]]) -> String {
+    let mut h = Md5::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// 18 random bytes, base64: a SCRAM client nonce.
+fn nonce() -> Result<String, PgError> {
+    let mut bytes = [0u8; 18];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| PgError::Upstream("no randomness for the SCRAM nonce".into()))?;
+    Ok(B64.encode(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn md5_matches_postgres() {
+        // python3: 'md5' + md5(md5(b'secretalice').hexdigest() + 'salt')
+        assert_eq!(
+            md5_password("alice", "secret", b"salt"),
+            "md5986e2194384c07f4fd1df4b1351b3e68"
+        );
+    }
+}

@@ -1,0 +1,270 @@
+//! Protected resources: the upstreams the gateway holds credentials for, and
+//! which gateway roles may use them as which upstream role.
+//!
+//! ```toml
+//! [[resource]]
+//! name = "orders"
+//! protocol = "postgres"
+//! address = "10.0.0.5:5432"
+//! database = "orders"            # optional: the only database allowed
+//! tls = "verify-full"            # disable | require | verify-full
+//! ca_file = "/etc/portcullis/orders-ca.pem"
+//!
+//! [[resource.grant]]
+//! roles = ["dba"]                # gateway roles, "*" for any principal
+//! users = ["unix:alice"]         # or principals by subject or name
+//! upstream_user = "postgres"
+//! password_file = "/etc/portcullis/secrets/orders-dba"
+//! ```
+//!
+//! Secrets live in files readable only by the service: a group- or
+//! world-readable file is refused, so a misconfigured permission fails closed
+//! instead of leaking the upstream password to every local user. Files are
+//! read when a session needs them, so rotating a password needs no restart.
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::{config::Protocol, identity::Principal};
+
+/// One protected upstream.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceConfig {
+    pub name: String,
+    pub protocol: Protocol,
+    /// Where the upstream listens; also the destination redirected clients
+    /// connect to, which is how their resource is found.
+    pub address: SocketAddr,
+    /// The only database clients may open; any when omitted.
+    #[serde(default)]
+    pub database: Option<String>,
+    #[serde(default)]
+    pub tls: UpstreamTls,
+    /// PEM CA certificates for `tls = "verify-full"`.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default, rename = "grant")]
+    pub grants: Vec<Grant>,
+}
+
+/// TLS towards the upstream, named as libpq's sslmode.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTls {
+    /// Plain TCP (for upstreams on loopback or a trusted network).
+    #[default]
+    Disable,
+    /// Encrypted, certificate not checked (like libpq's sslmode=require).
+    Require,
+    /// Encrypted, certificate checked against `ca_file` and the address.
+    VerifyFull,
+}
+
+/// Which principals may use a resource, and as which upstream role.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    /// Gateway roles; `"*"` matches every identified principal.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Principals by subject (`unix:alice`, an OIDC subject) or name.
+    #[serde(default)]
+    pub users: Vec<String>,
+    pub upstream_user: String,
+    pub password_file: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("cannot read secret file {path}: {source}; create it with mode 0600, owned by the service user")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "secret file {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
+    )]
+    TooOpen { path: PathBuf, mode: u32 },
+    #[error("secret file {path} is empty; write the upstream password into it")]
+    Empty { path: PathBuf },
+}
+
+impl Grant {
+    /// Whether `principal` is covered by this grant.
+    pub fn allows(&self, principal: &Principal) -> bool {
+        self.roles
+            .iter()
+            .any(|r| r == "*" || principal.roles.contains(r))
+            || self
+                .users
+                .iter()
+                .any(|u| *u == principal.subject || *u == principal.name)
+    }
+
+    /// The upstream password, read now from its file.
+    pub fn password(&self) -> Result<String, SecretError> {
+        read_secret(&self.password_file)
+    }
+}
+
+impl ResourceConfig {
+    /// The grant `principal` uses: the one whose upstream role the client
+    /// asked for, else the first that allows it.
+    pub fn grant_for(&self, principal: &Principal, requested_user: Option<&str>) -> Option<&Grant> {
+        let mut allowed = self.grants.iter().filter(|g| g.allows(principal));
+        let first = allowed.clone().next();
+        requested_user
+            .and_then(|user| allowed.find(|g| g.upstream_user == user))
+            .or(first)
+    }
+}
+
+/// Reads a secret file, refusing one that others can read.
+pub fn read_secret(path: &Path) -> Result<String, SecretError> {
+    let meta = std::fs::metadata(path).map_err(|source| SecretError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(SecretError::TooOpen {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| SecretError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let secret = text.trim_end_matches(['\r', '\n']).to_string();
+    if secret.is_empty() {
+        return Err(SecretError::Empty {
+            path: path.to_owned(),
+        });
+    }
+    Ok(secret)
+}
+
+/// Checks the `[[resource]]` entries; the message says what to fix.
+pub fn validate(resources: &[ResourceConfig]) -> Result<(), String> {
+    let mut names = HashSet::new();
+    let mut addresses = HashSet::new();
+    for r in resources {
+        if !names.insert(r.name.as_str()) {
+            return Err(format!(
+                "two resources are named '{}'; resource names must be unique",
+                r.name
+            ));
+        }
+        if !addresses.insert((r.protocol, r.address)) {
+            return Err(format!(
+                "resource '{}': another {} resource already has address {}; a redirected client could not tell them apart",
+                r.name,
+                r.protocol.name(),
+                r.address
+            ));
+        }
+        if r.protocol != Protocol::Postgres {
+            return Err(format!(
+                "resource '{}': protocol = \"{}\" has no resource support; use \"postgres\"",
+                r.name,
+                r.protocol.name()
+            ));
+        }
+        if r.tls == UpstreamTls::VerifyFull && r.ca_file.is_none() {
+            return Err(format!(
+                "resource '{}': tls = \"verify-full\" needs ca_file (the CA that signed the upstream's certificate)",
+                r.name
+            ));
+        }
+        for (i, g) in r.grants.iter().enumerate() {
+            if g.roles.is_empty() && g.users.is_empty() {
+                return Err(format!(
+                    "resource '{}' grant #{}: set roles (or \"*\") or users, else it grants nothing",
+                    r.name,
+                    i + 1
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{config::Config, identity::PrincipalKind};
+
+    const SAMPLE: &str = r#"
+        [[resource]]
+        name = "orders"
+        protocol = "postgres"
+        address = "127.0.0.1:5432"
+
+        [[resource.grant]]
+        roles = ["dba"]
+        upstream_user = "postgres"
+        password_file = "/nonexistent"
+
+        [[resource.grant]]
+        users = ["unix:root"]
+        upstream_user = "reader"
+        password_file = "/nonexistent"
+    "#;
+
+    fn principal(subject: &str, roles: &[&str]) -> Principal {
+        Principal {
+            subject: subject.into(),
+            name: subject.trim_start_matches("unix:").into(),
+            kind: PrincipalKind::Person,
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn grants_match_roles_and_users() {
+        let config = Config::parse(SAMPLE).unwrap();
+        let r = &config.resources[0];
+        let dba = principal("oidc:bob", &["dba"]);
+        assert_eq!(r.grant_for(&dba, None).unwrap().upstream_user, "postgres");
+        let root = principal("unix:root", &[]);
+        assert_eq!(r.grant_for(&root, None).unwrap().upstream_user, "reader");
+        assert!(r
+            .grant_for(&principal("unix:eve", &["dev"]), None)
+            .is_none());
+        let both = principal("unix:root", &["dba"]);
+        assert_eq!(
+            r.grant_for(&both, Some("reader")).unwrap().upstream_user,
+            "reader"
+        );
+    }
+
+    #[test]
+    fn verify_full_needs_a_ca() {
+        let text = SAMPLE.replace(
+            "address = \"127.0.0.1:5432\"",
+            "address = \"127.0.0.1:5432\"\ntls = \"verify-full\"",
+        );
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("needs ca_file"), "{err}");
+    }
+
+    #[test]
+    fn open_secret_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        std::fs::write(&path, "hunter2\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = read_secret(&path).unwrap_err().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_secret(&path).unwrap(), "hunter2");
+    }
+}
