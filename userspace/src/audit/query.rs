@@ -95,14 +95,56 @@ impl EventView {
                     .map(|e| format!(", error: {e}"))
                     .unwrap_or_default()
             ),
+            "statement" => {
+                let rows = s("rows_returned").unwrap_or_default();
+                let error = f.get("error").and_then(|e| e["message"].as_str());
+                match error {
+                    Some(e) => format!("{} -> error: {e}", s("text").unwrap_or_default()),
+                    None => format!("{} -> {rows} rows", s("text").unwrap_or_default()),
+                }
+            }
+            "database_login" => format!(
+                "{} as {} on {}/{}",
+                f.get("principal")
+                    .and_then(|p| p["name"].as_str())
+                    .unwrap_or(""),
+                s("upstream_user").unwrap_or_default(),
+                s("resource").unwrap_or_default(),
+                s("database").unwrap_or_default()
+            ),
+            "policy_block" => format!(
+                "rule {}: {} ({})",
+                s("rule").unwrap_or_default(),
+                s("reason").unwrap_or_default(),
+                s("statement").unwrap_or_default()
+            ),
+            "masking_applied" => format!("masked {}", s("rules").unwrap_or_default()),
+            "approval" => format!(
+                "{} {} for {} by {}{}",
+                s("step").unwrap_or_default(),
+                s("id").unwrap_or_default(),
+                s("requester").unwrap_or_default(),
+                s("approver")
+                    .filter(|a| a != "null")
+                    .unwrap_or_else(|| "-".into()),
+                s("justification")
+                    .filter(|j| j != "null")
+                    .map(|j| format!(": {j}"))
+                    .unwrap_or_default()
+            ),
+            "retention_purge" => format!(
+                "{} records of {} sessions purged (as of {})",
+                s("records").unwrap_or_default(),
+                s("sessions").unwrap_or_default(),
+                s("as_of").unwrap_or_default()
+            ),
             _ => [
                 "statement",
                 "text",
-                "sql",
                 "reason",
                 "decision",
                 "justification",
-                "summary",
+                "path",
             ]
             .iter()
             .find_map(|k| s(k))
@@ -131,12 +173,24 @@ fn view(record: &Record, sessions: &mut HashMap<String, SessionContext>) -> Even
         .get("session")
         .and_then(Value::as_str)
         .map(str::to_owned);
-    let context = if fields.get("event").and_then(Value::as_str) == Some("session_start") {
+    let name = fields.get("event").and_then(Value::as_str);
+    let context = if name == Some("session_start") {
         let context = start_context(&fields);
         if let Some(id) = &session {
             sessions.insert(id.clone(), context.clone());
         }
         context
+    } else if let (Some("database_login"), Some(ctx)) =
+        (name, session.as_ref().and_then(|s| sessions.get_mut(s)))
+    {
+        // The adapter names the resource and the verified principal.
+        if let Some(resource) = str_field(&fields, "resource") {
+            ctx.resource = resource;
+        }
+        if let Some(who) = fields.get("principal").and_then(|p| p["name"].as_str()) {
+            ctx.identity = who.to_owned();
+        }
+        ctx.clone()
     } else if let Some(ctx) = session.as_ref().and_then(|s| sessions.get(s)) {
         ctx.clone()
     } else {
@@ -241,12 +295,14 @@ impl Filter {
             && self.action.as_ref().is_none_or(|a| {
                 e.name() == a
                     || e.fields.get("action").and_then(Value::as_str) == Some(a.as_str())
+                    || e.fields.get("step").and_then(Value::as_str) == Some(a.as_str())
                     || e.fields.get("decision").and_then(Value::as_str) == Some(a.as_str())
             })
             && self.rule.as_ref().is_none_or(|r| {
                 e.fields.get("rule").is_some_and(|v| match v {
                     Value::String(s) => s == r,
-                    other => other.to_string() == *r,
+                    Value::Number(n) => n.as_u64().is_some_and(|n| r.parse() == Ok(n)),
+                    _ => false,
                 })
             })
             && self
@@ -298,6 +354,7 @@ pub fn sessions<'a>(events: impl Iterator<Item = &'a EventView>) -> Vec<SessionS
         });
         entry.events += 1;
         match e.name() {
+            "database_login" => entry.context = e.context.clone(),
             "session_start" => {
                 entry.command = str_field(&e.fields, "command").unwrap_or_default();
                 entry.uid = e.fields.get("uid").and_then(Value::as_u64);

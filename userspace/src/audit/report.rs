@@ -140,7 +140,7 @@ fn is_blocked(e: &EventView) -> bool {
     let field = |k: &str| e.fields.get(k).and_then(Value::as_str).unwrap_or("");
     match e.name() {
         "kernel" => field("action") != "redirect",
-        "connection_refused" => true,
+        name if name.ends_with("refused") || name.ends_with("rejected") => true,
         name => {
             name.contains("block")
                 || name.contains("denied")

@@ -27,7 +27,7 @@ table { width: 100%; border-collapse: collapse; margin: 8px 0; font-size: 13.5px
 th, td { text-align: left; vertical-align: top; padding: 6px 8px; border-bottom: 1px solid var(--line); }
 th { background: var(--head); font-weight: 600; white-space: nowrap; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-td.time { white-space: nowrap; font-variant-numeric: tabular-nums; }
+td.nw, td.time { white-space: nowrap; font-variant-numeric: tabular-nums; }
 code, .mono { font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 12.5px; word-break: break-all; }
 .empty { color: var(--muted); font-style: italic; }
 .note { color: var(--muted); font-size: 13px; }
@@ -119,7 +119,7 @@ fn integrity(h: &mut String, r: &GdprReport) {
     let v = &r.verification;
     h.push_str("<h2>Integrity of the evidence</h2>");
     if v.ok {
-        let _ = write!(h, "<div class=\"status ok\">Verified: the hash chain of {} records and all {} signed checkpoints are intact.</div>", v.records, v.checkpoints);
+        let _ = write!(h, "<div class=\"status ok\">Verified: the hash chain of {} records and its {} signed checkpoint(s) are intact.</div>", v.records, v.checkpoints);
     } else {
         let _ = write!(
             h,
@@ -182,7 +182,7 @@ fn processing(h: &mut String, r: &GdprReport) {
     for p in &r.processing {
         let _ = write!(
             h,
-            "<tr><td class=\"time\">{}</td><td class=\"time\">{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"mono\">{}</td><td class=\"num\">{}</td><td>{}</td><td>{}</td><td class=\"mono\">{}</td></tr>",
+            "<tr><td class=\"time\">{}</td><td class=\"time\">{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"mono nw\">{}</td><td class=\"num\">{}</td><td>{}</td><td>{}</td><td class=\"mono nw\">{}</td></tr>",
             esc(&p.start),
             esc(p.end.as_deref().unwrap_or("open")),
             esc(&p.identity),

@@ -64,6 +64,11 @@ impl ResourceTracker {
             }
             return resource;
         }
+        // An adapter naming the session's resource (database_login) makes
+        // it the session's resource from then on.
+        if let (Some(session), Some(resource)) = (session, &own) {
+            self.0.insert(session.to_owned(), resource.clone());
+        }
         own.or_else(|| session.and_then(|s| self.0.get(s).cloned()))
     }
 }

@@ -448,11 +448,11 @@ fn replay(config: &Config, session: &str, json: bool) -> anyhow::Result<()> {
         println!("+{offset:>9.3}s  #{:<6} {label:<16} {}", e.seq, e.summary());
         for key in [
             "parameters",
-            "result",
-            "rows",
-            "decision",
-            "masked",
+            "command_tag",
+            "duration_us",
             "error",
+            "rules",
+            "reason",
         ] {
             if let Some(v) = e.fields.get(key).filter(|v| !v.is_null()) {
                 println!("{:>30} {key}: {}", "", v);
