@@ -5,4 +5,5 @@ mod audit;
 mod harness;
 mod kernel;
 mod pg;
+mod policy;
 mod postgres;

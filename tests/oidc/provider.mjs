@@ -59,6 +59,62 @@ function newSigningKey() {
 
 let keys = [newSigningKey()];
 
+// Provider state (grants, device codes, refresh tokens, sessions) in one
+// map shared by every Provider instance this process creates, so that a key
+// rotation (which builds a new instance) keeps logins and refresh tokens.
+const store = new Map();
+
+class SharedMemoryAdapter {
+  constructor(model) {
+    this.model = model;
+  }
+
+  key(id) {
+    return `${this.model}:${id}`;
+  }
+
+  async upsert(id, payload, expiresIn) {
+    const expiresAt = expiresIn ? Date.now() + expiresIn * 1000 : Infinity;
+    store.set(this.key(id), { payload, expiresAt });
+    if (payload.grantId) {
+      const grantKey = `grant:${payload.grantId}`;
+      store.set(grantKey, [...(store.get(grantKey) ?? []), this.key(id)]);
+    }
+    if (payload.userCode) store.set(`userCode:${payload.userCode}`, id);
+    if (payload.uid) store.set(`uid:${this.model}:${payload.uid}`, id);
+  }
+
+  async find(id) {
+    const entry = store.get(this.key(id));
+    if (!entry || entry.expiresAt <= Date.now()) return undefined;
+    return entry.payload;
+  }
+
+  async findByUserCode(userCode) {
+    const id = store.get(`userCode:${userCode}`);
+    return id && this.find(id);
+  }
+
+  async findByUid(uid) {
+    const id = store.get(`uid:${this.model}:${uid}`);
+    return id && this.find(id);
+  }
+
+  async consume(id) {
+    const entry = store.get(this.key(id));
+    if (entry) entry.payload.consumed = Math.floor(Date.now() / 1000);
+  }
+
+  async destroy(id) {
+    store.delete(this.key(id));
+  }
+
+  async revokeByGrantId(grantId) {
+    for (const key of store.get(`grant:${grantId}`) ?? []) store.delete(key);
+    store.delete(`grant:${grantId}`);
+  }
+}
+
 function configuration() {
   return {
     clients: [
@@ -80,6 +136,7 @@ function configuration() {
       },
     ],
     jwks: { keys },
+    adapter: SharedMemoryAdapter,
     claims: {
       openid: ['sub'],
       email: ['email', 'email_verified'],
@@ -152,7 +209,15 @@ function configuration() {
   };
 }
 
-let provider = new Provider(issuer, configuration());
+function newProvider() {
+  const created = new Provider(issuer, configuration());
+  created.on('grant.error', (ctx, error) => {
+    console.error(`grant.error: ${error.message}: ${error.error_detail ?? ''}`);
+  });
+  return created;
+}
+
+let provider = newProvider();
 
 function html(body) {
   return `<!DOCTYPE html><html><head><meta charset="utf-8"><title>Sign-in</title></head><body>${body}</body></html>`;
@@ -264,7 +329,7 @@ const server = createServer(async (req, res) => {
     }
     if (req.method === 'POST' && url.pathname === '/__test/rotate') {
       keys = [newSigningKey(), ...keys];
-      provider = new Provider(issuer, configuration());
+      provider = newProvider();
       return send(res, 200, 'application/json', JSON.stringify({ kid: keys[0].kid }));
     }
     if (req.method === 'POST' && url.pathname === '/__test/sign') {

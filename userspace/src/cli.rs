@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 use crate::{
     config::{Config, KernelConfig, DEFAULT_CONFIG_PATH},
+    control::commands,
     kernel,
 };
 
@@ -61,6 +62,33 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Sign in (OIDC device flow) and bind your identity to your local uid.
+    Login {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Sign in as a service account (client credentials grant).
+        #[arg(long, requires = "client_secret_file")]
+        client_id: Option<String>,
+        /// File holding the service account's client secret.
+        #[arg(long, requires = "client_id")]
+        client_secret_file: Option<PathBuf>,
+        /// Scopes for the service account's token.
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+    },
+    /// Show the identity bound to your uid.
+    Whoami {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End the binding of your uid.
+    Logout {
+        #[command(flatten)]
+        socket: SocketArg,
+    },
     /// Certificates for the gateway's TLS listeners.
     Tls {
         #[command(subcommand)]
@@ -99,6 +127,20 @@ pub enum KernelCommand {
     },
 }
 
+/// Where the daemon's control socket is.
+#[derive(Debug, clap::Args)]
+pub struct SocketArg {
+    /// Control socket; defaults to [identity] control_socket of the config.
+    #[arg(long = "socket", env = "PORTCULLIS_CONTROL_SOCKET")]
+    socket: Option<PathBuf>,
+}
+
+impl SocketArg {
+    fn path(&self, config: &Path) -> PathBuf {
+        commands::socket_path(self.socket.as_deref(), config)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Parse and validate the configuration; exit 1 with the reason if invalid.
@@ -113,6 +155,24 @@ pub fn run_command(cli: &Cli) -> anyhow::Result<()> {
         Command::Report { command } => audit::report(&cli.config, command),
         Command::Policy { command } => policy::run_policy(&cli.config, command),
         Command::Approvals { command } => policy::run_approvals(&cli.config, command),
+        Command::Login {
+            socket,
+            client_id,
+            client_secret_file,
+            scopes,
+        } => {
+            let method = match (client_id, client_secret_file) {
+                (Some(client_id), Some(secret_file)) => commands::LoginMethod::ClientCredentials {
+                    client_id: client_id.clone(),
+                    secret_file: secret_file.clone(),
+                    scopes: scopes.clone(),
+                },
+                _ => commands::LoginMethod::Device,
+            };
+            commands::login(&socket.path(&cli.config), method)
+        }
+        Command::Whoami { socket, json } => commands::whoami(&socket.path(&cli.config), *json),
+        Command::Logout { socket } => commands::logout(&socket.path(&cli.config)),
         Command::Kernel { command } => match command {
             KernelCommand::Status { json, pin_dir } => {
                 let pin_dir = pin_dir_for(&cli.config, pin_dir.as_deref());

@@ -48,6 +48,17 @@ pub enum PolicyCommand {
     },
 }
 
+/// Where the daemon's approvals socket is.
+#[derive(Debug, clap::Args)]
+pub struct ApprovalsArgs {
+    /// The approvals socket; defaults to approvals.sock in the config's
+    /// state_dir.
+    #[arg(long, global = true, env = "PORTCULLIS_APPROVALS_SOCKET")]
+    pub socket: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: ApprovalsCommand,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum ApprovalsCommand {
     /// Requests waiting for you to decide.
@@ -81,7 +92,7 @@ fn policy_file(config: &Path, file: Option<&Path>) -> anyhow::Result<PathBuf> {
     let loaded = Config::load(config)?;
     loaded.policy_path(config).with_context(|| {
         format!(
-            "{} has no `policy = \"...\"` setting; give one, or pass --file",
+            "{} has no [policy] file = \"...\" setting; add one, or pass --file",
             config.display()
         )
     })
@@ -214,9 +225,12 @@ fn describe(policy: &Policy, decision: &Decision) -> String {
     }
 }
 
-pub fn run_approvals(config: &Path, command: &ApprovalsCommand) -> anyhow::Result<()> {
-    let state_dir = Config::load(config)?.state_dir;
-    let socket = state_dir.join(SOCKET_NAME);
+pub fn run_approvals(config: &Path, args: &ApprovalsArgs) -> anyhow::Result<()> {
+    let socket = match &args.socket {
+        Some(socket) => socket.clone(),
+        None => Config::load(config)?.state_dir.join(SOCKET_NAME),
+    };
+    let command = &args.command;
     let request = match command {
         ApprovalsCommand::List { .. } => ControlRequest::List,
         ApprovalsCommand::Approve { id, window, reason } => ControlRequest::Approve {

@@ -21,6 +21,7 @@
 mod auth;
 mod cancel;
 mod frame;
+mod masking;
 mod relay;
 mod scram;
 mod startup;
@@ -296,7 +297,36 @@ async fn session(
         }
         lost
     });
-    let relayed = relay::run(startup.stream, upstream.stream, requests, responses, counters).await;
+    let relayed = match &ctx.gateway.policy {
+        // With a policy: judge statements and mask results on the way.
+        Some(runtime) => {
+            let guard = masking::Guard {
+                runtime: Arc::clone(runtime),
+                session: ctx.id.clone(),
+                resource: resource.config.name.clone(),
+                principal: login.principal.clone(),
+            };
+            masking::run(
+                startup.stream,
+                upstream.stream,
+                requests,
+                responses,
+                counters,
+                guard,
+            )
+            .await
+        }
+        None => {
+            relay::run(
+                startup.stream,
+                upstream.stream,
+                requests,
+                responses,
+                counters,
+            )
+            .await
+        }
+    };
     drop(key);
     let lost = confirmations.await.unwrap_or(0);
     relayed?;

@@ -1,0 +1,808 @@
+//! Identity against a real OpenID Connect provider (`oidc-provider` from
+//! npm, tests/oidc) and a real daemon: device-flow login completed through
+//! the provider's own pages, uid bindings used by redirected connections,
+//! bad tokens, expiry, refresh, key rotation, service accounts, and a
+//! second local user who cannot use the first one's binding.
+//!
+//! The provider's node_modules are installed with `npm ci` on first use
+//! when missing (the setup step runs it too).
+
+use std::{
+    io::{BufRead, BufReader},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant, SystemTime},
+};
+
+use portcullis::{
+    audit::{Ack, AuditEvent, Recorder},
+    identity::{IdentityConfig, IdentityError, IdentityProvider, OidcIdentity, PrincipalKind},
+};
+use serde_json::{json, Value};
+
+use crate::harness::*;
+
+const NOBODY: &str = "65534";
+
+fn oidc_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/oidc")
+}
+
+/// Installs the provider's locked dependencies once per test process.
+fn npm_ci() {
+    static DONE: Mutex<bool> = Mutex::new(false);
+    let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+    if *done || oidc_dir().join("node_modules/oidc-provider").exists() {
+        *done = true;
+        return;
+    }
+    let out = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(oidc_dir())
+        .output()
+        .expect("npm is installed (apt-get install nodejs npm)");
+    assert!(
+        out.status.success(),
+        "npm ci in tests/oidc failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    *done = true;
+}
+
+/// `node tests/oidc/provider.mjs` on a free loopback port.
+struct OidcProvider {
+    issuer: String,
+    child: Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl OidcProvider {
+    fn start(ttl_seconds: u64) -> Self {
+        npm_ci();
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("provider.log");
+        let child = Command::new("node")
+            .arg(oidc_dir().join("provider.mjs"))
+            .args([
+                "--port",
+                &port.to_string(),
+                "--ttl",
+                &ttl_seconds.to_string(),
+            ])
+            .current_dir(oidc_dir())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("provider.err")).unwrap())
+            .spawn()
+            .expect("node is installed");
+        let provider = Self {
+            issuer: format!("http://127.0.0.1:{port}"),
+            child,
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&provider.log)
+            .unwrap_or_default()
+            .contains("listening on")
+        {
+            assert!(Instant::now() < deadline, "OIDC provider did not start");
+            thread::sleep(Duration::from_millis(50));
+        }
+        provider
+    }
+
+    /// Signs `claims` with the provider's current key (`rs256`) or forges
+    /// them (`none`, `hs256-public`).
+    fn sign(&self, mode: &str, claims: Value) -> String {
+        let body = json!({ "mode": mode, "claims": claims }).to_string();
+        let out = curl(&[
+            "-fsS",
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "--data",
+            &body,
+            &format!("{}/__test/sign", self.issuer),
+        ]);
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// What the provider reported on stderr (grant errors).
+    fn errors(&self) -> String {
+        std::fs::read_to_string(self.log.with_file_name("provider.err")).unwrap_or_default()
+    }
+
+    fn rotate_keys(&self) -> String {
+        let out = curl(&[
+            "-fsS",
+            "-X",
+            "POST",
+            &format!("{}/__test/rotate", self.issuer),
+        ]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["kid"].as_str().unwrap().to_string()
+    }
+
+    /// A client-credentials access token for `resource`.
+    fn service_token(&self, resource: &str) -> String {
+        let out = curl(&[
+            "-fsS",
+            "-d",
+            "grant_type=client_credentials",
+            "-d",
+            "client_id=svc-reporting",
+            "-d",
+            "client_secret=svc-reporting-secret",
+            "-d",
+            &format!("resource={resource}"),
+            &format!("{}/token", self.issuer),
+        ]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["access_token"].as_str().unwrap().to_string()
+    }
+
+    /// Valid claims for alice, `exp` seconds from now.
+    fn claims(&self, exp_in: i64) -> Value {
+        let now = unix_now() as i64;
+        json!({
+            "iss": self.issuer, "sub": "alice", "aud": "portcullis",
+            "iat": now, "exp": now + exp_in, "email": "alice@example.test",
+            "groups": ["eng"],
+        })
+    }
+}
+
+impl Drop for OidcProvider {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn curl(args: &[&str]) -> Output {
+    let out = Command::new("curl").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A browser, scripted: follows the provider's device verification pages
+/// (user code, confirmation, login, consent) with a cookie jar, submitting
+/// each page's form with `fields` filled in, until the provider says the
+/// sign-in succeeded.
+fn approve_device(verification_uri: &str, fields: &[(&str, &str)]) {
+    let jar = tempfile::NamedTempFile::new().unwrap();
+    let jar = jar.path().to_str().unwrap().to_string();
+    let base = {
+        let rest = verification_uri.split("://").nth(1).unwrap();
+        format!("http://{}", rest.split('/').next().unwrap())
+    };
+    let mut page = browse(&jar, &["-L", verification_uri]);
+    for _ in 0..10 {
+        if page.contains("Sign-in Success") || page.contains("successfully") {
+            return;
+        }
+        let (action, inputs) =
+            parse_form(&page).unwrap_or_else(|| panic!("no form on provider page: {page}"));
+        let mut args = vec!["-L".to_string()];
+        if inputs.is_empty() {
+            // Still a POST (curl -L then follows a 303 with a GET, as a
+            // browser does).
+            args.extend(["--data".into(), String::new()]);
+        }
+        for (name, value) in inputs {
+            let value = fields
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or(value, |(_, v)| v.to_string());
+            args.push("--data-urlencode".into());
+            args.push(format!("{name}={value}"));
+        }
+        args.push(if action.starts_with("http") {
+            action
+        } else {
+            format!("{base}{action}")
+        });
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        page = browse(&jar, &refs);
+    }
+    panic!("device approval did not finish: {page}");
+}
+
+fn browse(jar: &str, args: &[&str]) -> String {
+    let mut all = vec!["-sS", "-c", jar, "-b", jar];
+    all.extend_from_slice(args);
+    String::from_utf8(curl(&all).stdout).unwrap()
+}
+
+/// The first form of `html`: its action and its inputs' names and values.
+fn parse_form(html: &str) -> Option<(String, Vec<(String, String)>)> {
+    let form_start = html.find("<form")?;
+    let form = &html[form_start..html[form_start..].find("</form>")? + form_start];
+    let action = attribute(&form[..form.find('>')?], "action")?;
+    let mut inputs = Vec::new();
+    let mut rest = form;
+    while let Some(at) = rest.find("<input") {
+        let tag = &rest[at..at + rest[at..].find('>')?];
+        if let Some(name) = attribute(tag, "name") {
+            inputs.push((name, attribute(tag, "value").unwrap_or_default()));
+        }
+        rest = &rest[at + tag.len()..];
+    }
+    Some((action, inputs))
+}
+
+fn attribute(tag: &str, name: &str) -> Option<String> {
+    let needle = format!(" {name}=\"");
+    let start = tag
+        .find(&needle)
+        .or_else(|| tag.find(&format!("\n{name}=\"")))?
+        + needle.len();
+    let end = tag[start..].find('"')? + start;
+    Some(tag[start..end].replace("&amp;", "&"))
+}
+
+/// A world-reachable directory for the control socket (the gateway's own
+/// temp dir is 0700, and the second user must reach the socket).
+fn socket_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+fn identity_toml(provider: &OidcProvider, socket: &Path, skew: u64, refresh: bool) -> String {
+    format!(
+        r#"
+[identity]
+issuer = "{}"
+client_id = "portcullis"
+audience = ["urn:portcullis"]
+clock_skew_seconds = {skew}
+control_socket = "{}"
+scopes = ["openid", "profile", "email", "groups"{}]
+resource = "urn:portcullis"
+
+[identity.roles]
+engineers = ["eng"]
+dba = ["db-admins"]
+auditors = ["audit"]
+"#,
+        provider.issuer,
+        socket.display(),
+        if refresh { ", \"offline_access\"" } else { "" }
+    )
+}
+
+/// `portcullis <args>` as `uid` (0: as root), with the control socket.
+fn cli_as(uid: &str, socket: &Path, args: &[&str]) -> Command {
+    let mut cmd = if uid == "0" {
+        Command::new(PORTCULLIS)
+    } else {
+        let mut c = Command::new("setpriv");
+        c.args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            PORTCULLIS,
+        ]);
+        c
+    };
+    cmd.args(args)
+        .arg("--socket")
+        .arg(socket)
+        .env("PORTCULLIS_CONFIG", "/nonexistent/portcullis.toml")
+        .env("NO_COLOR", "1");
+    cmd
+}
+
+fn run_cli(uid: &str, socket: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = cli_as(uid, socket, args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+fn whoami(uid: &str, socket: &Path) -> Value {
+    let (ok, stdout, stderr) = run_cli(uid, socket, &["whoami", "--json"]);
+    assert!(ok, "whoami as {uid}: {stderr}");
+    serde_json::from_str(&stdout).unwrap()
+}
+
+/// `portcullis login` as `uid`, approved in the provider's pages as
+/// `login`/`password`. Returns the CLI's stdout.
+fn device_login(uid: &str, socket: &Path, login: &str, password: &str) -> String {
+    let mut child = cli_as(uid, socket, &["login"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    // "To sign in, open URL and enter the code CODE"
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let uri = words
+        .iter()
+        .find(|w| w.starts_with("http"))
+        .unwrap_or_else(|| panic!("no verification URI in {line:?}"));
+    let code = words.last().unwrap();
+    approve_device(
+        uri,
+        &[
+            ("user_code", code),
+            ("login", login),
+            ("password", password),
+        ],
+    );
+    let out = wait_with_timeout(child, Duration::from_secs(30));
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
+    assert!(
+        out.status.success(),
+        "login as uid {uid} failed: {line}{rest}"
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// curl through the redirect, inside the cgroup, as `uid`.
+fn curl_as(cgroup: &TestCgroup, uid: &str, url: &str) -> Output {
+    let reuid = format!("--reuid={uid}");
+    let regid = format!("--regid={uid}");
+    cgroup.run(
+        "setpriv",
+        &[
+            &reuid,
+            &regid,
+            "--clear-groups",
+            "curl",
+            "-sS",
+            "-m",
+            "10",
+            url,
+        ],
+    )
+}
+
+fn wait_until(what: &str, timeout: Duration, mut pred: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !pred() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn device_login_binds_the_callers_uid_and_names_redirected_sessions() {
+    let provider = OidcProvider::start(300);
+    let cgroup = TestCgroup::new();
+    let upstream = HttpUpstream::start("127.0.0.1:0", "hello identity");
+    let sockets = socket_dir();
+    let socket = sockets.path().join("control.sock");
+    let gateway = Gateway::start_with_config(
+        &cgroup,
+        &[Protect::redirect("127.0.0.1", upstream.addr.port())],
+        &identity_toml(&provider, &socket, 5, true),
+    );
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o666, "control socket is world-connectable");
+
+    // Nobody is bound yet: opaque TCP cannot ask for a token, so refuse.
+    let url = format!("http://{}/", upstream.addr);
+    let out = curl_as(&cgroup, "0", &url);
+    assert!(!out.status.success(), "unbound uid was relayed");
+    let refused = gateway.wait_for_event("session_refused", |e| e["event"] == "session_refused");
+    assert_eq!(
+        refused["reason"],
+        "no identity bound to uid 0: run `portcullis login`"
+    );
+    assert_eq!(
+        upstream.accepted.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+
+    // Root signs in as alice through the provider's device pages.
+    let stdout = device_login("0", &socket, "alice", "alice-pw");
+    assert!(
+        stdout.contains("logged in as alice@example.test"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("roles: dba, engineers"), "{stdout}");
+    let me = whoami("0", &socket);
+    assert_eq!(me["uid"], 0);
+    assert_eq!(me["principal"]["name"], "alice@example.test");
+    assert_eq!(me["principal"]["kind"], "person");
+    assert_eq!(me["refreshable"], true);
+    let login = gateway.wait_for_event("identity_login", |e| e["event"] == "identity_login");
+    assert_eq!(login["uid"], 0);
+    assert_eq!(
+        login["principal"]["subject"],
+        format!("{}#alice", provider.issuer)
+    );
+
+    // Root's redirected connection is attributed to alice.
+    let out = curl_as(&cgroup, "0", &url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello identity");
+    let start = gateway.wait_for_event("session_start as alice", |e| {
+        e["event"] == "session_start" && e["uid"] == 0
+    });
+    assert_eq!(start["principal"]["name"], "alice@example.test");
+    assert_eq!(start["principal"]["roles"], json!(["dba", "engineers"]));
+
+    // A second local user cannot use alice's binding: not for whoami, not
+    // for logout, not for connections.
+    assert_eq!(whoami(NOBODY, &socket)["principal"], Value::Null);
+    let (ok, stdout, _) = run_cli(NOBODY, &socket, &["logout"]);
+    assert!(
+        ok && stdout.contains("uid 65534 was not logged in"),
+        "{stdout}"
+    );
+    assert_eq!(
+        whoami("0", &socket)["principal"]["name"],
+        "alice@example.test"
+    );
+    let out = curl_as(&cgroup, NOBODY, &url);
+    assert!(
+        !out.status.success(),
+        "uid 65534 was relayed on alice's binding"
+    );
+    gateway.wait_for_event("session_refused for 65534", |e| {
+        e["event"] == "session_refused"
+            && e["reason"] == "no identity bound to uid 65534: run `portcullis login`"
+    });
+
+    // The second user signs in as bob: the daemon binds the uid the kernel
+    // reported for the socket, not anything the client said.
+    let stdout = device_login(NOBODY, &socket, "bob", "bob-pw");
+    assert!(stdout.contains("logged in as bob@example.test"), "{stdout}");
+    assert!(stdout.contains("on uid 65534"), "{stdout}");
+    assert_eq!(
+        whoami(NOBODY, &socket)["principal"]["roles"],
+        json!(["auditors"])
+    );
+    let out = curl_as(&cgroup, NOBODY, &url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let start = gateway.wait_for_event("session_start as bob", |e| {
+        e["event"] == "session_start" && e["uid"] == 65534
+    });
+    assert_eq!(start["principal"]["name"], "bob@example.test");
+    assert_eq!(
+        whoami("0", &socket)["principal"]["name"],
+        "alice@example.test"
+    );
+
+    // Logout ends only the caller's binding.
+    let (ok, stdout, stderr) = run_cli("0", &socket, &["logout"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("logged out alice@example.test (uid 0)"),
+        "{stdout}"
+    );
+    assert_eq!(whoami("0", &socket)["principal"], Value::Null);
+    assert_eq!(
+        whoami(NOBODY, &socket)["principal"]["name"],
+        "bob@example.test"
+    );
+    let logout = gateway.wait_for_event("identity_logout", |e| e["event"] == "identity_logout");
+    assert_eq!(logout["uid"], 0);
+    assert_eq!(logout["reason"], "logout");
+}
+
+/// Collects events in memory, for the in-process provider below (the
+/// verifier under test does not record).
+struct Collect(Mutex<Vec<AuditEvent>>);
+
+impl Recorder for Collect {
+    fn record(&self, event: AuditEvent) -> Ack {
+        self.0.lock().unwrap().push(event);
+        Ack::done(Ok(()))
+    }
+}
+
+fn in_process(provider: &OidcProvider, skew: u64) -> Arc<OidcIdentity> {
+    let config: IdentityConfig = toml::from_str(&format!(
+        "issuer = \"{}\"\nclient_id = \"portcullis\"\naudience = [\"urn:portcullis\"]\nclock_skew_seconds = {skew}\n[roles]\nengineers = [\"eng\"]\n",
+        provider.issuer
+    ))
+    .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime
+        .block_on(OidcIdentity::start(
+            &config,
+            Arc::new(Collect(Mutex::new(Vec::new()))),
+        ))
+        .unwrap()
+}
+
+fn verify(
+    runtime: &tokio::runtime::Runtime,
+    identity: &OidcIdentity,
+    token: &str,
+) -> Result<portcullis::identity::Principal, String> {
+    runtime
+        .block_on(identity.verify_token(token))
+        .map_err(|e| match e {
+            IdentityError::Rejected(short) => short,
+            other => panic!("not a rejection: {other}"),
+        })
+}
+
+/// Sends a raw login request over the control socket, as a hostile client
+/// would, and returns the daemon's answer.
+fn raw_login(socket: &Path, token: &str) -> Value {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    let request = json!({"op": "login", "id_token": token}).to_string() + "\n";
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    serde_json::from_str(&answer).unwrap()
+}
+
+#[test]
+fn bad_tokens_are_rejected_with_a_reason() {
+    let provider = OidcProvider::start(300);
+    let cgroup = TestCgroup::new();
+    let sockets = socket_dir();
+    let socket = sockets.path().join("control.sock");
+    let gateway =
+        Gateway::start_with_config(&cgroup, &[], &identity_toml(&provider, &socket, 5, false));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let identity = in_process(&provider, 5);
+
+    // A well-formed token passes, so each failure below is for its reason.
+    let good = provider.sign("rs256", provider.claims(300));
+    let principal = verify(&runtime, &identity, &good).unwrap();
+    assert_eq!(principal.name, "alice@example.test");
+    assert_eq!(principal.roles, ["engineers"]);
+
+    let mut wrong_iss = provider.claims(300);
+    wrong_iss["iss"] = json!("http://127.0.0.1:1");
+    let mut wrong_aud = provider.claims(300);
+    wrong_aud["aud"] = json!("someone-else");
+    let mut not_yet = provider.claims(300);
+    not_yet["nbf"] = json!(unix_now() + 600);
+    let cases = [
+        (
+            "alg none",
+            provider.sign("none", provider.claims(300)),
+            "token signature algorithm not accepted",
+            "unsigned token (alg none)",
+        ),
+        (
+            "HS256 with the public key",
+            provider.sign("hs256-public", provider.claims(300)),
+            "token signature algorithm not accepted",
+            "HS256",
+        ),
+        (
+            "wrong issuer",
+            provider.sign("rs256", wrong_iss),
+            "token issuer not accepted",
+            "wrong issuer",
+        ),
+        (
+            "wrong audience",
+            provider.sign("rs256", wrong_aud),
+            "token audience not accepted",
+            "wrong audience",
+        ),
+        (
+            "real token for another resource",
+            provider.service_token("urn:elsewhere"),
+            "token audience not accepted",
+            "urn:elsewhere",
+        ),
+        (
+            "expired",
+            provider.sign("rs256", provider.claims(-60)),
+            "token expired or not yet valid",
+            "expired",
+        ),
+        (
+            "not yet valid",
+            provider.sign("rs256", not_yet),
+            "token not yet valid",
+            "not valid before",
+        ),
+        (
+            "garbage",
+            "not.a.jwt".to_string(),
+            "token is not a signed JWT",
+            "not a JWT",
+        ),
+    ];
+    for (case, token, short, logged) in cases {
+        assert_eq!(
+            verify(&runtime, &identity, &token).unwrap_err(),
+            short,
+            "{case}"
+        );
+        let answer = raw_login(&socket, &token);
+        assert_eq!(answer["result"], "error", "{case}: {answer}");
+        assert_eq!(answer["message"], short, "{case}");
+        let reason = gateway.wait_for_event(case, |e| {
+            e["event"] == "identity_rejected"
+                && e["reason"].as_str().is_some_and(|r| r.contains(logged))
+        });
+        assert!(
+            gateway.log().contains(reason["reason"].as_str().unwrap()),
+            "{case}: the log names the reason"
+        );
+    }
+    // Nothing was bound by any of them.
+    assert_eq!(whoami("0", &socket)["principal"], Value::Null);
+
+    // A service account's client-credentials token is a machine identity.
+    let service = verify(
+        &runtime,
+        &identity,
+        &provider.service_token("urn:portcullis"),
+    )
+    .unwrap();
+    assert_eq!(service.kind, PrincipalKind::Service);
+    assert_eq!(service.name, "svc-reporting");
+}
+
+#[test]
+fn service_account_login_binds_a_machine_identity() {
+    let provider = OidcProvider::start(300);
+    let cgroup = TestCgroup::new();
+    let upstream = HttpUpstream::start("127.0.0.1:0", "hello machine");
+    let sockets = socket_dir();
+    let socket = sockets.path().join("control.sock");
+    let gateway = Gateway::start_with_config(
+        &cgroup,
+        &[Protect::redirect("127.0.0.1", upstream.addr.port())],
+        &identity_toml(&provider, &socket, 5, false),
+    );
+    // The secret file belongs to the service's own user.
+    let secret = sockets.path().join("svc.secret");
+    std::fs::write(&secret, "svc-reporting-secret\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let _ = Command::new("chown")
+        .args([NOBODY, secret.to_str().unwrap()])
+        .status();
+    let (ok, stdout, stderr) = run_cli(
+        NOBODY,
+        &socket,
+        &[
+            "login",
+            "--client-id",
+            "svc-reporting",
+            "--client-secret-file",
+            secret.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("logged in as svc-reporting (Service"),
+        "{stdout}"
+    );
+    let out = curl_as(&cgroup, NOBODY, &format!("http://{}/", upstream.addr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let start = gateway.wait_for_event("session_start", |e| e["event"] == "session_start");
+    assert_eq!(start["principal"]["kind"], "service");
+    assert_eq!(start["principal"]["name"], "svc-reporting");
+}
+
+#[test]
+fn binding_ends_when_the_token_expires() {
+    let provider = OidcProvider::start(4);
+    let cgroup = TestCgroup::new();
+    let upstream = HttpUpstream::start("127.0.0.1:0", "short");
+    let sockets = socket_dir();
+    let socket = sockets.path().join("control.sock");
+    let gateway = Gateway::start_with_config(
+        &cgroup,
+        &[Protect::redirect("127.0.0.1", upstream.addr.port())],
+        &identity_toml(&provider, &socket, 0, false),
+    );
+    device_login("0", &socket, "alice", "alice-pw");
+    let me = whoami("0", &socket);
+    assert_eq!(
+        me["refreshable"], false,
+        "no offline_access, no refresh token"
+    );
+    let expires_at = me["expires_at"].as_u64().unwrap();
+    assert!(expires_at <= unix_now() + 4);
+    wait_until("expiry", Duration::from_secs(10), || {
+        unix_now() > expires_at
+    });
+    assert_eq!(whoami("0", &socket)["principal"], Value::Null);
+    let out = curl_as(&cgroup, "0", &format!("http://{}/", upstream.addr));
+    assert!(!out.status.success(), "expired binding was used");
+    gateway.wait_for_event("session_refused", |e| e["event"] == "session_refused");
+    let logout = gateway.wait_for_event("expiry", |e| e["event"] == "identity_logout");
+    assert_eq!(logout["reason"], "expired");
+}
+
+#[test]
+fn refresh_renews_the_binding_across_a_key_rotation() {
+    let provider = OidcProvider::start(6);
+    let cgroup = TestCgroup::new();
+    let sockets = socket_dir();
+    let socket = sockets.path().join("control.sock");
+    let gateway =
+        Gateway::start_with_config(&cgroup, &[], &identity_toml(&provider, &socket, 0, true));
+    device_login("0", &socket, "alice", "alice-pw");
+    let first = whoami("0", &socket);
+    assert_eq!(first["refreshable"], true);
+    let first_expiry = first["expires_at"].as_u64().unwrap();
+
+    // Renewed before expiry, without a new login.
+    gateway.wait_for_event("identity_refresh", |e| e["event"] == "identity_refresh");
+    wait_until("expiry of the first token", Duration::from_secs(10), || {
+        unix_now() > first_expiry + 1
+    });
+    let renewed = whoami("0", &socket);
+    assert_eq!(renewed["principal"]["name"], "alice@example.test");
+    assert!(renewed["expires_at"].as_u64().unwrap() > first_expiry);
+
+    // The provider rotates its signing key: the next refreshed ID token
+    // names a kid the daemon has not seen; it re-fetches the JWKS.
+    let kid = provider.rotate_keys();
+    let refreshes = || {
+        gateway
+            .events()
+            .iter()
+            .filter(|e| e["event"] == "identity_refresh")
+            .count()
+    };
+    let before = refreshes();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while refreshes() <= before {
+        assert!(
+            Instant::now() < deadline,
+            "no refresh after the key rotation: {}\nprovider: {}",
+            gateway.log(),
+            provider.errors()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        gateway.log().contains("re-fetched (unknown key id)"),
+        "rotation was noticed: {}",
+        gateway.log()
+    );
+    let after = whoami("0", &socket);
+    assert_eq!(after["principal"]["name"], "alice@example.test");
+    assert!(!kid.is_empty());
+    assert!(
+        !gateway
+            .events()
+            .iter()
+            .any(|e| e["event"] == "identity_logout"),
+        "the binding survived the rotation"
+    );
+}

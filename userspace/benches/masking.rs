@@ -1,0 +1,395 @@
+//! Masking throughput through the gateway: a 1,000,000-row result with
+//! email, phone and card columns, read by psql through the PostgreSQL
+//! gateway with the masks on and with them off, in one run (as root).
+//!
+//! Setup: a throwaway PostgreSQL cluster, a child cgroup whose connects to
+//! the cluster are redirected to a `portcullis run` daemon with a policy
+//! file. Rounds alternate between a policy without masks and one with an
+//! email detector (keyed pseudonym), a phone detector and a card detector
+//! (Luhn, partial), switched by rewriting the policy file (the daemon
+//! reloads it). A direct psql (outside the cgroup, not redirected) is
+//! measured too, for context. Medians are reported with the ratios; the
+//! target is masked >= 0.7 of unmasked.
+//!
+//! Run: `cargo bench --bench masking` (or `cargo xtask bench`).
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+const ROWS: usize = 1_000_000;
+const ROUNDS: usize = 3;
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+const PASSWORD: &str = "bench-Secret-1";
+const PORTCULLIS: &str = env!("CARGO_BIN_EXE_portcullis");
+const QUERY: &str = "SELECT id, email, phone, card FROM people";
+
+const UNMASKED: &str = "[settings]\ndefault = \"allow\"\n";
+const MASKED: &str = r#"[settings]
+default = "allow"
+
+[[mask]]
+name = "emails"
+detector = "email"
+style = "pseudonym"
+
+[[mask]]
+name = "phones"
+detector = "phone"
+style = "partial"
+keep_last = 2
+
+[[mask]]
+name = "cards"
+detector = "card"
+style = "partial"
+keep_last = 4
+"#;
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        println!("masking: bench");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cluster = Cluster::start(dir.path());
+    let cgroup = Cgroup::new();
+    let gateway = Daemon::start(dir.path(), &cgroup.path, cluster.port);
+
+    let mut direct = Vec::new();
+    let mut unmasked = Vec::new();
+    let mut masked = Vec::new();
+    for round in 0..ROUNDS {
+        direct.push(timed(|| cluster.psql_direct()));
+        gateway.set_policy(UNMASKED);
+        unmasked.push(timed(|| gateway.psql(&cgroup.path, cluster.port, false)));
+        gateway.set_policy(MASKED);
+        masked.push(timed(|| gateway.psql(&cgroup.path, cluster.port, true)));
+        eprintln!(
+            "round {}: direct {:.2}s, unmasked {:.2}s, masked {:.2}s",
+            round + 1,
+            direct[round],
+            unmasked[round],
+            masked[round]
+        );
+    }
+    let rate = |v: &mut Vec<f64>| ROWS as f64 / median(v);
+    let (d, u, m) = (rate(&mut direct), rate(&mut unmasked), rate(&mut masked));
+    println!("rows per second (median of {ROUNDS}, {ROWS} rows of 4 columns):");
+    println!("  direct (no gateway)      {d:>12.0}");
+    println!(
+        "  gateway, no masks        {u:>12.0}   {:.2} of direct",
+        u / d
+    );
+    println!(
+        "  gateway, 3 detectors     {m:>12.0}   {:.2} of direct, {:.2} of unmasked (target >= 0.70)",
+        m / d,
+        m / u
+    );
+}
+
+fn timed(f: impl FnOnce()) -> f64 {
+    let started = Instant::now();
+    f();
+    started.elapsed().as_secs_f64()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn as_postgres(args: &[&str]) -> Command {
+    let mut cmd = Command::new("runuser");
+    cmd.args(["-u", "postgres", "--"]).args(args);
+    cmd
+}
+
+struct Cluster {
+    dir: PathBuf,
+    port: u16,
+    child: Child,
+}
+
+impl Cluster {
+    fn start(base: &Path) -> Self {
+        let dir = base.join("pg");
+        std::fs::create_dir(&dir).expect("pg dir");
+        std::fs::write(dir.join("pw"), PASSWORD).expect("pw");
+        run(Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir));
+        run(Command::new("chmod").arg("755").arg(base));
+        let data = dir.join("data");
+        run(&mut as_postgres(&[
+            &format!("{PG_BIN}/initdb"),
+            "-D",
+            data.to_str().expect("utf-8 path"),
+            "-U",
+            "postgres",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "--pwfile",
+            dir.join("pw").to_str().expect("utf-8 path"),
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ]));
+        let port = free_port();
+        let conf = format!(
+            "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = off\nshared_buffers = 128MB\n",
+            dir.display()
+        );
+        let mut existing = std::fs::read_to_string(data.join("postgresql.conf")).expect("conf");
+        existing.push_str(&conf);
+        std::fs::write(data.join("postgresql.conf"), existing).expect("conf");
+        let child = as_postgres(&[
+            &format!("{PG_BIN}/postgres"),
+            "-D",
+            data.to_str().expect("utf-8"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("postgres");
+        let cluster = Self { dir, port, child };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !Command::new(format!("{PG_BIN}/pg_isready"))
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q"])
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            assert!(Instant::now() < deadline, "postgres did not start");
+            thread::sleep(Duration::from_millis(50));
+        }
+        cluster.sql(&format!(
+            "CREATE TABLE people AS SELECT i AS id,
+                 'user' || i || '@example.com' AS email,
+                 '+1 555-' || lpad((i % 1000)::text, 3, '0') || '-' || lpad((i % 10000)::text, 4, '0') AS phone,
+                 (ARRAY['4111 1111 1111 1111', '4012888888881881', '5555-5555-5555-4444'])[i % 3 + 1] AS card
+             FROM generate_series(1, {ROWS}) AS i; VACUUM ANALYZE people;"
+        ));
+        cluster
+    }
+
+    fn sql(&self, sql: &str) -> String {
+        run(&mut as_postgres(&[
+            "psql",
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            self.dir.to_str().expect("utf-8"),
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-Atc",
+            sql,
+        ]))
+    }
+
+    /// psql straight to the cluster over TCP (not redirected: this process
+    /// is outside the test cgroup).
+    fn psql_direct(&self) {
+        let out = run(Command::new("psql")
+            .args(["-X", "-At", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-U", "postgres", "-d", "postgres", "-c", QUERY])
+            .env("PGPASSWORD", PASSWORD));
+        check(&out, false);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let pid = std::fs::read_to_string(self.dir.join("data/postmaster.pid")).unwrap_or_default();
+        if let Some(pid) = pid.lines().next() {
+            let _ = Command::new("kill").args(["-INT", pid]).status();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Checks that the result is complete and masked (or not).
+fn check(out: &str, masked: bool) {
+    let rows = out.lines().count();
+    assert_eq!(rows, ROWS, "incomplete result");
+    let first = out.lines().next().unwrap_or_default();
+    assert_eq!(
+        first.contains("@example.com"),
+        !masked,
+        "unexpected masking state: {first}"
+    );
+}
+
+struct Cgroup {
+    path: PathBuf,
+}
+
+impl Cgroup {
+    fn new() -> Self {
+        let root = portcullis::kernel::root_cgroup().expect("cgroup v2 mounted (run as root)");
+        let path = root.join(format!("portcullis-bench-masking-{}", std::process::id()));
+        std::fs::create_dir(&path).expect("create the bench cgroup (run as root)");
+        Self { path }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+struct Daemon {
+    child: Child,
+    policy: PathBuf,
+    pin_dir: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(base: &Path, cgroup: &Path, pg_port: u16) -> Self {
+        let secret = base.join("secret");
+        std::fs::write(&secret, PASSWORD).expect("secret");
+        run(Command::new("chmod").arg("600").arg(&secret));
+        let policy = base.join("policy.toml");
+        std::fs::write(&policy, UNMASKED).expect("policy");
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/portcullis-bench-masking-{}",
+            std::process::id()
+        ));
+        let config = base.join("portcullis.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"state_dir = "{state}"
+[kernel]
+cgroup = "{cgroup}"
+pin_dir = "{pins}"
+
+[policy]
+file = "{policy}"
+
+[[listener]]
+name = "pg"
+address = "127.0.0.1:{listen}"
+protocol = "postgres"
+
+[[protect]]
+destination = "127.0.0.1"
+port = {pg_port}
+to = "pg"
+
+[[resource]]
+name = "bench"
+protocol = "postgres"
+address = "127.0.0.1:{pg_port}"
+tls = "disable"
+
+[[resource.grant]]
+users = ["unix:root"]
+upstream_user = "postgres"
+password_file = "{secret}"
+"#,
+                state = base.join("state").display(),
+                cgroup = cgroup.display(),
+                pins = pin_dir.display(),
+                policy = policy.display(),
+                listen = free_port(),
+                secret = secret.display(),
+            ),
+        )
+        .expect("config");
+        let log = base.join("daemon.log");
+        let child = Command::new(PORTCULLIS)
+            .arg("--config")
+            .arg(&config)
+            .arg("run")
+            .env("PORTCULLIS_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("portcullis run");
+        let daemon = Self {
+            child,
+            policy,
+            pin_dir,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !daemon.log_text().contains("portcullis ready") {
+            assert!(
+                Instant::now() < deadline,
+                "daemon not ready: {}",
+                daemon.log_text()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        daemon
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Replaces the policy and waits until the daemon has loaded it.
+    fn set_policy(&self, text: &str) {
+        let before = self.log_text().matches("policy reloaded").count();
+        let tmp = self.policy.with_extension("tmp");
+        std::fs::write(&tmp, text).expect("policy");
+        std::fs::rename(&tmp, &self.policy).expect("policy");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.log_text().matches("policy reloaded").count() == before {
+            assert!(Instant::now() < deadline, "policy not reloaded");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// psql inside the cgroup: redirected through the gateway.
+    fn psql(&self, cgroup: &Path, port: u16, masked: bool) {
+        let out = run(Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec psql -X -At -h 127.0.0.1 -p {port} -U postgres -d postgres -c '{QUERY}'",
+                cgroup.display()
+            )));
+        check(&out, masked);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new(PORTCULLIS)
+            .args(["kernel", "detach", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .output();
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
