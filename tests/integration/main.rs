@@ -3,6 +3,7 @@
 
 mod audit;
 mod harness;
+mod identity;
 mod kernel;
 mod pg;
 mod policy;
