@@ -2,7 +2,9 @@
 //! key we have not seen (the provider rotated its keys).
 //!
 //! Re-fetches are rate-limited: a flood of tokens with made-up `kid`s must
-//! not turn the gateway into a load generator against the provider.
+//! not turn the gateway into a load generator against the provider. The
+//! set is also re-fetched when older than [`MAX_AGE`], so a key the
+//! provider withdrew (compromised, retired) stops being trusted.
 
 use std::time::{Duration, Instant};
 
@@ -14,6 +16,8 @@ use super::IdentityError;
 
 /// At most one re-fetch for unknown keys per this interval.
 pub const REFETCH_INTERVAL: Duration = Duration::from_secs(2);
+/// Keys older than this are re-fetched before use.
+pub const MAX_AGE: Duration = Duration::from_secs(15 * 60);
 
 pub struct JwksCache {
     uri: JsonWebKeySetUrl,
@@ -23,7 +27,10 @@ pub struct JwksCache {
 
 struct State {
     keys: CoreJsonWebKeySet,
+    /// When `keys` were downloaded.
     fetched_at: Instant,
+    /// When a download was last tried (successful or not).
+    attempted_at: Instant,
 }
 
 impl JwksCache {
@@ -40,12 +47,21 @@ impl JwksCache {
             state: Mutex::new(State {
                 keys,
                 fetched_at: Instant::now(),
+                attempted_at: Instant::now(),
             }),
         })
     }
 
+    /// The cached keys, re-fetched first if older than [`MAX_AGE`] (if the
+    /// provider cannot be reached then, the cached set stays in use and the
+    /// next call tries again after [`REFETCH_INTERVAL`]).
     pub async fn keys(&self) -> CoreJsonWebKeySet {
-        self.state.lock().await.keys.clone()
+        let mut state = self.state.lock().await;
+        if state.fetched_at.elapsed() >= MAX_AGE && state.attempted_at.elapsed() >= REFETCH_INTERVAL
+        {
+            self.download_into(&mut state, "periodic").await;
+        }
+        state.keys.clone()
     }
 
     /// Re-fetches the key set after a token named an unknown key, unless
@@ -53,22 +69,31 @@ impl JwksCache {
     /// set, or `None` when nothing was fetched.
     pub async fn refetch_for_unknown_key(&self) -> Option<CoreJsonWebKeySet> {
         let mut state = self.state.lock().await;
-        if state.fetched_at.elapsed() < REFETCH_INTERVAL {
+        if state.attempted_at.elapsed() < REFETCH_INTERVAL {
             return None;
         }
-        state.fetched_at = Instant::now();
+        self.download_into(&mut state, "unknown key id")
+            .await
+            .then(|| state.keys.clone())
+    }
+
+    /// Downloads the set into `state`; false (and the cached set kept) if
+    /// the provider could not be reached.
+    async fn download_into(&self, state: &mut State, why: &str) -> bool {
+        state.attempted_at = Instant::now();
         match download(&self.uri, &self.http).await {
             Ok(keys) => {
                 info!(
                     keys = keys.keys().len(),
-                    "identity provider keys re-fetched (unknown key id)"
+                    "identity provider keys re-fetched ({why})"
                 );
-                state.keys = keys.clone();
-                Some(keys)
+                state.keys = keys;
+                state.fetched_at = Instant::now();
+                true
             }
             Err(e) => {
                 warn!("re-fetching identity provider keys failed, keeping the cached set: {e}");
-                None
+                false
             }
         }
     }

@@ -84,7 +84,9 @@ impl PrincipalRules {
             (None, _) => false,
             (Some(_), None) => true,
             (Some(Value::String(found)), Some(wanted)) => found == wanted,
-            (Some(found), Some(wanted)) => found.to_string() == *wanted,
+            (Some(found), Some(wanted)) => {
+                serde_json::from_str::<Value>(wanted).is_ok_and(|w| w == *found)
+            }
         }
     }
 
