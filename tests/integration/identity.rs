@@ -806,3 +806,146 @@ fn refresh_renews_the_binding_across_a_key_rotation() {
         "the binding survived the rotation"
     );
 }
+
+/// psql `args` to `port`: through the redirect (in the cgroup) or directly
+/// (from the test process) with TLS required; `password` as PGPASSWORD.
+fn psql(cgroup: Option<&TestCgroup>, port: u16, db: &str, password: Option<&str>) -> Output {
+    let port = port.to_string();
+    let args = [
+        "-X",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-U",
+        "postgres",
+        "-d",
+        db,
+        "-Atc",
+        "select current_user",
+    ];
+    let mut cmd = match cgroup {
+        Some(cgroup) => cgroup.command("psql", &args),
+        None => {
+            let mut c = Command::new("psql");
+            c.args(args).env("PGSSLMODE", "require");
+            c
+        }
+    };
+    cmd.env_remove("PGPASSWORD").env("PGCONNECT_TIMEOUT", "10");
+    if let Some(password) = password {
+        cmd.env("PGPASSWORD", password);
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_with_timeout(child, Duration::from_secs(30))
+}
+
+#[test]
+fn postgres_takes_the_uid_binding_or_a_token_as_password() {
+    use crate::pg::{PgCluster, PG_PASSWORD};
+
+    let provider = OidcProvider::start(300);
+    let cgroup = TestCgroup::new();
+    let cluster = PgCluster::start_with(false);
+    let secret = cluster.secret_file("identity", PG_PASSWORD);
+    let tls = cluster.dir.path().join("gateway-tls");
+    let out = Command::new(PORTCULLIS)
+        .args(["tls", "self-signed", "--out"])
+        .arg(&tls)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listener_port = free_port();
+    let sockets = socket_dir();
+    let socket = sockets.path().join("control.sock");
+    let extra = format!(
+        r#"
+[[listener]]
+name = "pg"
+address = "127.0.0.1:{listener_port}"
+protocol = "postgres"
+direct = true
+tls_cert = "{tls}/cert.pem"
+tls_key = "{tls}/key.pem"
+
+[[resource]]
+name = "orders"
+protocol = "postgres"
+address = "{address}"
+
+[[resource.grant]]
+roles = ["dba"]
+upstream_user = "postgres"
+password_file = "{secret}"
+
+[[resource.grant]]
+users = ["svc-reporting"]
+upstream_user = "postgres"
+password_file = "{secret}"
+{identity}"#,
+        tls = tls.display(),
+        address = cluster.addr(),
+        secret = secret.display(),
+        identity = identity_toml(&provider, &socket, 5, false),
+    );
+    let gateway = Gateway::start_with_config(
+        &cgroup,
+        &[Protect {
+            destination: "127.0.0.1".into(),
+            port: Some(cluster.port),
+            to: "pg".into(),
+        }],
+        &extra,
+    );
+
+    // Redirected, no binding, no password: the adapter asks for a token.
+    let out = psql(Some(&cgroup), cluster.port, "postgres", None);
+    assert!(!out.status.success());
+    // Redirected with a forged token as the password: refused, with why.
+    let forged = provider.sign("none", provider.claims(300));
+    let out = psql(Some(&cgroup), cluster.port, "postgres", Some(&forged));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("token refused: token signature algorithm not accepted"),
+        "{err}"
+    );
+
+    // After `portcullis login` the uid binding is the identity: no password.
+    device_login("0", &socket, "alice", "alice-pw");
+    let out = psql(Some(&cgroup), cluster.port, "postgres", None);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gateway.log()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "postgres");
+    let login = gateway.wait_for_event("database_login as alice", |e| {
+        e["event"] == "database_login" && e["direct"] == false
+    });
+    assert_eq!(login["principal"]["name"], "alice@example.test");
+
+    // A remote (direct) client presents a service account's token.
+    let token = provider.service_token("urn:portcullis");
+    let out = psql(None, listener_port, "orders", Some(&token));
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gateway.log()
+    );
+    let login = gateway.wait_for_event("database_login as the service", |e| {
+        e["event"] == "database_login" && e["direct"] == true
+    });
+    assert_eq!(login["principal"]["name"], "svc-reporting");
+    assert_eq!(login["principal"]["kind"], "service");
+}
