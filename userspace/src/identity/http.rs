@@ -4,7 +4,8 @@
 //! Redirects are not followed (a token endpoint that redirects is either
 //! misconfigured or an attempt to send credentials elsewhere), proxies from
 //! the environment are ignored (the daemon talks to the provider directly),
-//! and TLS is rustls with the platform's web PKI roots: no OpenSSL.
+//! and TLS is rustls with the Mozilla root set (webpki-roots): no OpenSSL.
+//! A provider behind a private CA is not supported yet.
 
 use std::{net::IpAddr, time::Duration};
 
