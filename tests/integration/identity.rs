@@ -556,13 +556,18 @@ fn verify(
 /// Sends a raw login request over the control socket, as a hostile client
 /// would, and returns the daemon's answer.
 fn raw_login(socket: &Path, token: &str) -> Value {
+    let request = json!({"op": "login", "id_token": token}).to_string() + "\n";
+    raw_request(socket, request.as_bytes())
+}
+
+fn raw_request(socket: &Path, bytes: &[u8]) -> Value {
     use std::io::{Read, Write};
     let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    let request = json!({"op": "login", "id_token": token}).to_string() + "\n";
-    stream.write_all(request.as_bytes()).unwrap();
+    // The daemon may answer (and close) before reading everything.
+    let _ = stream.write_all(bytes);
     let mut answer = String::new();
     stream.read_to_string(&mut answer).unwrap();
-    serde_json::from_str(&answer).unwrap()
+    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("answer {answer:?}: {e}"))
 }
 
 #[test]
@@ -658,6 +663,18 @@ fn bad_tokens_are_rejected_with_a_reason() {
     }
     // Nothing was bound by any of them.
     assert_eq!(whoami("0", &socket)["principal"], Value::Null);
+
+    // Garbage, oversized and silent clients get an answer or a timeout,
+    // never a crash.
+    for (what, bytes) in [
+        ("not JSON", b"hello\n".to_vec()),
+        ("unknown op", b"{\"op\":\"become_root\"}\n".to_vec()),
+        ("oversized", vec![b'x'; 70 * 1024]),
+    ] {
+        let answer = raw_request(&socket, &bytes);
+        assert_eq!(answer["result"], "error", "{what}: {answer}");
+    }
+    assert!(whoami("0", &socket)["uid"] == 0, "the daemon still serves");
 
     // A service account's client-credentials token is a machine identity.
     let service = verify(
