@@ -498,6 +498,7 @@ fn device_login_binds_the_callers_uid_and_names_redirected_sessions() {
     );
 
     // Logout ends only the caller's binding.
+    assert!(!provider.errors().contains("refresh_token.destroyed"));
     let (ok, stdout, stderr) = run_cli("0", &socket, &["logout"]);
     assert!(ok, "{stderr}");
     assert!(
@@ -512,6 +513,17 @@ fn device_login_binds_the_callers_uid_and_names_redirected_sessions() {
     let logout = gateway.wait_for_event("identity_logout", |e| e["event"] == "identity_logout");
     assert_eq!(logout["uid"], 0);
     assert_eq!(logout["reason"], "logout");
+    // Alice's refresh token was revoked at the provider (RFC 7009).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !provider.errors().contains("refresh_token.destroyed") {
+        assert!(
+            Instant::now() < deadline,
+            "refresh token not revoked: {}\nprovider: {}",
+            gateway.log(),
+            provider.errors()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Collects events in memory, for the in-process provider below (the

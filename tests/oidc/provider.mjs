@@ -214,6 +214,8 @@ function newProvider() {
   created.on('grant.error', (ctx, error) => {
     console.error(`grant.error: ${error.message}: ${error.error_detail ?? ''}`);
   });
+  created.on('refresh_token.destroyed', () => console.error('refresh_token.destroyed'));
+  created.on('grant.revoked', () => console.error('grant.revoked'));
   return created;
 }
 

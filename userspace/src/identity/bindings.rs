@@ -105,8 +105,9 @@ impl Bindings {
         (binding.expires_at > SystemTime::now()).then(|| binding.info(uid))
     }
 
-    pub fn insert(&self, uid: u32, binding: Binding) {
-        self.lock().insert(uid, binding);
+    /// Binds `uid`, returning the binding it replaces.
+    pub fn insert(&self, uid: u32, binding: Binding) -> Option<Binding> {
+        self.lock().insert(uid, binding)
     }
 
     pub fn remove(&self, uid: u32) -> Option<Binding> {

@@ -1,6 +1,6 @@
 //! Provider discovery (`/.well-known/openid-configuration`), with the
-//! device authorization endpoint (RFC 8628), which core OIDC metadata
-//! does not name.
+//! device authorization (RFC 8628) and revocation (RFC 7009) endpoints,
+//! which core OIDC metadata does not name.
 
 use openidconnect::{
     core::{
@@ -20,6 +20,9 @@ pub struct DeviceEndpoint {
     /// then says so.
     #[serde(default)]
     pub device_authorization_endpoint: Option<DeviceAuthorizationUrl>,
+    /// RFC 7009 token revocation, used to revoke refresh tokens at logout.
+    #[serde(default)]
+    pub revocation_endpoint: Option<String>,
 }
 
 impl AdditionalProviderMetadata for DeviceEndpoint {}

@@ -125,7 +125,9 @@ impl OidcIdentity {
         let info = binding.info(uid);
         self.record(AuditEvent::IdentityLogin(event(&info))).await?;
         info!(uid, principal = %info.principal.name, kind = ?info.principal.kind, roles = ?info.principal.roles, expires_at = info.expires_at, refreshable = info.refreshable, "identity bound to uid");
-        self.bindings.insert(uid, binding);
+        if let Some(replaced) = self.bindings.insert(uid, binding) {
+            self.revoke(uid, replaced.refresh_token).await;
+        }
         Ok(info)
     }
 
@@ -140,6 +142,7 @@ impl OidcIdentity {
         };
         let info = binding.info(uid);
         info!(uid, principal = %info.principal.name, "identity unbound (logout)");
+        self.revoke(uid, binding.refresh_token).await;
         self.record(AuditEvent::IdentityLogout(IdentityLogout {
             uid,
             principal: info.principal.clone(),
@@ -231,6 +234,44 @@ impl OidcIdentity {
             ))
         })?;
         Ok((claims, response.refresh_token().cloned()))
+    }
+
+    /// Revokes a refresh token the daemon no longer needs (RFC 7009), so a
+    /// copy of it (in a crash dump, say) is worthless. Best effort: a
+    /// provider without a revocation endpoint, or one that fails, is
+    /// logged and the logout stands.
+    async fn revoke(&self, uid: u32, token: Option<RefreshToken>) {
+        let Some(token) = token else {
+            return;
+        };
+        let Some(endpoint) = &self.metadata.additional_metadata().revocation_endpoint else {
+            info!(
+                uid,
+                "provider has no revocation endpoint: refresh token dropped, not revoked"
+            );
+            return;
+        };
+        let mut form = vec![
+            ("token", token.secret().as_str()),
+            ("token_type_hint", "refresh_token"),
+            ("client_id", self.config.client_id.as_str()),
+        ];
+        if let Some(secret) = &self.client_secret {
+            form.push(("client_secret", secret.secret().as_str()));
+        }
+        match self.http.post(endpoint).form(&form).send().await {
+            Ok(response) if response.status().is_success() => {
+                info!(uid, "refresh token revoked at the provider")
+            }
+            Ok(response) => {
+                warn!(uid, status = %response.status(), "provider refused to revoke the refresh token")
+            }
+            Err(e) => warn!(
+                uid,
+                "revoking the refresh token failed: {}",
+                error_chain(&e)
+            ),
+        }
     }
 
     async fn end(&self, uid: u32, generation: u64, reason: String) {
