@@ -62,25 +62,34 @@ struct OidcProvider {
 
 impl OidcProvider {
     fn start(ttl_seconds: u64) -> Self {
+        Self::start_with(ttl_seconds, None)
+    }
+
+    /// With `tls` (certificate, key), the provider serves https.
+    fn start_with(ttl_seconds: u64, tls: Option<(&Path, &Path)>) -> Self {
         npm_ci();
         let port = free_port();
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("provider.log");
-        let child = Command::new("node")
-            .arg(oidc_dir().join("provider.mjs"))
-            .args([
-                "--port",
-                &port.to_string(),
-                "--ttl",
-                &ttl_seconds.to_string(),
-            ])
+        let mut node = Command::new("node");
+        node.arg(oidc_dir().join("provider.mjs")).args([
+            "--port",
+            &port.to_string(),
+            "--ttl",
+            &ttl_seconds.to_string(),
+        ]);
+        if let Some((cert, key)) = tls {
+            node.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+        }
+        let child = node
             .current_dir(oidc_dir())
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::fs::File::create(dir.path().join("provider.err")).unwrap())
             .spawn()
             .expect("node is installed");
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let provider = Self {
-            issuer: format!("http://127.0.0.1:{port}"),
+            issuer: format!("{scheme}://127.0.0.1:{port}"),
             child,
             log,
             _dir: dir,
@@ -186,12 +195,17 @@ fn curl(args: &[&str]) -> Output {
 /// (user code, confirmation, login, consent) with a cookie jar, submitting
 /// each page's form with `fields` filled in, until the provider says the
 /// sign-in succeeded.
-fn approve_device(verification_uri: &str, fields: &[(&str, &str)]) {
-    let jar = tempfile::NamedTempFile::new().unwrap();
-    let jar = jar.path().to_str().unwrap().to_string();
+fn approve_device(verification_uri: &str, fields: &[(&str, &str)], ca: Option<&Path>) {
+    let jar_file = tempfile::NamedTempFile::new().unwrap();
+    let jar_path = jar_file.path().display().to_string();
+    let mut jar = vec!["-c".to_string(), jar_path.clone(), "-b".into(), jar_path];
+    if let Some(ca) = ca {
+        jar.extend(["--cacert".into(), ca.display().to_string()]);
+    }
     let base = {
         let rest = verification_uri.split("://").nth(1).unwrap();
-        format!("http://{}", rest.split('/').next().unwrap())
+        let scheme = verification_uri.split("://").next().unwrap();
+        format!("{scheme}://{}", rest.split('/').next().unwrap())
     };
     let mut page = browse(&jar, &["-L", verification_uri]);
     for _ in 0..10 {
@@ -225,8 +239,10 @@ fn approve_device(verification_uri: &str, fields: &[(&str, &str)]) {
     panic!("device approval did not finish: {page}");
 }
 
-fn browse(jar: &str, args: &[&str]) -> String {
-    let mut all = vec!["-sS", "-c", jar, "-b", jar];
+/// curl with the cookie jar (and CA) options in `session`.
+fn browse(session: &[String], args: &[&str]) -> String {
+    let mut all = vec!["-sS"];
+    all.extend(session.iter().map(String::as_str));
     all.extend_from_slice(args);
     String::from_utf8(curl(&all).stdout).unwrap()
 }
@@ -329,6 +345,16 @@ fn whoami(uid: &str, socket: &Path) -> Value {
 /// `portcullis login` as `uid`, approved in the provider's pages as
 /// `login`/`password`. Returns the CLI's stdout.
 fn device_login(uid: &str, socket: &Path, login: &str, password: &str) -> String {
+    device_login_ca(uid, socket, login, password, None)
+}
+
+fn device_login_ca(
+    uid: &str,
+    socket: &Path,
+    login: &str,
+    password: &str,
+    ca: Option<&Path>,
+) -> String {
     let mut child = cli_as(uid, socket, &["login"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -351,6 +377,7 @@ fn device_login(uid: &str, socket: &Path, login: &str, password: &str) -> String
             ("login", login),
             ("password", password),
         ],
+        ca,
     );
     let out = wait_with_timeout(child, Duration::from_secs(30));
     let mut rest = String::new();
@@ -538,18 +565,25 @@ impl Recorder for Collect {
 }
 
 fn in_process(provider: &OidcProvider, skew: u64) -> Arc<OidcIdentity> {
+    start_in_process(provider, &format!("clock_skew_seconds = {skew}\n")).unwrap()
+}
+
+/// The daemon's identity provider, in this process, with `extra` config.
+fn start_in_process(
+    provider: &OidcProvider,
+    extra: &str,
+) -> Result<Arc<OidcIdentity>, IdentityError> {
     let config: IdentityConfig = toml::from_str(&format!(
-        "issuer = \"{}\"\nclient_id = \"portcullis\"\naudience = [\"urn:portcullis\"]\nclock_skew_seconds = {skew}\n[roles]\nengineers = [\"eng\"]\n",
+        "issuer = \"{}\"\nclient_id = \"portcullis\"\naudience = [\"urn:portcullis\"]\n{extra}[roles]\nengineers = [\"eng\"]\n",
         provider.issuer
     ))
     .unwrap();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime
+    tokio::runtime::Runtime::new()
+        .unwrap()
         .block_on(OidcIdentity::start(
             &config,
             Arc::new(Collect(Mutex::new(Vec::new()))),
         ))
-        .unwrap()
 }
 
 fn verify(
@@ -977,4 +1011,53 @@ password_file = "{secret}"
     });
     assert_eq!(login["principal"]["name"], "svc-reporting");
     assert_eq!(login["principal"]["kind"], "service");
+}
+
+#[test]
+fn provider_behind_a_private_ca() {
+    let tls = tempfile::tempdir().unwrap();
+    let out = Command::new(PORTCULLIS)
+        .args(["tls", "self-signed", "--out"])
+        .arg(tls.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (cert, key) = (tls.path().join("cert.pem"), tls.path().join("key.pem"));
+    let provider = OidcProvider::start_with(300, Some((&cert, &key)));
+    assert!(provider.issuer.starts_with("https://"));
+
+    // Not trusted without the CA: the daemon refuses to start, and says why.
+    let err = start_in_process(&provider, "")
+        .err()
+        .expect("untrusted provider accepted");
+    assert!(err.to_string().contains("certificate"), "{err}");
+
+    // With ca_file, sign-in, whoami and logout (with revocation) work over https.
+    let cgroup = TestCgroup::new();
+    let sockets = socket_dir();
+    let socket = sockets.path().join("control.sock");
+    let config = identity_toml(&provider, &socket, 5, true).replace(
+        "[identity]\n",
+        &format!("[identity]\nca_file = \"{}\"\n", cert.display()),
+    );
+    let gateway = Gateway::start_with_config(&cgroup, &[], &config);
+    let stdout = device_login_ca("0", &socket, "alice", "alice-pw", Some(&cert));
+    assert!(
+        stdout.contains("logged in as alice@example.test"),
+        "{stdout}"
+    );
+    let (ok, stdout, stderr) = run_cli("0", &socket, &["logout"]);
+    assert!(
+        ok && stdout.contains("logged out alice@example.test"),
+        "{stderr}"
+    );
+    wait_until("revocation over https", Duration::from_secs(5), || {
+        gateway
+            .log()
+            .contains("refresh token revoked at the provider")
+    });
 }

@@ -1,7 +1,8 @@
 // A real OpenID Connect provider (the certified `oidc-provider` package) for
 // Portcullis's identity integration tests. Loopback only.
 //
-// Usage: node provider.mjs --port N [--ttl SECONDS]
+// Usage: node provider.mjs --port N [--ttl SECONDS] [--tls-cert PEM --tls-key PEM]
+// (with a certificate it serves https, as a provider behind a private CA)
 //
 // What it offers, as any standard provider would:
 // * discovery, JWKS, the device authorization grant (RFC 8628) with the
@@ -22,6 +23,8 @@
 // Prints `listening on http://127.0.0.1:N` once ready.
 
 import { createServer } from 'node:http';
+import { createServer as createTlsServer } from 'node:https';
+import { readFileSync } from 'node:fs';
 import { generateKeyPairSync, randomUUID, createPublicKey } from 'node:crypto';
 import { parseArgs } from 'node:util';
 
@@ -32,15 +35,20 @@ const { values: args } = parseArgs({
   options: {
     port: { type: 'string' },
     ttl: { type: 'string', default: '300' },
+    'tls-cert': { type: 'string' },
+    'tls-key': { type: 'string' },
   },
 });
 const port = Number(args.port);
 const ttl = Number(args.ttl);
 if (!Number.isInteger(port) || port <= 0 || !Number.isInteger(ttl) || ttl <= 0) {
-  console.error('usage: node provider.mjs --port N [--ttl SECONDS]');
+  console.error('usage: node provider.mjs --port N [--ttl SECONDS] [--tls-cert PEM --tls-key PEM]');
   process.exit(2);
 }
-const issuer = `http://127.0.0.1:${port}`;
+const tls = args['tls-cert'] && args['tls-key']
+  ? { cert: readFileSync(args['tls-cert']), key: readFileSync(args['tls-key']) }
+  : undefined;
+const issuer = `${tls ? 'https' : 'http'}://127.0.0.1:${port}`;
 
 // The people and their groups. Passwords are checked by the login page.
 const USERS = {
@@ -322,7 +330,7 @@ async function sign({ claims, mode }) {
   }
 }
 
-const server = createServer(async (req, res) => {
+async function handle(req, res) {
   try {
     const url = new URL(req.url, issuer);
     const step = url.pathname.match(/^\/interaction\/([^/]+)(?:\/(login|confirm))?$/);
@@ -343,7 +351,9 @@ const server = createServer(async (req, res) => {
     if (!res.headersSent) send(res, 500, 'text/plain', String(error));
     return undefined;
   }
-});
+}
+
+const server = tls ? createTlsServer(tls, handle) : createServer(handle);
 
 server.listen(port, '127.0.0.1', () => {
   console.log(`listening on ${issuer}`);

@@ -35,6 +35,11 @@ pub struct IdentityConfig {
     /// The client `portcullis login` signs in as (a public client allowed
     /// the device grant and refresh tokens).
     pub client_id: String,
+    /// PEM certificates to trust for the provider besides the Mozilla
+    /// roots (a provider behind a private CA). Must be readable by the
+    /// users who run `portcullis login`.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// A file (root-only) holding the client secret, for providers that
     /// require client authentication when the daemon refreshes a login.
     #[serde(default)]

@@ -3,7 +3,10 @@
 //! credentials grant for service accounts. Both end with tokens that the
 //! CLI hands to the daemon, which verifies them itself.
 
-use std::{future::Future, path::Path};
+use std::{
+    future::Future,
+    path::{Path, PathBuf},
+};
 
 use openidconnect::{
     core::{CoreClient, CoreDeviceAuthorizationResponse},
@@ -20,6 +23,9 @@ pub struct LoginParams {
     pub client_id: String,
     pub scopes: Vec<String>,
     pub resource: Option<String>,
+    /// Extra CA certificates for the provider (`[identity] ca_file`).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Tokens a login hands to the daemon. Never written to disk.
@@ -65,7 +71,7 @@ where
     F: FnOnce(DevicePrompt) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let http = http::client()?;
+    let http = http::client(params.ca_file.as_deref())?;
     let issuer = http::issuer_url(&params.issuer).map_err(IdentityError::Unavailable)?;
     let metadata = discovery::discover(&issuer, &http).await?;
     let device_url = metadata
@@ -123,7 +129,7 @@ pub async fn client_credentials_login(
     scopes: &[String],
 ) -> Result<LoginTokens, IdentityError> {
     let secret = read_secret(secret_file)?;
-    let http = http::client()?;
+    let http = http::client(params.ca_file.as_deref())?;
     let issuer = http::issuer_url(&params.issuer).map_err(IdentityError::Unavailable)?;
     let metadata = discovery::discover(&issuer, &http).await?;
     let client = CoreClient::from_provider_metadata(

@@ -4,10 +4,10 @@
 //! Redirects are not followed (a token endpoint that redirects is either
 //! misconfigured or an attempt to send credentials elsewhere), proxies from
 //! the environment are ignored (the daemon talks to the provider directly),
-//! and TLS is rustls with the Mozilla root set (webpki-roots): no OpenSSL.
-//! A provider behind a private CA is not supported yet.
+//! and TLS is rustls with the Mozilla root set (webpki-roots) plus the
+//! configured `ca_file` (a provider behind a private CA): no OpenSSL.
 
-use std::{net::IpAddr, time::Duration};
+use std::{net::IpAddr, path::Path, time::Duration};
 
 use openidconnect::{reqwest, IssuerUrl};
 
@@ -16,11 +16,31 @@ use super::IdentityError;
 /// How long one request to the provider may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
-pub fn client() -> Result<reqwest::Client, IdentityError> {
-    reqwest::ClientBuilder::new()
+/// The client for the provider; `ca_file` (PEM, one or more certificates)
+/// is trusted in addition to the Mozilla roots.
+pub fn client(ca_file: Option<&Path>) -> Result<reqwest::Client, IdentityError> {
+    let mut builder = reqwest::ClientBuilder::new()
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
-        .timeout(REQUEST_TIMEOUT)
+        .timeout(REQUEST_TIMEOUT);
+    if let Some(path) = ca_file {
+        let unusable = |e: String| {
+            IdentityError::Unavailable(format!(
+                "[identity] ca_file {}: {e}; it must hold PEM certificates",
+                path.display()
+            ))
+        };
+        let pem = std::fs::read(path).map_err(|e| unusable(e.to_string()))?;
+        let certificates =
+            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| unusable(e.to_string()))?;
+        if certificates.is_empty() {
+            return Err(unusable("no certificate found".into()));
+        }
+        for certificate in certificates {
+            builder = builder.add_root_certificate(certificate);
+        }
+    }
+    builder
         .build()
         .map_err(|e| IdentityError::Unavailable(format!("building the HTTP client: {e}")))
 }

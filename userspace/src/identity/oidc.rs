@@ -51,7 +51,7 @@ impl OidcIdentity {
         config: &IdentityConfig,
         recorder: Arc<dyn Recorder>,
     ) -> Result<Arc<Self>, IdentityError> {
-        let http = http::client()?;
+        let http = http::client(config.ca_file.as_deref())?;
         let issuer = http::issuer_url(&config.issuer).map_err(IdentityError::Unavailable)?;
         let metadata = discovery::discover(&issuer, &http).await?;
         let jwks = JwksCache::fetch(metadata.jwks_uri().clone(), http.clone()).await?;
@@ -88,6 +88,7 @@ impl OidcIdentity {
             client_id: self.config.client_id.clone(),
             scopes: self.config.scopes.clone(),
             resource: self.config.resource.clone(),
+            ca_file: self.config.ca_file.clone(),
         }
     }
 
