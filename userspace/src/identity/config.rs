@@ -146,3 +146,62 @@ impl IdentityConfig {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &str) -> Result<IdentityConfig, String> {
+        let config: IdentityConfig = toml::from_str(&format!(
+            "issuer = \"https://idp.example/realms/ops\"\nclient_id = \"portcullis\"\n{extra}"
+        ))
+        .map_err(|e| e.to_string())?;
+        config.validate().map(|()| config)
+    }
+
+    #[test]
+    fn defaults_ask_for_refresh_tokens_and_use_the_groups_claim() {
+        let c = parse("").unwrap();
+        assert_eq!(c.groups_claim, "groups");
+        assert_eq!(c.clock_skew_seconds, 60);
+        assert_eq!(c.control_socket, PathBuf::from(DEFAULT_CONTROL_SOCKET));
+        assert!(c.scopes.iter().any(|s| s == "offline_access"));
+        assert_eq!(c.service_rule(), None);
+    }
+
+    #[test]
+    fn mistakes_are_explained() {
+        let http = toml::from_str::<IdentityConfig>(
+            "issuer = \"http://idp.example\"\nclient_id = \"portcullis\"\n",
+        )
+        .unwrap()
+        .validate()
+        .unwrap_err();
+        assert!(http.contains("loopback providers only"), "{http}");
+        let no_openid = parse("scopes = [\"email\"]").unwrap_err();
+        assert!(no_openid.contains("must include \"openid\""), "{no_openid}");
+        let skew = parse("clock_skew_seconds = 3600").unwrap_err();
+        assert!(skew.contains("fix the clocks"), "{skew}");
+        let service = parse("service_claim = \"=app\"").unwrap_err();
+        assert!(service.contains("claim=value"), "{service}");
+        let role = parse("[roles]\ndba = [\"\"]").unwrap_err();
+        assert!(role.contains("must not be empty"), "{role}");
+        assert!(parse("unknown = 1").is_err());
+    }
+
+    #[test]
+    fn service_claim_is_a_name_or_a_name_and_value() {
+        assert_eq!(
+            parse("service_claim = \"idtyp=app\"")
+                .unwrap()
+                .service_rule(),
+            Some(("idtyp".into(), Some("app".into())))
+        );
+        assert_eq!(
+            parse("service_claim = \"client_id\"")
+                .unwrap()
+                .service_rule(),
+            Some(("client_id".into(), None))
+        );
+    }
+}
