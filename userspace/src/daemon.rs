@@ -138,6 +138,9 @@ fn reload(path: &std::path::Path, running: &Config, enforcement: &mut Enforcemen
             if config.listeners != running.listeners || config.kernel != running.kernel {
                 warn!("listener and [kernel] changes take effect on restart only");
             }
+            if config.identity != running.identity {
+                warn!("[identity] changes take effect on restart only (a restart ends every login)");
+            }
             let rules = kernel::compile_rules(&config)?;
             Ok(enforcement.update_rules(&rules)?)
         });
