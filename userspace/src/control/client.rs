@@ -17,8 +17,8 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 pub fn request(path: &Path, request: &Request) -> Result<Response, ControlError> {
     let at = || path.display().to_string();
     let mut stream =
-        UnixStream::connect(path).map_err(|source| ControlError::Connect { path: at(), source })?;
-    let io = |source| ControlError::Io { path: at(), source };
+        UnixStream::connect(path).map_err(|error| ControlError::Connect { path: at(), error })?;
+    let io = |error| ControlError::Io { path: at(), error };
     stream
         .set_read_timeout(Some(RESPONSE_TIMEOUT))
         .map_err(io)?;

@@ -25,19 +25,13 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("control socket {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("control socket {path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error(
-        "cannot reach the gateway at {path}: {source} (is the daemon running with an [identity] section? \
+        "cannot reach the gateway at {path}: {error} (is the daemon running with an [identity] section? \
          pass --socket or set PORTCULLIS_CONTROL_SOCKET if it listens elsewhere)"
     )]
-    Connect {
-        path: String,
-        source: std::io::Error,
-    },
+    Connect { path: String, error: std::io::Error },
     #[error("another process already serves the control socket {0}: stop it first")]
     InUse(String),
     #[error("malformed control message: {0}")]

@@ -19,9 +19,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// created 0755 if missing; a stale socket left by a crash is replaced, a
 /// live one is not.
 pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
-    let io = |source| ControlError::Io {
+    let io = |error| ControlError::Io {
         path: path.display().to_string(),
-        source,
+        error,
     };
     if let Some(parent) = path.parent() {
         if !parent.exists() {
