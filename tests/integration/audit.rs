@@ -303,6 +303,7 @@ fn kill_9_during_heavy_recording_loses_nothing_acknowledged() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    eprintln!("{} sessions acknowledged before kill -9", acknowledged.len());
     // Read the store as the crash left it (daemon down: the files).
     let events = gateway.events();
     let started: std::collections::HashSet<String> = events

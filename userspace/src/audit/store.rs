@@ -4,18 +4,27 @@
 //!
 //! sled 0.34.7 rather than the 1.0 alphas: 0.34 is the stable release with
 //! a settled on-disk format; the alphas change both API and format, which an
-//! evidence store that must stay readable for years cannot follow. sled
-//! makes nothing durable by itself: the writer calls `flush` (fsync) before
-//! it confirms a batch.
+//! evidence store that must stay readable for years cannot follow.
+//!
+//! sled makes nothing durable by itself, and its `flush` is not enough for
+//! power loss: on Linux it ends with `sync_file_range`, which neither
+//! flushes the drive's write cache nor the file's metadata, and it never
+//! syncs blob files (values too large for a log segment). [`Store::sync`]
+//! therefore follows `flush` with `fdatasync` on the log file and `fsync`
+//! on new blob files and their directory; the writer confirms a batch only
+//! after it.
 //!
 //! sled allows one process per database, so the daemon owns it; the CLI
 //! asks the daemon over `audit.sock` and opens the files itself only when
 //! the daemon is not running (see [`super::source`]).
 
 use std::{
-    fs::DirBuilder,
+    collections::HashSet,
+    ffi::OsString,
+    fs::{DirBuilder, File},
     os::unix::fs::{DirBuilderExt, PermissionsExt},
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
 };
 
 use serde::{Deserialize, Serialize};
@@ -73,6 +82,10 @@ pub struct Store {
     pub(super) subjects: sled::Tree,
     pub(super) meta: sled::Tree,
     dir: PathBuf,
+    /// sled's log file, for `fdatasync`.
+    log: Arc<File>,
+    /// Blob files already synced.
+    synced_blobs: Arc<Mutex<HashSet<OsString>>>,
 }
 
 impl Store {
@@ -122,7 +135,14 @@ impl Store {
                 }
                 other => AuditError::Store(other),
             })?;
+        let log_path = dir.join("chain").join("db");
+        let log = File::open(&log_path).map_err(|source| AuditError::Io {
+            path: log_path,
+            source,
+        })?;
         Ok(Self {
+            log: Arc::new(log),
+            synced_blobs: Arc::default(),
             chain: db.open_tree("chain")?,
             checkpoints: db.open_tree("checkpoints")?,
             subjects: db.open_tree("subjects")?,
@@ -130,6 +150,39 @@ impl Store {
             db,
             dir,
         })
+    }
+
+    /// Makes everything written so far durable, power loss included.
+    pub fn sync(&self) -> Result<(), AuditError> {
+        self.db.flush()?;
+        let io = |path: PathBuf| move |source| AuditError::Io { path, source };
+        self.log
+            .sync_data()
+            .map_err(io(self.dir.join("chain/db")))?;
+        let blobs = self.dir.join("chain").join("blobs");
+        let Ok(entries) = std::fs::read_dir(&blobs) else {
+            return Ok(());
+        };
+        let mut synced = self.synced_blobs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut present = HashSet::new();
+        let mut new = false;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if !synced.contains(&name) {
+                File::open(entry.path())
+                    .and_then(|f| f.sync_all())
+                    .map_err(io(entry.path()))?;
+                new = true;
+            }
+            present.insert(name);
+        }
+        if new {
+            File::open(&blobs)
+                .and_then(|d| d.sync_all())
+                .map_err(io(blobs.clone()))?;
+        }
+        *synced = present;
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {
@@ -211,7 +264,7 @@ impl Store {
         };
         self.meta
             .insert(META_CHECKPOINT, serde_json::to_vec(&meta)?)?;
-        self.db.flush()?;
+        self.sync()?;
         let path = self.dir.join(CHECKPOINT_FILE);
         let tmp = self.dir.join(format!("{CHECKPOINT_FILE}.tmp"));
         let io = |source| AuditError::Io {
@@ -222,7 +275,8 @@ impl Store {
         std::fs::File::open(&tmp)
             .and_then(|f| f.sync_all())
             .map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io)
     }
 
     /// The last checkpoint in the tree.

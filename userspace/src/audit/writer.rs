@@ -383,7 +383,7 @@ impl Writer {
             }
             self.store.subjects.apply_batch(index)?;
         }
-        self.store.db.flush()?;
+        self.store.sync()?;
         Ok(())
     }
 
@@ -466,7 +466,7 @@ impl Writer {
         }
         self.store.chain.apply_batch(chain)?;
         self.store.subjects.apply_batch(index)?;
-        self.store.db.flush()?;
+        self.store.sync()?;
         self.head_seq = purge_seq;
         self.head_hash = record.hash;
         info!(

@@ -1,0 +1,142 @@
+//! Audit store throughput, measured in one run:
+//!
+//! * durable appends per second with 1 producer (each waits for its ack
+//!   before the next event: one flush per event), and with N concurrent
+//!   producers (group commit: one flush per batch), against a plain file
+//!   with one `fdatasync` per event (the floor any durable log pays);
+//! * verification throughput (records per second) over the chain built.
+//!
+//! Run: `cargo bench --bench audit` (any user; it writes to a temp dir).
+
+use std::{
+    fs::OpenOptions,
+    io::Write,
+    os::unix::fs::OpenOptionsExt,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use portcullis::audit::{
+    keys::{self, Keys},
+    source::LocalSource,
+    verify::verify,
+    AuditEvent, CheckpointPolicy, Recorder, SessionEnd, SledRecorder, Store,
+};
+
+const EVENTS_PER_PHASE: usize = 4_000;
+const PRODUCERS: [usize; 3] = [4, 16, 64];
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        println!("audit: bench");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let state = dir.path().join("state");
+    let store = Store::open(&state).expect("store");
+    let keys = Keys::load_or_create(&state).expect("keys");
+    let recorder = Arc::new(
+        SledRecorder::start(store.clone(), keys, CheckpointPolicy::default()).expect("writer"),
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    let direct = fsync_per_event(dir.path(), EVENTS_PER_PHASE / 4);
+    println!("durable appends/s (higher is better), {EVENTS_PER_PHASE} events per phase:");
+    println!(
+        "  {:<36} {:>10.0}",
+        "plain file, fdatasync per event", direct
+    );
+    let single = runtime.block_on(appends(&recorder, 1, EVENTS_PER_PHASE / 4));
+    println!(
+        "  {:<36} {:>10.0}   x{:.2} of plain fdatasync",
+        "sled store, 1 producer",
+        single,
+        single / direct
+    );
+    for producers in PRODUCERS {
+        let rate = runtime.block_on(appends(&recorder, producers, EVENTS_PER_PHASE));
+        println!(
+            "  {:<36} {:>10.0}   x{:.2} of plain fdatasync, x{:.2} of 1 producer",
+            format!("sled store, {producers} producers"),
+            rate,
+            rate / direct,
+            rate / single
+        );
+    }
+    // A longer chain for verification.
+    runtime.block_on(appends(&recorder, 256, 50_000));
+    recorder.close().expect("close");
+
+    let key = keys::public_key(&state).expect("public key");
+    let source = LocalSource::new(store);
+    let started = Instant::now();
+    let result = verify(&source, &key).expect("verify");
+    let elapsed = started.elapsed();
+    assert!(result.ok, "{:?}", result.problems.first());
+    println!(
+        "verify: {} records and {} checkpoints in {:.2}s = {:.0} records/s",
+        result.records,
+        result.checkpoints,
+        elapsed.as_secs_f64(),
+        result.records as f64 / elapsed.as_secs_f64()
+    );
+}
+
+fn event(n: usize) -> AuditEvent {
+    AuditEvent::SessionEnd(SessionEnd {
+        session: format!("bench-{n}"),
+        bytes_from_client: 512,
+        bytes_from_server: 4096,
+        duration_ms: 12,
+        error: None,
+    })
+}
+
+/// `producers` tasks each append `total / producers` events, each waiting
+/// for its ack; returns events per second.
+async fn appends(recorder: &Arc<SledRecorder>, producers: usize, total: usize) -> f64 {
+    let per = total / producers;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for p in 0..producers {
+        let recorder = Arc::clone(recorder);
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per {
+                recorder
+                    .record(event(p * per + i))
+                    .durable()
+                    .await
+                    .expect("durable");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("producer");
+    }
+    (per * producers) as f64
+        / started
+            .elapsed()
+            .max(Duration::from_micros(1))
+            .as_secs_f64()
+}
+
+/// The reference: a JSON line appended and fdatasync'd per event.
+fn fsync_per_event(dir: &std::path::Path, count: usize) -> f64 {
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(dir.join("plain.jsonl"))
+        .expect("plain file");
+    let started = Instant::now();
+    for n in 0..count {
+        let mut line = serde_json::to_vec(&event(n)).expect("json");
+        line.push(b'\n');
+        file.write_all(&line).expect("write");
+        file.sync_data().expect("fdatasync");
+    }
+    count as f64 / started.elapsed().as_secs_f64()
+}
