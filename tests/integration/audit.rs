@@ -20,7 +20,7 @@ use portcullis::{
 };
 use serde_json::Value;
 
-use crate::harness::*;
+use crate::{harness::*, pg::PgCluster};
 
 /// Runs `portcullis --config CONFIG args...`.
 fn portcullis(config: &Path, args: &[&str]) -> Output {
@@ -303,7 +303,10 @@ fn kill_9_during_heavy_recording_loses_nothing_acknowledged() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    eprintln!("{} sessions acknowledged before kill -9", acknowledged.len());
+    eprintln!(
+        "{} sessions acknowledged before kill -9",
+        acknowledged.len()
+    );
     // Read the store as the crash left it (daemon down: the files).
     let events = gateway.events();
     let started: std::collections::HashSet<String> = events
@@ -609,4 +612,264 @@ fn gdpr_report_renders_in_a_browser() {
         std::fs::copy(&png, path).unwrap();
         std::fs::copy(&html, dir.path().join("report.html")).unwrap();
     }
+}
+
+/// psql through the redirect to a real cluster: statements land in the
+/// store, personal values in their text are indexed, and the auditor tools
+/// find, filter and replay the session.
+#[test]
+fn psql_session_is_found_by_subject_replayed_and_filtered() {
+    let cgroup = TestCgroup::new();
+    let cluster = PgCluster::start_with(false);
+    let secret = cluster.secret_file("audit", crate::pg::PG_PASSWORD);
+    let listener = free_port();
+    let extra = format!(
+        "[[listener]]\nname = \"pg\"\naddress = \"127.0.0.1:{listener}\"\nprotocol = \"postgres\"\n\n\
+         [[resource]]\nname = \"orders\"\nprotocol = \"postgres\"\naddress = \"{addr}\"\ntls = \"disable\"\n\n\
+         [[resource.grant]]\nusers = [\"unix:root\"]\nupstream_user = \"postgres\"\npassword_file = \"{secret}\"\n",
+        addr = cluster.addr(),
+        secret = secret.display()
+    );
+    let gateway = Gateway::start_with_config(
+        &cgroup,
+        &[Protect {
+            destination: "127.0.0.1".into(),
+            port: Some(cluster.port),
+            to: "pg".into(),
+        }],
+        &extra,
+    );
+    let port = cluster.port.to_string();
+    let sql = "select 'Dana.Subject@example.net' as email, 7 as n";
+    let out = cgroup.run(
+        "psql",
+        &[
+            "-X",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-Atc",
+            sql,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "psql: {}\n{}",
+        text(&out),
+        gateway.log()
+    );
+    let statement = gateway.wait_for_event("statement", |e| {
+        e["event"] == "statement" && e["text"] == sql
+    });
+    let session = statement["session"].as_str().unwrap().to_string();
+    gateway.wait_for_event("session end", |e| {
+        e["event"] == "session_end" && e["session"] == session.as_str()
+    });
+
+    // Data-subject look-up through the running daemon (audit.sock).
+    let out = gateway.cli(&["audit", "subject", "dana.subject@EXAMPLE.net", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let hits: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        hits.iter()
+            .any(|h| h["session"] == session.as_str() && h["seq"] == statement["seq"]),
+        "{hits:?} should name session {session} at seq {}",
+        statement["seq"]
+    );
+
+    // Sessions filtered by resource and identity, as CSV.
+    let out = gateway.cli(&[
+        "audit",
+        "sessions",
+        "--resource",
+        "orders",
+        "--identity",
+        "root",
+        "--csv",
+    ]);
+    let csv = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        csv.starts_with("session,start,end,identity,resource,protocol,destination,events\n"),
+        "{csv}"
+    );
+    assert!(
+        csv.lines()
+            .any(|l| l.starts_with(&session) && l.contains(",orders,postgres,")),
+        "{csv}"
+    );
+    let out = gateway.cli(&["audit", "sessions", "--resource", "no-such-resource"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("(nothing matches)"));
+
+    // Events filtered by action, as JSON.
+    let out = gateway.cli(&[
+        "audit",
+        "events",
+        "--action",
+        "statement",
+        "--session",
+        &session,
+        "--json",
+    ]);
+    let events: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        !events.is_empty() && events.iter().all(|e| e["event"] == "statement"),
+        "{events:?}"
+    );
+
+    // Replay: the statement with its recorded result.
+    let out = gateway.cli(&["audit", "replay", &session]);
+    let replay = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        replay.contains(&format!("session {session}: root on orders (postgres)")),
+        "{replay}"
+    );
+    assert!(replay.contains(&format!("{sql} -> 1 rows")), "{replay}");
+    assert!(replay.contains("command_tag: \"SELECT 1\""), "{replay}");
+
+    let out = gateway.cli(&["audit", "verify"]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn export_streams_the_chain_with_hashes_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = recorded_directly(dir.path(), &[("s-1", "orders", "erin@example.com")]);
+    let config = config_for(dir.path(), &state, "");
+    let file = dir.path().join("export.jsonl");
+    let to = file.to_str().unwrap();
+    let out = portcullis(&config, &["audit", "export", "--to", to]);
+    assert!(out.status.success(), "{}", text(&out));
+    let lines = |path: &Path| -> Vec<Value> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let first = lines(&file);
+    assert_eq!(first.len(), 2);
+    assert_eq!(first[0]["seq"], 1);
+    assert_eq!(first[0]["prev"], "0".repeat(64));
+    assert_eq!(first[1]["prev"], first[0]["hash"], "lines carry the chain");
+    assert_eq!(first[0]["event"]["event"], "session_start");
+    assert!(first[0]["at"].as_str().unwrap().ends_with('Z'));
+
+    // More records; a second export resumes after the last line.
+    {
+        let store = Store::open(&state).unwrap();
+        let keys = Keys::load_or_create(&state).unwrap();
+        let recorder = SledRecorder::start(store, keys, CheckpointPolicy::default()).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let end = AuditEvent::SessionEnd(SessionEnd {
+                session: "s-2".into(),
+                bytes_from_client: 1,
+                bytes_from_server: 2,
+                duration_ms: 3,
+                error: None,
+            });
+            recorder.record(end).durable().await.unwrap();
+        });
+        recorder.close().unwrap();
+    }
+    let out = portcullis(&config, &["audit", "export", "--to", to]);
+    assert!(out.status.success(), "{}", text(&out));
+    let all = lines(&file);
+    let seqs: Vec<_> = all.iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [1, 2, 3], "resumed without repeating");
+    assert_eq!(all[2]["prev"], all[1]["hash"]);
+
+    // To a Unix socket, as a log shipper listens, from a given seq.
+    let socket = dir.path().join("shipper.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let reader = thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut text).unwrap();
+        text
+    });
+    let target = format!("unix:{}", socket.display());
+    let out = portcullis(
+        &config,
+        &["audit", "export", "--to", &target, "--from", "2"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let received = reader.join().unwrap();
+    let seqs: Vec<u64> = received
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seqs, [2, 3]);
+}
+
+#[test]
+fn daemon_exports_to_the_configured_file_and_refuses_non_root() {
+    let cgroup = TestCgroup::new();
+    let upstream = HttpUpstream::start("127.0.0.1:0", "exported");
+    let export = tempfile::tempdir().unwrap();
+    let file = export.path().join("fleet.jsonl");
+    let gateway = Gateway::start_with_config(
+        &cgroup,
+        &[Protect::redirect("127.0.0.1", upstream.addr.port())],
+        &format!(
+            "[audit]\nexport = \"{}\"\ncheckpoint_every = 2\n",
+            file.display()
+        ),
+    );
+    let url = format!("http://{}/", upstream.addr);
+    let out = cgroup.run("curl", &["-sS", "-m", "10", &url]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "exported");
+    let end = gateway.wait_for_event("session end", |e| e["event"] == "session_end");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        if text.lines().any(|l| l.contains("\"session_end\"")) {
+            let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+            assert!(last["seq"].as_u64() >= end["seq"].as_u64());
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing exported: {}",
+            gateway.log()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    // Store files and socket are root only, and so are the commands.
+    let mode = |p: &Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions())
+            & 0o777
+    };
+    let state = gateway.dir.path().join("state");
+    assert_eq!(mode(&state.join("audit")), 0o700);
+    assert_eq!(mode(&state.join("audit.sock")), 0o600);
+    assert_eq!(mode(&state.join("audit-signing.key")), 0o600);
+    assert_eq!(mode(&state.join("audit-subject.key")), 0o600);
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            PORTCULLIS,
+            "--config",
+        ])
+        .arg(&gateway.config_path)
+        .args(["audit", "events"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out).contains("run this as root"), "{}", text(&out));
 }

@@ -429,7 +429,8 @@ fn replay(config: &Config, session: &str, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(());
     }
-    let c = &first.context;
+    // The latest context: an adapter's login names the resource.
+    let c = &events[events.len() - 1].context;
     println!(
         "session {session}: {} on {} ({}) to {}",
         c.identity, c.resource, c.protocol, c.destination
