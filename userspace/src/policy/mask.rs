@@ -115,6 +115,25 @@ impl Style {
 }
 
 fn partial(value: &[u8], keep_last: usize, out: &mut Vec<u8>) {
+    if value.is_ascii() {
+        // The common case, without UTF-8 decoding.
+        let total = value.iter().filter(|c| c.is_ascii_alphanumeric()).count();
+        let hide = total.saturating_sub(keep_last);
+        if hide == 0 && total > 0 {
+            out.extend(std::iter::repeat_n(b'*', value.len()));
+            return;
+        }
+        let mut seen = 0;
+        for &c in value {
+            if c.is_ascii_alphanumeric() {
+                seen += 1;
+                out.push(if seen <= hide { b'*' } else { c });
+            } else {
+                out.push(c);
+            }
+        }
+        return;
+    }
     let Ok(text) = std::str::from_utf8(value) else {
         out.extend_from_slice(REDACTED);
         return;

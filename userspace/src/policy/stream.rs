@@ -10,7 +10,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use super::{
-    detect::Detector,
+    detect::{Detector, Stats},
     file::{MaskTarget, Policy},
     mask::{PseudonymKey, Style},
     sql::{Output, Statement},
@@ -297,7 +297,11 @@ impl RowMasker {
 
     fn scan(&mut self, value: &[u8], out: &mut Vec<u8>, fired: &mut Fired) {
         self.hits.clear();
+        let stats = Stats::of(value);
         for (mask, detector, _) in &self.detectors {
+            if !detector.may_match(&stats) {
+                continue;
+            }
             let hits = &mut self.hits;
             detector.each_match(value, &mut |s, e| hits.push((s, e, *mask)));
         }

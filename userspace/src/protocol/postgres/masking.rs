@@ -16,7 +16,7 @@
 //! Responses are matched to requests with a queue, as in [`super::statements`].
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     sync::{atomic::Ordering, Arc, Mutex},
 };
 
@@ -63,7 +63,11 @@ enum Expect {
         portal: String,
         formats: Vec<i16>,
     },
-    /// Parse, Bind, Close: one reply each.
+    /// A Parse of this statement name: its old description is stale.
+    Parsed(String),
+    /// A Bind of this portal name: its old description is stale.
+    Bound(String),
+    /// Close (or a malformed message): one reply.
     Other,
     Sync,
 }
@@ -95,7 +99,7 @@ pub async fn run(
         notices,
         statements: HashMap::new(),
         portals: HashMap::new(),
-        blocked: HashMap::new(),
+        blocked: HashSet::new(),
     }
     .run(client_read, upstream_write, counters);
     let to_client = ServerHalf {
@@ -271,7 +275,7 @@ struct ClientHalf<'g> {
     /// Portals: their statement and result formats.
     portals: HashMap<String, (String, Vec<i16>)>,
     /// Prepared statements replaced by a refusal (their Binds are emptied).
-    blocked: HashMap<String, ()>,
+    blocked: HashSet<String>,
 }
 
 impl ClientHalf<'_> {
@@ -373,7 +377,7 @@ impl ClientHalf<'_> {
                 };
                 let rest = &body[end + 1..];
                 let sql = rest.split(|b| *b == 0).next().unwrap_or_default();
-                self.push(Expect::Other);
+                self.push(Expect::Parsed(name.clone()));
                 match self.judge(sql).await {
                     Ok(proceed) => {
                         self.blocked.remove(&name);
@@ -387,19 +391,20 @@ impl ClientHalf<'_> {
                         p.extend_from_slice(&0i16.to_be_bytes());
                         message(b'P', &p, out);
                         self.statements.insert(name.clone(), None);
-                        self.blocked.insert(name, ());
+                        self.blocked.insert(name);
                     }
                 }
             }
             b'B' => {
-                self.push(Expect::Other);
                 let mut r = Reader::new(body, "Bind");
                 let (Ok(portal), Ok(statement)) = (r.cstr(), r.cstr()) else {
+                    self.push(Expect::Other);
                     message(kind, body, out);
                     return;
                 };
+                self.push(Expect::Bound(portal.clone()));
                 let formats = result_formats(&mut r).unwrap_or_default();
-                if self.blocked.contains_key(&statement) {
+                if self.blocked.contains(&statement) {
                     // The statement is now a DO block without parameters
                     // or columns: bind it with none.
                     let mut b = Vec::new();
@@ -729,7 +734,18 @@ impl ServerHalf<'_> {
                 }
             }
             b'1' | b'2' | b'3' => {
-                if self.front_is(|e| matches!(e, Expect::Other)) {
+                let front = lock(&self.queue).front().map(|e| match e {
+                    Expect::Parsed(name) => (Some(name.clone()), None),
+                    Expect::Bound(name) => (None, Some(name.clone())),
+                    _ => (None, None),
+                });
+                if let Some((statement, portal)) = front {
+                    if let Some(name) = statement {
+                        self.statement_fields.remove(&name);
+                    }
+                    if let Some(name) = portal {
+                        self.portal_fields.remove(&name);
+                    }
                     self.pop();
                 }
             }
@@ -776,5 +792,77 @@ impl ServerHalf<'_> {
         self.responses.on_message(kind, body);
         message(kind, body, out);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        message(kind, body, &mut out);
+        out
+    }
+
+    /// Reassembles what the framer hands out, collecting only `C`.
+    fn reframe(stream: &[u8], split: usize) -> (Vec<u8>, Vec<(u8, Vec<u8>)>) {
+        let mut framer = Framer::default();
+        let (mut raw, mut collected) = (Vec::new(), Vec::new());
+        for part in [&stream[..split], &stream[split..]] {
+            let mut at = 0;
+            while let Some(piece) = framer.next(part, &mut at, |k| k == b'C').unwrap() {
+                match piece {
+                    Piece::Header => raw.extend_from_slice(&framer.header),
+                    Piece::Raw(bytes) => raw.extend_from_slice(bytes),
+                    Piece::Passed(_) => {}
+                    Piece::Collected(kind) => {
+                        collected.push((kind, framer.body.clone()));
+                        raw.extend(msg(kind, &framer.body));
+                    }
+                }
+            }
+        }
+        (raw, collected)
+    }
+
+    #[test]
+    fn framing_survives_every_split() {
+        let mut stream = msg(b'D', b"row-1");
+        stream.extend(msg(b'C', b"SELECT 1\0"));
+        stream.extend(msg(b'Z', b"I"));
+        for split in 0..=stream.len() {
+            let (raw, collected) = reframe(&stream, split);
+            assert_eq!(raw, stream, "split at {split}");
+            assert_eq!(collected, vec![(b'C', b"SELECT 1\0".to_vec())]);
+        }
+    }
+
+    #[test]
+    fn bad_lengths_end_the_session_without_panic() {
+        let mut framer = Framer::default();
+        let mut at = 0;
+        assert!(framer.next(&[b'Q', 0, 0, 0, 1], &mut at, |_| true).is_err());
+    }
+
+    #[test]
+    fn refusals_cannot_break_out_of_the_do_block() {
+        let sql = raise(&Refusal {
+            rule: "r'$x".into(),
+            reason: "it's $portcullis$; DROP TABLE t; --".into(),
+        });
+        let parsed = crate::policy::classify(&sql, &[]).unwrap();
+        assert_eq!(parsed.len(), 1, "{sql}");
+        assert_eq!(parsed[0].command, "DO");
+        assert!(sql.contains("it''s portcullis; DROP TABLE t; --"), "{sql}");
+    }
+
+    #[test]
+    fn notices_are_well_formed() {
+        let n = notice("approval request 1");
+        assert_eq!(n[0], b'N');
+        let len = u32::from_be_bytes([n[1], n[2], n[3], n[4]]) as usize;
+        assert_eq!(len, n.len() - 1);
+        assert!(n.ends_with(b"approval request 1\0\0"));
     }
 }
