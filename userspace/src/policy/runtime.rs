@@ -48,7 +48,7 @@ pub enum Gate {
     /// Refuse it with SQLSTATE 42501 and this reason (already recorded).
     Refuse(Refusal),
     /// Hold it: tell the client `notice`, then await [`Hold::resolve`].
-    Hold(Hold),
+    Hold(Box<Hold>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -303,7 +303,7 @@ impl PolicyRuntime {
                         }
                     });
                 }
-                Gate::Hold(Hold {
+                Gate::Hold(Box::new(Hold {
                     notice: format!(
                         "approval request {id}: {reason}; waiting up to {} for an approver ({approvers}); they can run `portcullis approvals approve {id}`",
                         humantime::format_duration(timeout)
@@ -311,7 +311,7 @@ impl PolicyRuntime {
                     id,
                     waiter,
                     proceed,
-                })
+                }))
             }
         }
     }

@@ -726,12 +726,11 @@ impl ServerHalf<'_> {
                     self.current.copy = p.copy_rows(*i);
                 }
             }
-            b'n' => {
-                if self.front_is(|e| {
-                    matches!(e, Expect::DescribeStatement(_) | Expect::DescribePortal(_))
-                }) {
-                    self.pop();
-                }
+            b'n' if self.front_is(|e| {
+                matches!(e, Expect::DescribeStatement(_) | Expect::DescribePortal(_))
+            }) =>
+            {
+                self.pop();
             }
             b'1' | b'2' | b'3' => {
                 let front = lock(&self.queue).front().map(|e| match e {
