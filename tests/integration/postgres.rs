@@ -433,6 +433,8 @@ fn cancel_request_reaches_the_upstream_backend() {
 #[test]
 fn million_rows_stream_with_bounded_memory_and_mid_result_disconnect() {
     let s = Setup::new();
+    assert_eq!(s.query("select 1"), "1");
+    let baseline = s.daemon_peak_kib();
     let sql = "copy (select g, repeat('x', 100) from generate_series(1, 1000000) g) to stdout";
     // A slow reader: psql's output pipe is not read for 3 s.
     let child = s
@@ -476,8 +478,13 @@ fn million_rows_stream_with_bounded_memory_and_mid_result_disconnect() {
         e["text"].as_str().unwrap_or("").contains("repeat('y'")
     });
     assert_eq!(rows["rows_returned"], 1_000_000);
+    // About 230 MB went through; the gateway's peak grows by buffers only.
     let peak = s.daemon_peak_kib();
-    assert!(peak < 64 * 1024, "gateway peak RSS {peak} KiB");
+    eprintln!("gateway VmHWM: {baseline} KiB before, {peak} KiB after");
+    assert!(
+        peak < baseline + 16 * 1024,
+        "gateway peak RSS grew from {baseline} to {peak} KiB"
+    );
 
     // A client that goes away mid-result: the session ends, the daemon
     // keeps serving.

@@ -289,10 +289,12 @@ async fn session(
     // waits for all of them.
     let confirmations = tokio::spawn(async move {
         let mut lost = 0u64;
-        while let Some(ack) = acks.recv().await {
-            if let Err(e) = ack.durable().await {
-                tracing::error!("statement record lost: {e}");
-                lost += 1;
+        while let Some(batch) = acks.recv().await {
+            for ack in batch {
+                if let Err(e) = ack.durable().await {
+                    tracing::error!("statement record lost: {e}");
+                    lost += 1;
+                }
             }
         }
         lost

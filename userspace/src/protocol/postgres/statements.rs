@@ -21,6 +21,10 @@ use crate::audit::{Ack, AuditEvent, Recorder, Statement, StatementError};
 /// Longest parameter value kept in a record; longer ones are cut.
 const MAX_PARAMETER: usize = 4096;
 
+/// Acknowledgements handed over together: whoever awaits them wakes once
+/// per batch, not once per statement.
+const ACK_BATCH: usize = 128;
+
 /// What the client is waiting for, in order.
 enum Expect {
     /// A simple Query (or FunctionCall): ends at ReadyForQuery.
@@ -57,7 +61,8 @@ pub struct Responses {
     session: String,
     resource: String,
     recorder: Arc<dyn Recorder>,
-    acks: mpsc::UnboundedSender<Ack>,
+    acks: mpsc::UnboundedSender<Vec<Ack>>,
+    pending_acks: Vec<Ack>,
     rows: u64,
     rows_by_tag: Option<u64>,
     tag: Option<String>,
@@ -75,12 +80,13 @@ pub fn upstream_inspects(kind: u8) -> bool {
 }
 
 /// The two halves of one session's tracking, and the receiver of record
-/// acknowledgements (awaited off the hot path).
+/// acknowledgements (in batches, awaited off the hot path; the last batch
+/// arrives when the upstream half is dropped).
 pub fn tracker(
     session: String,
     resource: String,
     recorder: Arc<dyn Recorder>,
-) -> (Requests, Responses, mpsc::UnboundedReceiver<Ack>) {
+) -> (Requests, Responses, mpsc::UnboundedReceiver<Vec<Ack>>) {
     let queue: Queue = Arc::default();
     let (acks, acks_rx) = mpsc::unbounded_channel();
     (
@@ -96,6 +102,7 @@ pub fn tracker(
             resource,
             recorder,
             acks,
+            pending_acks: Vec::with_capacity(ACK_BATCH),
             rows: 0,
             rows_by_tag: None,
             tag: None,
@@ -344,7 +351,19 @@ impl Responses {
             error: self.error.take(),
         });
         self.reset();
-        let _ = self.acks.send(self.recorder.record(event));
+        self.pending_acks.push(self.recorder.record(event));
+        if self.pending_acks.len() >= ACK_BATCH {
+            let batch = std::mem::replace(&mut self.pending_acks, Vec::with_capacity(ACK_BATCH));
+            let _ = self.acks.send(batch);
+        }
+    }
+}
+
+impl Drop for Responses {
+    fn drop(&mut self) {
+        if !self.pending_acks.is_empty() {
+            let _ = self.acks.send(std::mem::take(&mut self.pending_acks));
+        }
     }
 }
 

@@ -1,0 +1,488 @@
+//! PostgreSQL through the gateway against a direct connection and against
+//! PgBouncer (session mode), measured interleaved in one run (as root).
+//!
+//! * pgbench select-only (`-S`), simple and extended protocol, 8 clients:
+//!   TPS, mean latency, ratio to direct. The gateway records every
+//!   statement into its audit store, as in production.
+//! * A large result (`COPY (select ...) TO STDOUT` of ~230 MB through
+//!   psql): throughput and ratio to direct.
+//!
+//! The gateway's clients run in a throwaway child cgroup so the kernel
+//! redirects them; direct and PgBouncer clients run outside it. Rounds
+//! rotate the order of the three targets so drift affects all alike; the
+//! median of each is reported.
+//!
+//! Run: `cargo bench --bench postgres` (release build). Needs PostgreSQL 15,
+//! pgbench, psql and pgbouncer (Debian packages postgresql, pgbouncer).
+
+use std::{
+    net::TcpListener,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+const PORTCULLIS: &str = env!("CARGO_BIN_EXE_portcullis");
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+const PASSWORD: &str = "bench-Secret-1";
+const ROUNDS: usize = 3;
+const SECONDS: &str = "8";
+const CLIENTS: &str = "8";
+const COPY_SQL: &str =
+    "copy (select g, repeat('x', 100) from generate_series(1, 2000000) g) to stdout";
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        println!("postgres: bench");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    run(
+        "chown",
+        &["postgres:postgres", work.path().to_str().unwrap()],
+    );
+    let pg = Postgres::start(work.path());
+    let cgroup = Cgroup::new();
+    let gateway = Portcullis::start(work.path(), &cgroup, pg.port);
+    let bouncer = Bouncer::start(work.path(), pg.port);
+
+    let direct_env = [("PGPASSWORD", PASSWORD)];
+    let port = pg.port.to_string();
+    let init = command(
+        None,
+        "pgbench",
+        &[
+            "-i",
+            "-s",
+            "10",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "postgres",
+        ],
+    )
+    .env("PGPASSWORD", PASSWORD)
+    .output()
+    .unwrap();
+    assert!(
+        init.status.success(),
+        "pgbench -i: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+
+    let targets: [(&str, u16, Option<&Cgroup>); 3] = [
+        ("direct", pg.port, None),
+        ("gateway", pg.port, Some(&cgroup)),
+        ("pgbouncer", bouncer.port, None),
+    ];
+    let modes = ["simple", "extended"];
+    // results[mode][target] = (tps, latency ms) per round
+    let mut results = vec![vec![Vec::new(); targets.len()]; modes.len()];
+    let mut copies = vec![Vec::new(); targets.len()];
+    for round in 0..ROUNDS {
+        for (m, mode) in modes.iter().enumerate() {
+            for k in 0..targets.len() {
+                let t = (k + round) % targets.len();
+                let (_, port, cg) = targets[t];
+                let (tps, latency, text) = pgbench(
+                    cg,
+                    port,
+                    &[
+                        "-S", "-M", mode, "-c", CLIENTS, "-j", "2", "-T", SECONDS, "-n",
+                    ],
+                    &direct_env,
+                );
+                assert!(tps > 0.0, "{} {mode}: {text}", targets[t].0);
+                results[m][t].push((tps, latency));
+            }
+        }
+        for k in 0..targets.len() {
+            let t = (k + round) % targets.len();
+            let (_, port, cg) = targets[t];
+            copies[t].push(copy_rate(cg, port));
+        }
+    }
+
+    println!(
+        "\npgbench -S, {CLIENTS} clients, {SECONDS} s x {ROUNDS} rounds (median); gateway records every statement"
+    );
+    println!(
+        "{:<10} {:<10} {:>10} {:>12} {:>10}",
+        "protocol", "target", "tps", "latency ms", "vs direct"
+    );
+    for (m, mode) in modes.iter().enumerate() {
+        let direct = median(results[m][0].iter().map(|r| r.0).collect());
+        for (t, (name, _, _)) in targets.iter().enumerate() {
+            let tps = median(results[m][t].iter().map(|r| r.0).collect());
+            let latency = median(results[m][t].iter().map(|r| r.1).collect());
+            println!(
+                "{mode:<10} {name:<10} {tps:>10.0} {latency:>12.3} {:>10.2}",
+                tps / direct
+            );
+        }
+    }
+    println!("\nlarge result: {COPY_SQL} (median MB/s)");
+    let direct = median(copies[0].clone());
+    for (t, (name, _, _)) in targets.iter().enumerate() {
+        let rate = median(copies[t].clone());
+        println!(
+            "{name:<10} {rate:>10.1} MB/s {:>10.2} vs direct",
+            rate / direct
+        );
+    }
+    drop(bouncer);
+    drop(gateway);
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn run(program: &str, args: &[&str]) {
+    let out = Command::new(program).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `program args` inside `cgroup` (redirected) or outside it.
+fn command(cgroup: Option<&Cgroup>, program: &str, args: &[&str]) -> Command {
+    match cgroup {
+        Some(cg) => {
+            let mut cmd = Command::new("sh");
+            cmd.arg("-c")
+                .arg(format!(
+                    "echo $$ > {}/cgroup.procs && exec \"$@\"",
+                    cg.0.display()
+                ))
+                .arg("sh")
+                .arg(program)
+                .args(args);
+            cmd
+        }
+        None => {
+            let mut cmd = Command::new(program);
+            cmd.args(args);
+            cmd
+        }
+    }
+}
+
+/// Runs pgbench; returns (tps, mean latency ms, output).
+fn pgbench(
+    cgroup: Option<&Cgroup>,
+    port: u16,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (f64, f64, String) {
+    let port = port.to_string();
+    let mut full = vec!["-h", "127.0.0.1", "-p", &port, "-U", "postgres"];
+    full.extend(args);
+    full.push("postgres");
+    let out = command(cgroup, "pgbench", &full)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let number_after = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        number_after("tps = "),
+        number_after("latency average = "),
+        text,
+    )
+}
+
+/// MB/s of a large COPY TO STDOUT through psql.
+fn copy_rate(cgroup: Option<&Cgroup>, port: u16) -> f64 {
+    let port = port.to_string();
+    let started = Instant::now();
+    let out = command(
+        cgroup,
+        "psql",
+        &[
+            "-X",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-c",
+            COPY_SQL,
+        ],
+    )
+    .env("PGPASSWORD", PASSWORD)
+    .stderr(Stdio::inherit())
+    .output()
+    .unwrap();
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(out.status.success());
+    out.stdout.len() as f64 / elapsed / 1e6
+}
+
+struct Cgroup(PathBuf);
+
+impl Cgroup {
+    fn new() -> Self {
+        let path = portcullis::kernel::root_cgroup()
+            .unwrap()
+            .join(format!("portcullis-bench-pg-{}", std::process::id()));
+        std::fs::create_dir(&path).expect("create a child cgroup (run as root)");
+        Self(path)
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// A throwaway cluster (initdb as postgres, scram-sha-256 on loopback).
+struct Postgres {
+    port: u16,
+    child: Child,
+    data: PathBuf,
+}
+
+impl Postgres {
+    fn start(work: &Path) -> Self {
+        let data = work.join("data");
+        let pwfile = work.join("pw");
+        std::fs::write(&pwfile, PASSWORD).unwrap();
+        run("chown", &["postgres:postgres", pwfile.to_str().unwrap()]);
+        run(
+            "runuser",
+            &[
+                "-u",
+                "postgres",
+                "--",
+                &format!("{PG_BIN}/initdb"),
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--pwfile",
+                pwfile.to_str().unwrap(),
+                "--no-sync",
+            ],
+        );
+        let port = free_port();
+        let conf = format!(
+            "\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
+             fsync = off\nsynchronous_commit = off\nshared_buffers = 128MB\nmax_connections = 100\n",
+            work.display()
+        );
+        let mut text = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        text.push_str(&conf);
+        std::fs::write(data.join("postgresql.conf"), text).unwrap();
+        let child = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(format!("{PG_BIN}/postgres"))
+            .arg("-D")
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !Command::new(format!("{PG_BIN}/pg_isready"))
+            .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
+            .status()
+            .unwrap()
+            .success()
+        {
+            assert!(Instant::now() < deadline, "postgres did not start");
+            thread::sleep(Duration::from_millis(50));
+        }
+        Self { port, child, data }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if let Some(pid) = std::fs::read_to_string(self.data.join("postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next().map(str::to_string))
+        {
+            let _ = Command::new("kill").args(["-INT", &pid]).status();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// `portcullis run` (release) with a postgres listener and the cluster as
+/// its one resource; the gateway's audit store records every statement.
+struct Portcullis {
+    child: Child,
+    pins: PathBuf,
+}
+
+impl Portcullis {
+    fn start(work: &Path, cgroup: &Cgroup, pg_port: u16) -> Self {
+        let secret = work.join("secret");
+        std::fs::write(&secret, PASSWORD).unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let pins = PathBuf::from(format!(
+            "/sys/fs/bpf/portcullis-bench-pg-{}",
+            std::process::id()
+        ));
+        let config = work.join("portcullis.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"state_dir = "{state}"
+[kernel]
+cgroup = "{cg}"
+pin_dir = "{pins}"
+
+[[listener]]
+name = "pg"
+address = "127.0.0.1:{listen}"
+protocol = "postgres"
+
+[[protect]]
+destination = "127.0.0.1"
+port = {pg_port}
+to = "pg"
+
+[[resource]]
+name = "bench"
+protocol = "postgres"
+address = "127.0.0.1:{pg_port}"
+
+[[resource.grant]]
+roles = ["*"]
+upstream_user = "postgres"
+password_file = "{secret}"
+"#,
+                state = work.join("state").display(),
+                cg = cgroup.0.display(),
+                pins = pins.display(),
+                listen = free_port(),
+                secret = secret.display(),
+            ),
+        )
+        .unwrap();
+        let log_path = work.join("portcullis.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(PORTCULLIS)
+            .arg("--config")
+            .arg(&config)
+            .arg("run")
+            .env("PORTCULLIS_LOG", "warn,portcullis=info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .contains("portcullis ready")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not start: {}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, pins }
+    }
+}
+
+impl Drop for Portcullis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new(PORTCULLIS)
+            .args(["kernel", "detach", "--pin-dir"])
+            .arg(&self.pins)
+            .output();
+    }
+}
+
+/// PgBouncer in session mode on loopback, trusting its clients (as the
+/// gateway trusts the kernel's uid), logging in upstream with the password.
+struct Bouncer {
+    port: u16,
+    child: Child,
+}
+
+impl Bouncer {
+    fn start(work: &Path, pg_port: u16) -> Self {
+        let port = free_port();
+        let dir = work.join("bouncer");
+        std::fs::create_dir(&dir).unwrap();
+        let users = dir.join("users.txt");
+        std::fs::write(&users, format!("\"postgres\" \"{PASSWORD}\"\n")).unwrap();
+        let ini = dir.join("pgbouncer.ini");
+        std::fs::write(
+            &ini,
+            format!(
+                "[databases]\npostgres = host=127.0.0.1 port={pg_port} dbname=postgres user=postgres password={PASSWORD}\n\n\
+                 [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+                 auth_type = trust\nauth_file = {users}\npool_mode = session\n\
+                 max_client_conn = 100\ndefault_pool_size = 20\nlogfile = {log}\n",
+                users = users.display(),
+                log = dir.join("pgbouncer.log").display(),
+            ),
+        )
+        .unwrap();
+        run("chown", &["-R", "postgres:postgres", dir.to_str().unwrap()]);
+        let child = Command::new("runuser")
+            .args(["-u", "postgres", "--", "pgbouncer"])
+            .arg(&ini)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "pgbouncer did not start");
+            thread::sleep(Duration::from_millis(50));
+        }
+        Self { port, child }
+    }
+}
+
+impl Drop for Bouncer {
+    fn drop(&mut self) {
+        // runuser passes SIGTERM on to pgbouncer.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
