@@ -732,3 +732,66 @@ fn reload_under_load_keeps_the_old_policy_when_the_new_one_is_invalid() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn pgbench_prepared_and_extended_through_the_policy_relay() {
+    let s = Setup::new(None);
+    // Initialised directly (pgbench -i drops tables, which needs approval).
+    let out = Command::new("runuser")
+        .args([
+            "-u", "postgres", "--", "pgbench", "-i", "-q", "-s", "1", "-h",
+        ])
+        .arg(s.cluster.dir.path())
+        .args([
+            "-p",
+            &s.cluster.port.to_string(),
+            "-U",
+            "postgres",
+            "postgres",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let port = s.cluster.port.to_string();
+    for mode in ["prepared", "extended", "simple"] {
+        let child = s
+            .cgroup
+            .command(
+                "pgbench",
+                &[
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-U",
+                    "postgres",
+                    "-M",
+                    mode,
+                    "-c",
+                    "4",
+                    "-j",
+                    "2",
+                    "-t",
+                    "200",
+                    "postgres",
+                ],
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = wait_with_timeout(child, Duration::from_secs(120));
+        let report = text(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{mode}: {report}\n{}",
+            text(&out.stderr)
+        );
+        assert!(
+            report.contains("number of failed transactions: 0"),
+            "{mode}: {report}"
+        );
+        assert!(report.contains("800/800"), "{mode}: {report}");
+    }
+    assert!(!s.gateway.log().contains("panicked"));
+}
