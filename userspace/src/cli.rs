@@ -48,10 +48,7 @@ pub enum Command {
         command: policy::PolicyCommand,
     },
     /// Just-in-time approvals: list requests waiting for you, approve, deny.
-    Approvals {
-        #[command(subcommand)]
-        command: policy::ApprovalsCommand,
-    },
+    Approvals(policy::ApprovalsArgs),
     /// Inspect or remove kernel enforcement.
     Kernel {
         #[command(subcommand)]
@@ -154,7 +151,7 @@ pub fn run_command(cli: &Cli) -> anyhow::Result<()> {
         Command::Audit { command } => audit::run(&cli.config, command),
         Command::Report { command } => audit::report(&cli.config, command),
         Command::Policy { command } => policy::run_policy(&cli.config, command),
-        Command::Approvals { command } => policy::run_approvals(&cli.config, command),
+        Command::Approvals(args) => policy::run_approvals(&cli.config, args),
         Command::Login {
             socket,
             client_id,
