@@ -728,3 +728,39 @@ print("closed", len(buf) > 0)
     assert_eq!(s.query("select 'alive'"), "alive");
     s.assert_no_panic();
 }
+
+#[test]
+fn newer_protocol_versions_and_unknown_options_are_negotiated_down() {
+    let s = Setup::new();
+    // Protocol 3.2 with a protocol extension the gateway does not know:
+    // NegotiateProtocolVersion (newest minor 0, the option named), then a
+    // normal 3.0 session.
+    let script = format!(
+        r#"
+import socket, struct
+s = socket.create_connection(("127.0.0.1", {port}), timeout=10)
+params = b"user\0postgres\0database\0postgres\0_pq_.made_up\0on\0\0"
+s.sendall(struct.pack("!ii", 8 + len(params), (3 << 16) | 2) + params)
+buf = b""
+while not buf.endswith(b"Z\0\0\0\x05I"):
+    chunk = s.recv(4096)
+    if not chunk: break
+    buf += chunk
+assert buf[0:1] == b"v", buf[:20]
+(length,) = struct.unpack("!i", buf[1:5])
+minor, count = struct.unpack("!ii", buf[5:13])
+option = buf[13:1 + length].rstrip(b"\0").decode()
+q = b"select 'negotiated'\0"
+s.sendall(b"Q" + struct.pack("!i", 4 + len(q)) + q)
+reply = b""
+while not reply.endswith(b"Z\0\0\0\x05I"):
+    chunk = s.recv(4096)
+    if not chunk: break
+    reply += chunk
+print(minor, count, option, b"negotiated" in reply)
+"#,
+        port = s.cluster.port
+    );
+    assert_eq!(s.cgroup.python(&script), "0 1 _pq_.made_up True");
+    s.assert_no_panic();
+}
