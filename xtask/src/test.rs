@@ -1,0 +1,61 @@
+//! `cargo xtask lint` and `cargo xtask test`: what CI runs.
+//!
+//! `test` is setup, then lint, then the test suite, so that one command on a
+//! fresh machine (or VM, or CI runner) gives the same answer as on a
+//! developer's. The kernel integration tests need root; they are not hidden
+//! behind `#[ignore]`, so `test` must run as root.
+
+use anyhow::{bail, Result};
+
+use crate::{
+    setup,
+    util::{cargo, describe, report, run, target_dir},
+};
+
+/// rustfmt and clippy over the default members. Both run even if the first
+/// fails, so one round trip shows every problem.
+pub fn lint() -> Result<()> {
+    let mut failed = Vec::new();
+    for args in [
+        &["fmt", "--all", "--", "--check"][..],
+        &["clippy", "--all-targets", "--", "-D", "warnings"][..],
+    ] {
+        let mut command = cargo();
+        command.args(args);
+        if let Err(e) = run(&mut command) {
+            eprintln!("[lint] {e:#}");
+            failed.push(describe(&command));
+        }
+    }
+    if !failed.is_empty() {
+        bail!("lint failed: {}", failed.join("; "));
+    }
+    report("lint", "fmt and clippy", "ok");
+    Ok(())
+}
+
+/// Setup, lint, `cargo test`, and a check that the shipped default config
+/// still parses with the schema the tests just built.
+///
+/// Plain `cargo test` uses the workspace's default members, which leave out
+/// the eBPF crate: it only builds for the BPF target, through userspace's
+/// build script.
+pub fn test() -> Result<()> {
+    setup::run_all()?;
+    lint()?;
+    run(cargo().arg("test"))?;
+    check_default_config()?;
+    report("test", "all", "ok");
+    Ok(())
+}
+
+/// `portcullis config check` on systemd/portcullis.toml, with the debug
+/// binary `cargo test` built for the integration tests.
+fn check_default_config() -> Result<()> {
+    let binary = target_dir().join("debug/portcullis");
+    let config = crate::util::repo_root().join("systemd/portcullis.toml");
+    run(crate::util::cmd(&binary)
+        .arg("--config")
+        .arg(&config)
+        .args(["config", "check"]))
+}
