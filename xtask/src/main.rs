@@ -8,12 +8,14 @@
 //! * [`install`]: the gateway as a systemd service, and its removal.
 //! * [`demo`]: the gateway in front of a throwaway PostgreSQL, confined to a
 //!   child cgroup.
+//! * [`bench`]: every benchmark, with ratios against direct connections.
 //! * [`util`]: running commands with errors that name them.
 
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod demo;
 mod install;
 mod setup;
@@ -38,6 +40,11 @@ enum Task {
     Lint,
     /// Setup, lint, then the whole test suite (root: kernel tests attach eBPF).
     Test,
+    /// Run the benchmarks (root): kernel_connect, postgres, masking, audit.
+    Bench {
+        /// Run only this benchmark.
+        name: Option<String>,
+    },
     /// Build and install the gateway as a systemd service (root).
     Install {
         /// The binary goes to PREFIX/bin/portcullis.
@@ -76,6 +83,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::run_all(),
         Task::Lint => test::lint(),
         Task::Test => test::test(),
+        Task::Bench { name } => bench::bench(name.as_deref()),
         Task::Install { prefix, no_start } => install::Install { prefix }.install(no_start),
         Task::Uninstall { prefix, purge } => install::Install { prefix }.uninstall(purge),
         Task::Demo { stop: true, .. } => demo::stop(),
