@@ -720,11 +720,11 @@ try:
         rest += chunk
 except OSError:
     pass
-print("closed", len(buf) > 0)
+print("closed", len(buf) > 0, b"08P01" in rest and b"invalid message length" in rest)
 "#,
         port = s.cluster.port
     );
-    assert_eq!(s.cgroup.python(&script), "closed True");
+    assert_eq!(s.cgroup.python(&script), "closed True True");
     assert_eq!(s.query("select 'alive'"), "alive");
     s.assert_no_panic();
 }

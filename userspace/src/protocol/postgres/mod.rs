@@ -67,6 +67,8 @@ pub enum PgError {
     Io(#[from] std::io::Error),
     #[error("protocol violation: {0}")]
     Protocol(String),
+    #[error("protocol violation by the client: {0}")]
+    ClientProtocol(String),
     #[error(transparent)]
     Malformed(#[from] wire::Malformed),
     #[error("client: {0}")]
@@ -159,6 +161,8 @@ async fn session(
 ) -> Result<(), PgError> {
     let pg = &ctx.gateway.postgres;
     let mark = ctx.gateway.exempt_mark;
+    // Responses go out as soon as they are read: never wait for Nagle.
+    client.set_nodelay(true)?;
     let opening = tokio::time::timeout(
         LOGIN_TIMEOUT,
         startup::negotiate(Box::new(client), pg.tls.get(&*ctx.listener)),

@@ -8,7 +8,7 @@
 //! writer's socket, then the relay, then the upstream's socket: back-pressure
 //! all the way to the server, which is what TCP is for.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::{
     frame::Scanner,
     statements::{self, Requests, Responses},
-    PgError, PgStream,
+    wire, PgError, PgStream,
 };
 
 /// Per-direction buffer: large enough to batch a burst of rows into one
@@ -39,14 +39,37 @@ pub async fn run(
     responses: Responses,
     counters: &Counters,
 ) -> Result<(), PgError> {
-    let (client_read, client_write) = tokio::io::split(client);
+    let (client_read, mut client_write) = tokio::io::split(client);
     let (upstream_read, upstream_write) = tokio::io::split(upstream);
-    let to_upstream = client_to_upstream(client_read, upstream_write, requests, counters);
-    let to_client = upstream_to_client(upstream_read, client_write, responses, counters);
-    tokio::select! {
-        result = to_upstream => result,
-        result = to_client => result,
+    let mut to_client_scanner = Scanner::new(statements::upstream_inspects);
+    let writing = AtomicBool::new(false);
+    let result = {
+        let to_upstream = client_to_upstream(client_read, upstream_write, requests, counters);
+        let to_client = upstream_to_client(
+            upstream_read,
+            &mut client_write,
+            &mut to_client_scanner,
+            &writing,
+            responses,
+            counters,
+        );
+        tokio::select! {
+            result = to_upstream => result,
+            result = to_client => result,
+        }
+    };
+    // A client that broke the protocol gets a FATAL error, as PostgreSQL
+    // would send it, unless that would land inside a half-sent message.
+    if let Err(PgError::ClientProtocol(problem)) = &result {
+        if !writing.load(Ordering::Relaxed) && to_client_scanner.at_boundary() {
+            let mut out = BytesMut::new();
+            let message = format!("invalid message from the client: {problem}");
+            wire::encode(&wire::error_response("FATAL", "08P01", &message), &mut out);
+            let _ = client_write.write_all(&out).await;
+            let _ = client_write.flush().await;
+        }
     }
+    result
 }
 
 async fn client_to_upstream(
@@ -67,7 +90,7 @@ async fn client_to_upstream(
         }
         scanner
             .feed(&buf, |kind, body| requests.on_message(kind, body))
-            .map_err(|e| PgError::Protocol(format!("from the client: {e}")))?;
+            .map_err(|e| PgError::ClientProtocol(e.to_string()))?;
         to.write_all(&buf).await?;
         to.flush().await?;
         counters
@@ -82,11 +105,12 @@ async fn client_to_upstream(
 
 async fn upstream_to_client(
     mut from: impl AsyncRead + Unpin,
-    mut to: impl AsyncWrite + Unpin,
+    to: &mut (impl AsyncWrite + Unpin),
+    scanner: &mut Scanner,
+    writing: &AtomicBool,
     mut responses: Responses,
     counters: &Counters,
 ) -> Result<(), PgError> {
-    let mut scanner = Scanner::new(statements::upstream_inspects);
     let mut buf = BytesMut::with_capacity(BUFFER);
     loop {
         buf.clear();
@@ -97,8 +121,10 @@ async fn upstream_to_client(
         scanner
             .feed(&buf, |kind, body| responses.on_message(kind, body))
             .map_err(|e| PgError::Upstream(format!("malformed stream from the upstream: {e}")))?;
+        writing.store(true, Ordering::Relaxed);
         to.write_all(&buf).await?;
         to.flush().await?;
+        writing.store(false, Ordering::Relaxed);
         counters
             .from_server
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
