@@ -220,6 +220,17 @@ fn tampering_with_the_sled_files_is_pinpointed() {
         }
     });
     expect_tampered(&config, head - 2, "were truncated");
+    // The writer refuses to append to a truncated chain (the daemon fails
+    // closed instead of hiding the cut).
+    let refused = SledRecorder::start(
+        Store::open(&state).unwrap(),
+        Keys::load_or_create(&state).unwrap(),
+        CheckpointPolicy::default(),
+    )
+    .err()
+    .expect("a truncated store must be refused")
+    .to_string();
+    assert!(refused.contains("truncated or rewritten"), "{refused}");
 
     // Cut off the end and delete the checkpoints and their count too: the
     // checkpoint file outside sled still has the signed head.

@@ -152,6 +152,32 @@ impl Store {
         })
     }
 
+    /// Applies chain and subject-index changes atomically (one sled
+    /// transaction over both trees): after a crash the index never lacks
+    /// entries for records that survived, nor names records that did not.
+    pub(super) fn apply(
+        &self,
+        chain: sled::Batch,
+        subjects: Option<sled::Batch>,
+    ) -> Result<(), AuditError> {
+        use sled::{transaction::TransactionError, Transactional};
+        let Some(subjects) = subjects else {
+            // The common case: a batch is atomic by itself, and a
+            // transaction would halve group-commit throughput.
+            return Ok(self.chain.apply_batch(chain)?);
+        };
+        (&self.chain, &self.subjects)
+            .transaction(|(c, s)| {
+                c.apply_batch(&chain)?;
+                s.apply_batch(&subjects)?;
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => AuditError::Store(e),
+                TransactionError::Abort(()) => AuditError::Commit("transaction aborted".into()),
+            })
+    }
+
     /// Makes everything written so far durable, power loss included.
     pub fn sync(&self) -> Result<(), AuditError> {
         self.db.flush()?;

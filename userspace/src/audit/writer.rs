@@ -373,16 +373,18 @@ impl Writer {
         chain: sled::Batch,
         subjects: Vec<(Hash, SubjectHit)>,
     ) -> Result<(), AuditError> {
-        self.store.chain.apply_batch(chain)?;
-        if !subjects.is_empty() {
+        let index = if subjects.is_empty() {
+            None
+        } else {
             let mut index = sled::Batch::default();
             for (hash, hit) in subjects {
                 let mut key = hash.to_vec();
                 key.extend_from_slice(&self.store.db.generate_id()?.to_be_bytes());
                 index.insert(key, serde_json::to_vec(&hit)?);
             }
-            self.store.subjects.apply_batch(index)?;
-        }
+            Some(index)
+        };
+        self.store.apply(chain, index)?;
         self.store.sync()?;
         Ok(())
     }
@@ -464,8 +466,7 @@ impl Writer {
                 index.remove(key);
             }
         }
-        self.store.chain.apply_batch(chain)?;
-        self.store.subjects.apply_batch(index)?;
+        self.store.apply(chain, Some(index))?;
         self.store.sync()?;
         self.head_seq = purge_seq;
         self.head_hash = record.hash;
