@@ -275,6 +275,21 @@ fn psql_simple_extended_copy_and_statement_records() {
     let out = s.psql(&["-Atc", "do $$ begin raise notice 'hello notice'; end $$"]);
     assert!(stderr(&out).contains("hello notice"), "{}", stderr(&out));
 
+    // Notifications reach the listening client.
+    let out = s.psql(&[
+        "-c",
+        "listen portcullis_ch",
+        "-c",
+        "notify portcullis_ch, 'hello channel'",
+    ]);
+    assert!(
+        stdout(&out)
+            .contains("Asynchronous notification \"portcullis_ch\" with payload \"hello channel\""),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+
     // COPY in from stdin and out to stdout.
     let mut child = s
         .psql_cmd("postgres", &["-c", "\\copy t from stdin"])
@@ -590,6 +605,18 @@ fn tls_on_both_sides_and_direct_clients() {
         "{}",
         stderr(&unknown)
     );
+
+    // tls = "require": encrypted without verifying the certificate.
+    let r = Setup::with(Options {
+        upstream_tls: "require",
+        cluster_tls: true,
+        ..Options::default()
+    });
+    assert_eq!(
+        r.query("select ssl from pg_stat_ssl where pid = pg_backend_pid()"),
+        "t"
+    );
+    drop(r);
 
     // GSSAPI encryption is declined cleanly; the client falls back.
     let out = s
