@@ -118,20 +118,37 @@ impl EventView {
                 s("reason").unwrap_or_default(),
                 s("statement").unwrap_or_default()
             ),
-            "masking_applied" => format!("masked {}", s("rules").unwrap_or_default()),
-            "approval" => format!(
-                "{} {} for {} by {}{}",
-                s("step").unwrap_or_default(),
-                s("id").unwrap_or_default(),
-                s("requester").unwrap_or_default(),
-                s("approver")
-                    .filter(|a| a != "null")
-                    .unwrap_or_else(|| "-".into()),
-                s("justification")
-                    .filter(|j| j != "null")
-                    .map(|j| format!(": {j}"))
-                    .unwrap_or_default()
-            ),
+            "masking_applied" => {
+                let counts: Vec<String> = f
+                    .get("rules")
+                    .and_then(Value::as_object)
+                    .map(|rules| {
+                        rules
+                            .iter()
+                            .map(|(mask, n)| format!("{mask}: {n}"))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                format!("values masked by rule: {}", counts.join(", "))
+            }
+            "approval" => {
+                let mut text = format!(
+                    "{} {} by {}",
+                    s("step").unwrap_or_default(),
+                    s("id").unwrap_or_default(),
+                    s("approver")
+                        .filter(|a| a != "null")
+                        .or_else(|| s("requester"))
+                        .unwrap_or_default()
+                );
+                if let Some(statement) = s("statement").filter(|t| !t.is_empty()) {
+                    text.push_str(&format!(": {statement}"));
+                }
+                if let Some(why) = s("justification").filter(|j| j != "null") {
+                    text.push_str(&format!(" (justification: {why})"));
+                }
+                text
+            }
             "retention_purge" => format!(
                 "{} records of {} sessions purged (as of {})",
                 s("records").unwrap_or_default(),

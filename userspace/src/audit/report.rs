@@ -91,10 +91,23 @@ pub fn build(
             statements: of_session()
                 .filter(|e| e.name().contains("statement"))
                 .count() as u64,
+            // The session's latest approval step says where it stands.
             approval: field("approval").or_else(|| {
                 of_session()
-                    .find(|e| e.name().contains("approval"))
-                    .map(|e| format!("{} (seq {})", e.summary(), e.seq))
+                    .filter(|e| e.name().contains("approval"))
+                    .last()
+                    .map(|e| {
+                        let f = |k: &str| e.fields.get(k).and_then(Value::as_str).unwrap_or("");
+                        match f("approver") {
+                            "" => format!("{} (request {}, seq {})", f("step"), f("id"), e.seq),
+                            by => format!(
+                                "{} by {by} (request {}, seq {})",
+                                f("step"),
+                                f("id"),
+                                e.seq
+                            ),
+                        }
+                    })
             }),
             justification: field("justification"),
             session: s.session,

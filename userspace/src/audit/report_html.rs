@@ -108,6 +108,13 @@ pub fn render(r: &GdprReport) -> String {
     h
 }
 
+/// `2026-11-22 19:58:53` from RFC 3339 (UTC, as the header says).
+fn short(t: &str) -> String {
+    let t = t.replacen('T', " ", 1);
+    let end = t.find('.').unwrap_or(t.trim_end_matches('Z').len());
+    t[..end].to_owned()
+}
+
 fn card(n: usize, label: &str) -> String {
     format!(
         "<div class=\"card\"><b>{n}</b><span>{}</span></div>",
@@ -178,13 +185,13 @@ fn processing(h: &mut String, r: &GdprReport) {
         h.push_str("<p class=\"empty\">No sessions in this period.</p>");
         return;
     }
-    h.push_str("<table><tr><th>Start</th><th>End</th><th>Who</th><th>Resource</th><th>Protocol</th><th>Destination</th><th>Statements</th><th>Approval</th><th>Justification</th><th>Session</th></tr>");
+    h.push_str("<table><tr><th>When (UTC)</th><th>Who</th><th>Resource</th><th>Destination</th><th>Statements</th><th>Approval</th><th>Justification</th><th>Session</th></tr>");
     for p in &r.processing {
         let _ = write!(
             h,
-            "<tr><td class=\"time\">{}</td><td class=\"time\">{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"mono nw\">{}</td><td class=\"num\">{}</td><td>{}</td><td>{}</td><td class=\"mono nw\">{}</td></tr>",
-            esc(&p.start),
-            esc(p.end.as_deref().unwrap_or("open")),
+            "<tr><td class=\"time\">{}<br><span class=\"note\">to {}</span></td><td>{}</td><td>{}<br><span class=\"note\">{}</span></td><td class=\"mono nw\">{}</td><td class=\"num\">{}</td><td>{}</td><td>{}</td><td class=\"mono\">{}</td></tr>",
+            esc(&short(&p.start)),
+            esc(&p.end.as_deref().map_or("open".into(), short)),
             esc(&p.identity),
             esc(&p.resource),
             esc(&p.protocol),
@@ -209,13 +216,13 @@ fn evidence_section(h: &mut String, title: &str, note: &str, rows: &[EvidenceRow
         h.push_str("<p class=\"empty\">None in this period.</p>");
         return;
     }
-    h.push_str("<table><tr><th>Seq</th><th>At</th><th>Event</th><th>Who</th><th>Resource</th><th>Details</th></tr>");
+    h.push_str("<table><tr><th>Seq</th><th>At (UTC)</th><th>Event</th><th>Who</th><th>Resource</th><th>Details</th></tr>");
     for e in rows {
         let _ = write!(
             h,
             "<tr><td class=\"num\">{}</td><td class=\"time\">{}</td><td>{}</td><td>{}</td><td class=\"mono\">{}</td><td>{}</td></tr>",
             e.seq,
-            esc(&e.at),
+            esc(&short(&e.at)),
             esc(&e.event),
             esc(&e.identity),
             esc(&e.resource),
