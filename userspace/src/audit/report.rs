@@ -94,8 +94,7 @@ pub fn build(
             // The session's latest approval step says where it stands.
             approval: field("approval").or_else(|| {
                 of_session()
-                    .filter(|e| e.name().contains("approval"))
-                    .last()
+                    .rfind(|e| e.name().contains("approval"))
                     .map(|e| {
                         let f = |k: &str| e.fields.get(k).and_then(Value::as_str).unwrap_or("");
                         match f("approver") {
