@@ -102,3 +102,32 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         ))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    #[test]
+    fn audit_section_with_per_resource_retention() {
+        let config = Config::parse(
+            "[audit]\nretention_days = 90\ncheckpoint_every = 10\ncheckpoint_interval = \"5s\"\n\
+             export = \"unix:/run/vector.sock\"\n[audit.retention]\norders = 7\n",
+        )
+        .unwrap();
+        let retention = config.audit.retention();
+        assert_eq!(retention.default_days, 90);
+        assert_eq!(retention.per_resource["orders"], 7);
+        assert_eq!(config.audit.checkpoints().every, 10);
+        assert_eq!(config.audit.checkpoints().interval.as_secs(), 5);
+        assert_eq!(Config::parse("").unwrap().audit.retention_days, 365);
+    }
+
+    #[test]
+    fn bad_audit_values_say_what_to_write() {
+        let err = |text: &str| Config::parse(text).unwrap_err().to_string();
+        assert!(err("[audit]\nretention_days = 0\n").contains("at least 1"));
+        assert!(err("[audit.retention]\norders = 0\n").contains("orders = 0"));
+        assert!(err("[audit]\ncheckpoint_interval = \"soon\"\n").contains("not a duration"));
+        assert!(err("[audit]\nretention = 3\n").contains("invalid"));
+    }
+}
