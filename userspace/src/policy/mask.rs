@@ -94,12 +94,14 @@ impl PseudonymKey {
         let mut mac = self.0.clone();
         mac.update(value);
         let digest = mac.finalize().into_bytes();
-        out.extend_from_slice(TOKEN_PREFIX);
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        for b in &digest[..8] {
-            out.push(HEX[usize::from(b >> 4)]);
-            out.push(HEX[usize::from(b & 0xf)]);
+        let mut token = [0u8; 20];
+        token[..4].copy_from_slice(TOKEN_PREFIX);
+        for (i, b) in digest[..8].iter().enumerate() {
+            token[4 + 2 * i] = HEX[usize::from(b >> 4)];
+            token[5 + 2 * i] = HEX[usize::from(b & 0xf)];
         }
+        out.extend_from_slice(&token);
     }
 }
 
@@ -124,14 +126,15 @@ fn partial(value: &[u8], keep_last: usize, out: &mut Vec<u8>) {
             return;
         }
         let mut seen = 0;
-        for &c in value {
+        out.extend(value.iter().map(|&c| {
             if c.is_ascii_alphanumeric() {
                 seen += 1;
-                out.push(if seen <= hide { b'*' } else { c });
-            } else {
-                out.push(c);
+                if seen <= hide {
+                    return b'*';
+                }
             }
-        }
+            c
+        }));
         return;
     }
     let Ok(text) = std::str::from_utf8(value) else {

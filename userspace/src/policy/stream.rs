@@ -85,7 +85,8 @@ pub struct RowMasker {
     columns: Vec<Plan>,
     /// Content masks in force: (mask index, detector, style).
     detectors: Vec<(usize, Detector, Style)>,
-    /// Reused per value: matches found, decoded COPY text, masked text.
+    /// Reused per value: matches found (start, end, index into
+    /// `detectors`), decoded COPY text, masked text.
     hits: Vec<(usize, usize, usize)>,
     decoded: Vec<u8>,
     masked: Vec<u8>,
@@ -298,30 +299,29 @@ impl RowMasker {
     fn scan(&mut self, value: &[u8], out: &mut Vec<u8>, fired: &mut Fired) {
         self.hits.clear();
         let stats = Stats::of(value);
-        for (mask, detector, _) in &self.detectors {
+        for (index, (_, detector, _)) in self.detectors.iter().enumerate() {
             if !detector.may_match(&stats) {
                 continue;
             }
             let hits = &mut self.hits;
-            detector.each_match(value, &mut |s, e| hits.push((s, e, *mask)));
+            detector.each_match(value, &mut |s, e| hits.push((s, e, index)));
         }
         if self.hits.is_empty() {
             out.extend_from_slice(value);
             return;
         }
-        self.hits
-            .sort_unstable_by_key(|h| (h.0, std::cmp::Reverse(h.1)));
+        if self.hits.len() > 1 {
+            self.hits
+                .sort_unstable_by_key(|h| (h.0, std::cmp::Reverse(h.1)));
+        }
         let mut at = 0;
-        for &(start, end, mask) in &self.hits {
+        for &(start, end, index) in &self.hits {
             if start < at {
                 continue; // overlaps a match already masked
             }
             out.extend_from_slice(&value[at..start]);
-            let style = self
-                .detectors
-                .iter()
-                .find(|d| d.0 == mask)
-                .map_or(Style::Redact, |d| d.2);
+            let (mask, _, style) = &self.detectors[index];
+            let mask = *mask;
             style.apply(&value[start..end], &self.key, out);
             fired.hit(mask_name(&self.policy, mask));
             at = end;
