@@ -113,6 +113,11 @@ impl DaemonSource {
             source,
         };
         let mut stream = UnixStream::connect(&self.socket).map_err(io)?;
+        // A purge of a large store takes a while; a hung daemon must not
+        // hang the auditor for ever.
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(300)))
+            .map_err(io)?;
         let mut line = serde_json::to_vec(request)?;
         line.push(b'\n');
         stream.write_all(&line).map_err(io)?;
