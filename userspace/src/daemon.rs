@@ -32,7 +32,8 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let recorder: Arc<dyn Recorder> = audit.recorder();
 
     let postgres = Arc::new(
-        PostgresGateway::from_config(&config).context("loading the PostgreSQL listeners and resources")?,
+        PostgresGateway::from_config(&config)
+            .context("loading the PostgreSQL listeners and resources")?,
     );
     let listeners = proxy::bind(&config.listeners).await?;
     let mut enforcement = Enforcement::start(&config.kernel, &rules)
@@ -139,7 +140,9 @@ fn reload(path: &std::path::Path, running: &Config, enforcement: &mut Enforcemen
                 warn!("listener and [kernel] changes take effect on restart only");
             }
             if config.identity != running.identity {
-                warn!("[identity] changes take effect on restart only (a restart ends every login)");
+                warn!(
+                    "[identity] changes take effect on restart only (a restart ends every login)"
+                );
             }
             let rules = kernel::compile_rules(&config)?;
             Ok(enforcement.update_rules(&rules)?)
