@@ -111,6 +111,7 @@ async fn upstream_to_client(
     mut responses: Responses,
     counters: &Counters,
 ) -> Result<(), PgError> {
+    responses.defer_records();
     let mut buf = BytesMut::with_capacity(BUFFER);
     loop {
         buf.clear();
@@ -125,6 +126,7 @@ async fn upstream_to_client(
         to.write_all(&buf).await?;
         to.flush().await?;
         writing.store(false, Ordering::Relaxed);
+        responses.flush_records();
         counters
             .from_server
             .fetch_add(buf.len() as u64, Ordering::Relaxed);

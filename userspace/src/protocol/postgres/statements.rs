@@ -63,6 +63,10 @@ pub struct Responses {
     recorder: Arc<dyn Recorder>,
     acks: mpsc::UnboundedSender<Vec<Ack>>,
     pending_acks: Vec<Ack>,
+    /// Statements completed but not yet handed to the recorder, when the
+    /// caller records after forwarding (see [`Responses::defer_records`]).
+    finished: Vec<AuditEvent>,
+    deferred: bool,
     rows: u64,
     rows_by_tag: Option<u64>,
     tag: Option<String>,
@@ -103,6 +107,8 @@ pub fn tracker(
             recorder,
             acks,
             pending_acks: Vec::with_capacity(ACK_BATCH),
+            finished: Vec::new(),
+            deferred: false,
             rows: 0,
             rows_by_tag: None,
             tag: None,
@@ -228,6 +234,24 @@ fn render(value: &[u8], binary: bool) -> String {
 }
 
 impl Responses {
+    /// Keeps completed statements until [`Responses::flush_records`], so
+    /// the relay can forward a response first and record it after: the
+    /// client is not kept waiting for the serialisation and hand-off.
+    pub fn defer_records(&mut self) {
+        self.deferred = true;
+    }
+
+    /// Hands the completed statements to the recorder.
+    pub fn flush_records(&mut self) {
+        for event in std::mem::take(&mut self.finished) {
+            self.pending_acks.push(self.recorder.record(event));
+        }
+        if self.pending_acks.len() >= ACK_BATCH {
+            let batch = std::mem::replace(&mut self.pending_acks, Vec::with_capacity(ACK_BATCH));
+            let _ = self.acks.send(batch);
+        }
+    }
+
     /// A complete upstream message (`body` only for inspected types).
     pub fn on_message(&mut self, kind: u8, body: &[u8]) {
         match kind {
@@ -351,16 +375,16 @@ impl Responses {
             error: self.error.take(),
         });
         self.reset();
-        self.pending_acks.push(self.recorder.record(event));
-        if self.pending_acks.len() >= ACK_BATCH {
-            let batch = std::mem::replace(&mut self.pending_acks, Vec::with_capacity(ACK_BATCH));
-            let _ = self.acks.send(batch);
+        self.finished.push(event);
+        if !self.deferred {
+            self.flush_records();
         }
     }
 }
 
 impl Drop for Responses {
     fn drop(&mut self) {
+        self.flush_records();
         if !self.pending_acks.is_empty() {
             let _ = self.acks.send(std::mem::take(&mut self.pending_acks));
         }
@@ -462,6 +486,21 @@ mod tests {
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].rows, Some(1));
         assert_eq!(s[0].error.as_ref().unwrap().sqlstate, "22012");
+    }
+
+    #[test]
+    fn deferred_records_wait_for_flush() {
+        let recorder = Arc::new(Collect::default());
+        let (mut req, mut resp, _acks) =
+            tracker("s".into(), "r".into(), Arc::clone(&recorder) as _);
+        resp.defer_records();
+        req.on_message(b'Q', b"select 1\0");
+        resp.on_message(b'D', b"");
+        resp.on_message(b'C', b"SELECT 1\0");
+        resp.on_message(b'Z', b"I");
+        assert!(statements(&recorder).is_empty());
+        resp.flush_records();
+        assert_eq!(statements(&recorder).len(), 1);
     }
 
     #[test]
