@@ -54,9 +54,23 @@ impl OidcProvider {
     /// With `tls` (certificate, key), the provider serves https.
     pub(super) fn start_with(ttl_seconds: u64, tls: Option<(&Path, &Path)>) -> Self {
         npm_ci();
+        // free_port() hands out a port that another test may take before
+        // node binds it: try again on a fresh port if node exits early.
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match Self::spawn(ttl_seconds, tls) {
+                Ok(provider) => return provider,
+                Err(why) => failures.push(why),
+            }
+        }
+        panic!("OIDC provider did not start:\n{}", failures.join("\n---\n"));
+    }
+
+    fn spawn(ttl_seconds: u64, tls: Option<(&Path, &Path)>) -> Result<Self, String> {
         let port = free_port();
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("provider.log");
+        let err_path = dir.path().join("provider.err");
         let mut node = Command::new("node");
         node.arg(oidc_dir().join("provider.mjs")).args([
             "--port",
@@ -70,25 +84,32 @@ impl OidcProvider {
         let child = node
             .current_dir(oidc_dir())
             .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::create(dir.path().join("provider.err")).unwrap())
+            .stderr(std::fs::File::create(&err_path).unwrap())
             .spawn()
             .expect("node is installed");
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let provider = Self {
+        let mut provider = Self {
             issuer: format!("{scheme}://127.0.0.1:{port}"),
             child,
             log,
             _dir: dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while !std::fs::read_to_string(&provider.log)
             .unwrap_or_default()
             .contains("listening on")
         {
-            assert!(Instant::now() < deadline, "OIDC provider did not start");
+            let exited = provider.child.try_wait().unwrap();
+            if exited.is_some() || Instant::now() > deadline {
+                let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+                return Err(format!(
+                    "port {port}, {}: {stderr}",
+                    exited.map_or("no answer in 60 s".to_string(), |s| s.to_string())
+                ));
+            }
             thread::sleep(Duration::from_millis(50));
         }
-        provider
+        Ok(provider)
     }
 
     /// Signs `claims` with the provider's current key (`rs256`) or forges
