@@ -61,10 +61,45 @@ pub struct TestCgroup {
     pub path: PathBuf,
 }
 
+/// Removes what an earlier test run left behind when it was killed before
+/// its guards could run (a timeout, kill -9): cgroups and pin directories
+/// named after a test process that no longer exists.
+fn sweep_leftovers_of_dead_runs(cgroup_root: &Path) {
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(|| {
+        let left_by_dead_run = |path: &Path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .and_then(|name| name.strip_prefix("portcullis-test-"))
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok())
+                .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+        };
+        let leftovers = |dir: &Path| -> Vec<PathBuf> {
+            std::fs::read_dir(dir)
+                .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|path| left_by_dead_run(path))
+                .collect()
+        };
+        for pins in leftovers(Path::new("/sys/fs/bpf")) {
+            let _ = Command::new(PORTCULLIS)
+                .args(["kernel", "detach", "--pin-dir"])
+                .arg(&pins)
+                .output();
+        }
+        for cgroup in leftovers(cgroup_root) {
+            drop(TestCgroup { path: cgroup });
+        }
+    });
+}
+
 impl TestCgroup {
     pub fn new() -> Self {
         require_root();
         let root = portcullis::kernel::root_cgroup().expect("cgroup v2 mounted");
+        sweep_leftovers_of_dead_runs(&root);
         let path = root.join(unique("portcullis-test"));
         std::fs::create_dir(&path).unwrap();
         Self { path }
