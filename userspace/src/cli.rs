@@ -232,16 +232,20 @@ fn pin_dir_for(config_path: &Path, flag: Option<&Path>) -> PathBuf {
         .unwrap_or_else(|_| KernelConfig::default().pin_dir)
 }
 
-fn require_root(what: &str) -> anyhow::Result<()> {
-    // SAFETY-free: geteuid has no preconditions; libc exposes it as unsafe
-    // only by convention, so use the std-free /proc view instead.
+/// True when this process runs with effective uid 0. Read from
+/// /proc/self/status, which needs no `unsafe` (libc's geteuid is unsafe by
+/// convention only, and `unsafe` stays in `kernel/`).
+pub(crate) fn euid_is_root() -> bool {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let euid = status
+    status
         .lines()
         .find_map(|l| l.strip_prefix("Uid:"))
         .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap_or("");
-    if euid != "0" {
+        == Some("0")
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    if !euid_is_root() {
         anyhow::bail!(
             "`portcullis {what}` changes kernel enforcement: run it as root (operators only)"
         );

@@ -168,13 +168,7 @@ impl FilterArgs {
 /// mapped to a principal with roles (OIDC login), allow non-root members of
 /// `auditors` here and in [`crate::audit::server::authorize`].
 fn authorize() -> anyhow::Result<()> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let euid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap_or("");
-    if euid != "0" {
+    if !super::euid_is_root() {
         bail!("the audit store is readable by root only (and, later, the auditors role): run this as root");
     }
     Ok(())
