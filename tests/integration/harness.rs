@@ -490,7 +490,3 @@ pub fn read_all_from(addr: SocketAddr) -> std::io::Result<Vec<u8>> {
     stream.read_to_end(&mut buf)?;
     Ok(buf)
 }
-
-pub fn path_exists(p: &Path) -> bool {
-    p.exists()
-}

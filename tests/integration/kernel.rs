@@ -403,7 +403,7 @@ fn detach_leaves_nothing_behind() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(!path_exists(&gateway.pin_dir), "pin directory must be gone");
+    assert!(!gateway.pin_dir.exists(), "pin directory must be gone");
     for id in ids {
         let shown = Command::new("bpftool")
             .args(["prog", "show", "id", &id.to_string()])
