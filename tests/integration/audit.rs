@@ -3,7 +3,9 @@
 //! look-up, retention purge and the GDPR report.
 
 use std::{
+    io::{BufRead, BufReader},
     net::SocketAddr,
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     thread,
@@ -21,6 +23,11 @@ use portcullis::{
 use serde_json::Value;
 
 use crate::{harness::*, pg::PgCluster};
+
+// The identity tests' OIDC provider (oidc-provider) and scripted browser.
+#[allow(dead_code)]
+#[path = "identity/provider.rs"]
+mod provider;
 
 /// Runs `portcullis --config CONFIG args...`.
 fn portcullis(config: &Path, args: &[&str]) -> Output {
@@ -832,7 +839,7 @@ fn daemon_exports_to_the_configured_file_and_refuses_non_root() {
     let upstream = HttpUpstream::start("127.0.0.1:0", "exported");
     let export = tempfile::tempdir().unwrap();
     let file = export.path().join("fleet.jsonl");
-    let gateway = Gateway::start_with_config(
+    let mut gateway = Gateway::start_with_config(
         &cgroup,
         &[Protect::redirect("127.0.0.1", upstream.addr.port())],
         &format!(
@@ -859,16 +866,20 @@ fn daemon_exports_to_the_configured_file_and_refuses_non_root() {
         );
         thread::sleep(Duration::from_millis(100));
     }
-    // Store files and socket are root only, and so are the commands.
+    // Store files are root only; the socket is world-connectable, and the
+    // daemon refuses non-root callers when no OIDC identity is configured.
     let mode = |p: &Path| {
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions())
             & 0o777
     };
     let state = gateway.dir.path().join("state");
     assert_eq!(mode(&state.join("audit")), 0o700);
-    assert_eq!(mode(&state.join("audit.sock")), 0o600);
+    assert_eq!(mode(&state.join("audit.sock")), 0o666);
     assert_eq!(mode(&state.join("audit-signing.key")), 0o600);
     assert_eq!(mode(&state.join("audit-subject.key")), 0o600);
+    for dir in [gateway.dir.path(), state.as_path()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
     let out = Command::new("setpriv")
         .args([
             "--reuid=65534",
@@ -878,9 +889,291 @@ fn daemon_exports_to_the_configured_file_and_refuses_non_root() {
             "--config",
         ])
         .arg(&gateway.config_path)
-        .args(["audit", "events"])
+        .args(["audit", "events", "--socket"])
+        .arg(state.join("audit.sock"))
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(text(&out).contains("run this as root"), "{}", text(&out));
+    assert!(
+        text(&out).contains("no [identity] section, so the auditor tools are root only"),
+        "{}",
+        text(&out)
+    );
+    // Without a daemon to ask, a non-root caller is told to reach it.
+    gateway.stop();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            PORTCULLIS,
+        ])
+        .args([
+            "--config",
+            "/nonexistent/portcullis.toml",
+            "audit",
+            "sessions",
+            "--socket",
+        ])
+        .arg(state.join("audit.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("cannot reach the gateway's auditor socket"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// Throwaway uids (no passwd entry needed): an auditor, an engineer, and
+/// one who never signs in.
+const AUDITOR: &str = "61001";
+const ENGINEER: &str = "61002";
+const STRANGER: &str = "61003";
+
+/// `portcullis args...` as `uid`, without a readable config (as on an
+/// installed host, where the config is root's), reaching the daemon through
+/// the control and auditor sockets named by environment.
+fn as_uid(uid: &str, control: &Path, audit: &Path, args: &[&str]) -> Command {
+    let mut cmd = if uid == "0" {
+        Command::new(PORTCULLIS)
+    } else {
+        let mut c = Command::new("setpriv");
+        c.args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            PORTCULLIS,
+        ]);
+        c
+    };
+    cmd.args(args)
+        .env("PORTCULLIS_CONFIG", "/nonexistent/portcullis.toml")
+        .env("PORTCULLIS_CONTROL_SOCKET", control)
+        .env("PORTCULLIS_AUDIT_SOCKET", audit)
+        .env("NO_COLOR", "1");
+    cmd
+}
+
+/// `portcullis login` as `uid`, approved in the provider's pages.
+fn login_as(uid: &str, control: &Path, audit: &Path, login: &str, password: &str) {
+    let mut child = as_uid(uid, control, audit, &["login"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let uri = words
+        .iter()
+        .find(|w| w.starts_with("http"))
+        .unwrap_or_else(|| panic!("no verification URI in {line:?}"));
+    let code = words.last().unwrap();
+    provider::approve_device(
+        uri,
+        &[
+            ("user_code", code),
+            ("login", login),
+            ("password", password),
+        ],
+        None,
+    );
+    let out = wait_with_timeout(child, Duration::from_secs(30));
+    assert!(out.status.success(), "login as uid {uid}: {line}");
+}
+
+#[test]
+fn auditors_role_reads_the_store_through_the_daemon_and_is_recorded() {
+    let provider = provider::OidcProvider::start(300);
+    let cgroup = TestCgroup::new();
+    let upstream = HttpUpstream::start("127.0.0.1:0", "audited");
+    // A directory every user can reach, for both sockets (the gateway's
+    // temp dir is root's).
+    let sockets = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(sockets.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let control = sockets.path().join("control.sock");
+    let audit = sockets.path().join("audit.sock");
+    let gateway = Gateway::start_with_config(
+        &cgroup,
+        &[Protect::redirect("127.0.0.1", upstream.addr.port())],
+        &format!(
+            r#"
+[audit]
+socket = "{}"
+
+[identity]
+issuer = "{}"
+client_id = "portcullis"
+audience = ["urn:portcullis"]
+control_socket = "{}"
+scopes = ["openid", "profile", "email", "groups"]
+resource = "urn:portcullis"
+
+[identity.roles]
+engineers = ["eng"]
+auditors = ["audit"]
+"#,
+            audit.display(),
+            provider.issuer,
+            control.display()
+        ),
+    );
+    let mode = std::fs::metadata(&audit).unwrap().permissions().mode();
+    assert_eq!(
+        mode & 0o777,
+        0o666,
+        "the auditor socket is world-connectable"
+    );
+
+    // bob is in the provider's `audit` group, alice is not.
+    login_as(AUDITOR, &control, &audit, "bob", "bob-pw");
+    login_as(ENGINEER, &control, &audit, "alice", "alice-pw");
+    login_as("0", &control, &audit, "alice", "alice-pw");
+    let out = cgroup.run(
+        "curl",
+        &["-sS", "-m", "10", &format!("http://{}/", upstream.addr)],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "audited");
+    let end = gateway.wait_for_event("session end", |e| e["event"] == "session_end");
+    let session = end["session"].as_str().unwrap().to_owned();
+
+    let run = |uid: &str, args: &[&str]| {
+        let out = as_uid(uid, &control, &audit, args).output().unwrap();
+        (out.status.success(), text(&out))
+    };
+
+    // The auditor: every tool, through the daemon.
+    let (ok, out) = run(AUDITOR, &["audit", "sessions", "--json"]);
+    assert!(ok, "{out}");
+    let sessions: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    let found = sessions
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["session"] == session.as_str())
+        .unwrap_or_else(|| panic!("{session} not in {sessions}"));
+    assert_eq!(found["identity"], "alice@example.test");
+    let (ok, out) = run(AUDITOR, &["audit", "verify"]);
+    assert!(ok && out.contains("OK: the chain"), "{out}");
+    let (ok, root_key) = run(
+        "0",
+        &[
+            "--config",
+            gateway.config_path.to_str().unwrap(),
+            "audit",
+            "public-key",
+        ],
+    );
+    assert!(ok, "{root_key}");
+    let (ok, auditor_key) = run(AUDITOR, &["audit", "public-key"]);
+    assert!(ok, "{auditor_key}");
+    assert_eq!(auditor_key.trim(), root_key.trim());
+    let (ok, out) = run(
+        AUDITOR,
+        &["audit", "verify", "--public-key", root_key.trim(), "--json"],
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = run(AUDITOR, &["audit", "replay", &session]);
+    assert!(ok && out.contains("session_end"), "{out}");
+    let (ok, out) = run(
+        AUDITOR,
+        &["audit", "subject", "alice@example.test", "--json"],
+    );
+    assert!(ok, "{out}");
+    let hits: Value = serde_json::from_str(&out).unwrap();
+    assert!(!hits.as_array().unwrap().is_empty(), "{hits}");
+    let reports = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(reports.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let html = reports.path().join("report.html");
+    let (ok, out) = run(
+        AUDITOR,
+        &[
+            "report",
+            "gdpr",
+            "--from",
+            "1h",
+            "--out",
+            html.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(std::fs::read_to_string(&html).unwrap().contains(&session));
+
+    // A signed-in engineer and a uid nobody signed in are refused, saying
+    // what to do.
+    let (ok, out) = run(ENGINEER, &["audit", "sessions"]);
+    assert!(!ok);
+    assert!(
+        out.contains("alice@example.test (uid 61002) lacks the `auditors` role")
+            && out.contains("portcullis login"),
+        "{out}"
+    );
+    let (ok, out) = run(ENGINEER, &["audit", "verify"]);
+    assert!(!ok && out.contains("lacks the `auditors` role"), "{out}");
+    let (ok, out) = run(STRANGER, &["audit", "events"]);
+    assert!(!ok);
+    assert!(
+        out.contains("uid 61003 is not signed in") && out.contains("portcullis login"),
+        "{out}"
+    );
+    let (ok, out) = run(
+        STRANGER,
+        &["report", "gdpr", "--from", "1h", "--json", "/dev/null"],
+    );
+    assert!(!ok && out.contains("not signed in"), "{out}");
+    // Root always may, with or without a sign-in.
+    let out = gateway.cli(&["audit", "sessions"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // Every auditor command is in the chain: who, what, granted or not;
+    // the looked-up value only as a keyed hash.
+    let accesses: Vec<Value> = gateway
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "auditor_access")
+        .collect();
+    let by = |uid: u64, query: &str| {
+        accesses
+            .iter()
+            .find(|a| a["uid"] == uid && a["query"].as_str().unwrap().starts_with(query))
+            .unwrap_or_else(|| panic!("no access by {uid} for {query}: {accesses:#?}"))
+    };
+    let sessions_read = by(61001, "audit sessions --json");
+    assert_eq!(sessions_read["granted"], true);
+    assert_eq!(sessions_read["principal"]["name"], "bob@example.test");
+    assert_eq!(by(61001, "audit verify")["granted"], true);
+    let lookup = by(61001, "audit subject");
+    assert!(
+        lookup["query"].as_str().unwrap().contains("value hmac"),
+        "{lookup}"
+    );
+    assert!(
+        !lookup.to_string().contains("alice@example.test"),
+        "{lookup}"
+    );
+    assert_eq!(by(61001, "report gdpr --from 1h")["granted"], true);
+    let refused = by(61002, "audit sessions");
+    assert_eq!(refused["granted"], false);
+    assert_eq!(refused["principal"]["name"], "alice@example.test");
+    assert!(refused["reason"].as_str().unwrap().contains("lacks"));
+    assert_eq!(by(61003, "audit events")["granted"], false);
+    assert!(
+        !accesses.iter().any(|a| a["uid"] == 0),
+        "root's reads are not recorded: {accesses:#?}"
+    );
+    // One record per command, not per page or request.
+    let verify_runs = accesses
+        .iter()
+        .filter(|a| a["uid"] == 61001 && a["query"] == "audit verify")
+        .count();
+    assert_eq!(verify_runs, 1, "{accesses:#?}");
+
+    // After logout the auditor is refused again.
+    let (ok, out) = run(AUDITOR, &["logout"]);
+    assert!(ok, "{out}");
+    let (ok, out) = run(AUDITOR, &["audit", "sessions"]);
+    assert!(!ok && out.contains("not signed in"), "{out}");
 }

@@ -32,11 +32,15 @@ pub struct Cli {
 pub enum Command {
     /// Auditor tools: sessions, events, replay, data subjects, verify, export.
     Audit {
+        #[command(flatten)]
+        socket: audit::AuditSocketArg,
         #[command(subcommand)]
         command: audit::AuditCommand,
     },
     /// Compliance reports from the audit store.
     Report {
+        #[command(flatten)]
+        socket: audit::AuditSocketArg,
         #[command(subcommand)]
         command: audit::ReportCommand,
     },
@@ -148,8 +152,8 @@ pub enum ConfigCommand {
 pub fn run_command(cli: &Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Run => unreachable!("the daemon is started by main"),
-        Command::Audit { command } => audit::run(&cli.config, command),
-        Command::Report { command } => audit::report(&cli.config, command),
+        Command::Audit { socket, command } => audit::run(&cli.config, socket, command),
+        Command::Report { socket, command } => audit::report(&cli.config, socket, command),
         Command::Policy { command } => policy::run_policy(&cli.config, command),
         Command::Approvals(args) => policy::run_approvals(&cli.config, args),
         Command::Login {

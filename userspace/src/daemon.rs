@@ -66,6 +66,10 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         }
         None => (Arc::new(UnixIdentity), None),
     };
+    if control_socket.is_some() {
+        // Auditors are principals with the auditors role: OIDC only.
+        audit.set_identity(Arc::clone(&identity));
+    }
     let policy = load_policy(&config, &config_path, &recorder, &identity)?;
     let gateway = Arc::new(Gateway {
         recorder,

@@ -54,6 +54,9 @@ pub enum AuditEvent {
     Approval(ApprovalStep),
     /// A policy file was loaded, or rejected (the previous one stays).
     PolicyLoad(PolicyLoad),
+    /// A non-root user used the auditor tools through the daemon, or was
+    /// refused: reading the store is processing too.
+    AuditorAccess(AuditorAccess),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -215,4 +218,20 @@ pub struct PolicyLoad {
     pub error: Option<String>,
     pub rules: usize,
     pub masks: usize,
+}
+
+/// One auditor command run through the daemon's auditor socket (recorded
+/// once per command, not per page it reads).
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditorAccess {
+    pub uid: u32,
+    pub pid: u32,
+    /// The principal bound to the uid, if any.
+    pub principal: Option<Principal>,
+    /// The command as the CLI describes it (`audit events --identity bob`);
+    /// a looked-up personal value is never stored, only its keyed hash.
+    pub query: String,
+    pub granted: bool,
+    /// Why access was refused.
+    pub reason: Option<String>,
 }

@@ -7,6 +7,11 @@
 //! * `audit-subject.key`: the HMAC key for the data-subject index. Without
 //!   it the index is a set of keyed hashes that cannot be reversed by
 //!   hashing guesses (e-mail addresses are easy to guess).
+//!
+//! `cargo xtask install` creates both with `portcullis audit init-keys`
+//! ([`init`]), which never replaces an existing key. A daemon that finds
+//! them missing creates them too, and warns that they were not made at
+//! install (the public key was then never handed to auditors).
 
 use std::{
     fs::{File, OpenOptions},
@@ -36,6 +41,27 @@ impl Keys {
             subject: load_or_create(&state_dir.join(SUBJECT_KEY_FILE))?,
         })
     }
+}
+
+/// Creates whichever of the two keys is missing (mode 0600), never
+/// replacing one; returns the paths it created.
+///
+/// # Errors
+/// An existing key that cannot be read, is damaged or readable by others.
+pub fn init(state_dir: &Path) -> Result<Vec<PathBuf>, AuditError> {
+    let mut created = Vec::new();
+    for name in [SIGNING_KEY_FILE, SUBJECT_KEY_FILE] {
+        let path = state_dir.join(name);
+        match read_key(&path) {
+            Ok(_) => {}
+            Err(AuditError::Key { message, .. }) if message == NOT_FOUND => {
+                create_key(&path)?;
+                created.push(path);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(created)
 }
 
 /// The public key auditors verify checkpoints with.
@@ -105,7 +131,9 @@ fn read_key(path: &Path) -> Result<[u8; 32], AuditError> {
     Ok(key)
 }
 
-/// Writes a fresh random key atomically (temporary file, fsync, rename).
+/// Writes a fresh random key atomically (temporary file, fsync, then a
+/// hard link, which fails rather than replace a key another process made
+/// meanwhile: that key is used instead).
 fn create_key(path: &Path) -> Result<[u8; 32], AuditError> {
     let io = |e: std::io::Error| AuditError::Key {
         path: path.to_owned(),
@@ -126,6 +154,54 @@ fn create_key(path: &Path) -> Result<[u8; 32], AuditError> {
     file.write_all(format!("{}\n", hex::encode(key)).as_bytes())
         .and_then(|()| file.sync_all())
         .map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return read_key(path),
+        Err(e) => return Err(io(e)),
+    }
+    if let Some(dir) = path.parent() {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    }
     Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_creates_missing_keys_once_and_never_replaces_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let created = init(dir.path()).unwrap();
+        assert_eq!(created.len(), 2);
+        let public = public_key(dir.path()).unwrap();
+        let subject = subject_key(dir.path()).unwrap();
+        for path in &created {
+            let mode = std::fs::metadata(path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", path.display());
+        }
+        assert!(init(dir.path()).unwrap().is_empty());
+        assert_eq!(public_key(dir.path()).unwrap(), public);
+        assert_eq!(subject_key(dir.path()).unwrap(), subject);
+        std::fs::remove_file(dir.path().join(SUBJECT_KEY_FILE)).unwrap();
+        assert_eq!(
+            init(dir.path()).unwrap(),
+            [dir.path().join(SUBJECT_KEY_FILE)]
+        );
+        assert_eq!(public_key(dir.path()).unwrap(), public);
+        let keys = Keys::load_or_create(dir.path()).unwrap();
+        assert_eq!(keys.signing.verifying_key(), public);
+    }
+
+    #[test]
+    fn init_refuses_a_key_others_can_read() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path()).unwrap();
+        let path = dir.path().join(SIGNING_KEY_FILE);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = init(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+    }
 }

@@ -40,7 +40,7 @@ pub mod writer;
 use tokio::sync::oneshot;
 
 pub use config::AuditConfig;
-pub use event::{ApprovalStep, MaskingApplied, PolicyBlock, PolicyLoad};
+pub use event::{ApprovalStep, AuditorAccess, MaskingApplied, PolicyBlock, PolicyLoad};
 pub use event::{
     AuditEvent, DatabaseLogin, RetentionPurge, SessionEnd, SessionStart, Statement, StatementError,
 };

@@ -1,8 +1,12 @@
 //! Views of the chain for auditors: events with their session's context,
 //! sessions, and the filters of `portcullis audit events|sessions`.
+//!
+//! Queries walk the chain page by page ([`for_each_event`]): memory grows
+//! with what a query returns and with the sessions it has seen, never with
+//! the number of events in the store.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     time::{Duration, SystemTime},
 };
 
@@ -170,18 +174,58 @@ impl EventView {
     }
 }
 
-/// Every event from `from` on, with session context.
-pub fn events(source: &dyn AuditSource) -> Result<Vec<EventView>, AuditError> {
-    let mut sessions: HashMap<String, SessionContext> = HashMap::new();
-    let mut out = Vec::new();
+/// Ended sessions whose context is kept for events recorded after the end
+/// (masking totals, late statements); older ones are forgotten, so memory
+/// stays bounded by the open sessions plus this many.
+const ENDED_KEPT: usize = 65_536;
+
+/// The context of each session seen so far in a walk of the chain.
+#[derive(Default)]
+pub struct Contexts {
+    by_session: HashMap<String, SessionContext>,
+    ended: VecDeque<String>,
+}
+
+impl Contexts {
+    /// `record` as auditors see it, updating the session contexts.
+    pub fn view(&mut self, record: &Record) -> EventView {
+        let view = view(record, &mut self.by_session);
+        if view.name() == "session_end" {
+            if let Some(id) = view.session() {
+                self.ended.push_back(id.to_owned());
+                if self.ended.len() > ENDED_KEPT {
+                    if let Some(old) = self.ended.pop_front() {
+                        self.by_session.remove(&old);
+                    }
+                }
+            }
+        }
+        view
+    }
+}
+
+/// Calls `f` on every event with its session context, in chain order, page
+/// by page, until it returns false or the chain ends (or passes
+/// `until_seq`). Returns the last seq walked (0 for an empty chain), so
+/// that a second walk can stop at the same place.
+pub fn for_each_event(
+    source: &dyn AuditSource,
+    until_seq: Option<u64>,
+    mut f: impl FnMut(EventView) -> bool,
+) -> Result<u64, AuditError> {
+    let mut contexts = Contexts::default();
+    let mut last = 0;
     for_each_record(source, 1, |entry| {
+        if until_seq.is_some_and(|until| entry.key > until) {
+            return false;
+        }
+        last = entry.key;
         let Ok(record) = Record::decode(entry.value.as_bytes()) else {
             return true;
         };
-        out.push(view(&record, &mut sessions));
-        true
+        f(contexts.view(&record))
     })?;
-    Ok(out)
+    Ok(last)
 }
 
 fn view(record: &Record, sessions: &mut HashMap<String, SessionContext>) -> EventView {
@@ -349,11 +393,25 @@ pub struct SessionSummary {
 
 /// Groups events by session, in order of first appearance.
 pub fn sessions<'a>(events: impl Iterator<Item = &'a EventView>) -> Vec<SessionSummary> {
-    let mut order = Vec::new();
-    let mut by_id: BTreeMap<String, SessionSummary> = BTreeMap::new();
+    let mut sessions = Sessions::default();
     for e in events {
-        let Some(id) = e.session() else { continue };
-        let entry = by_id.entry(id.to_owned()).or_insert_with(|| {
+        sessions.add(e);
+    }
+    sessions.finish()
+}
+
+/// Session summaries built one event at a time.
+#[derive(Default)]
+pub struct Sessions {
+    order: Vec<String>,
+    by_id: BTreeMap<String, SessionSummary>,
+}
+
+impl Sessions {
+    pub fn add(&mut self, e: &EventView) {
+        let Some(id) = e.session() else { return };
+        let order = &mut self.order;
+        let entry = self.by_id.entry(id.to_owned()).or_insert_with(|| {
             order.push(id.to_owned());
             SessionSummary {
                 session: id.to_owned(),
@@ -385,10 +443,14 @@ pub fn sessions<'a>(events: impl Iterator<Item = &'a EventView>) -> Vec<SessionS
             _ => {}
         }
     }
-    order
-        .into_iter()
-        .filter_map(|id| by_id.remove(&id))
-        .collect()
+
+    /// The summaries, in order of first appearance.
+    pub fn finish(mut self) -> Vec<SessionSummary> {
+        self.order
+            .into_iter()
+            .filter_map(|id| self.by_id.remove(&id))
+            .collect()
+    }
 }
 
 /// RFC 3339 UTC with milliseconds.

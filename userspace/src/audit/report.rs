@@ -9,6 +9,8 @@
 //! masking evidence; `approval` in the name is an approval step;
 //! `approval` / `justification` fields attach to their session.
 
+use std::collections::HashMap;
+
 use ed25519_dalek::VerifyingKey;
 use serde::Serialize;
 use serde_json::Value;
@@ -64,6 +66,9 @@ pub struct EvidenceRow {
     pub details: String,
 }
 
+/// Builds the report for `[from_us, to_us)`, walking the chain page by
+/// page: memory grows with the report (its sessions and evidence rows),
+/// not with the store.
 pub fn build(
     source: &dyn AuditSource,
     key: &VerifyingKey,
@@ -74,57 +79,71 @@ pub fn build(
     // it cites; a damaged store refuses, and verification says why.
     let checkpoint = source.checkpoint().ok().flatten();
     let verification = verify(source, key)?;
-    let all = query::events(source)?;
-    let events: Vec<&EventView> = all
-        .iter()
-        .filter(|e| e.at_us >= from_us && e.at_us < to_us)
+    let mut sessions = query::Sessions::default();
+    let mut extra: HashMap<String, SessionExtra> = HashMap::new();
+    let (mut masking, mut blocked, mut approvals, mut purges) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut events_in_period = 0;
+    query::for_each_event(source, None, |e| {
+        if e.at_us < from_us || e.at_us >= to_us {
+            return true;
+        }
+        events_in_period += 1;
+        sessions.add(&e);
+        if let Some(id) = e.session() {
+            let x = extra.entry(id.to_owned()).or_default();
+            if e.name().contains("statement") {
+                x.statements += 1;
+            }
+            // The first value of these fields the session recorded ...
+            if x.approval_field.is_none() {
+                x.approval_field = e.fields.get("approval").and_then(text);
+            }
+            if x.justification.is_none() {
+                x.justification = e.fields.get("justification").and_then(text);
+            }
+            // ... else its latest approval step says where it stands.
+            if e.name().contains("approval") {
+                x.last_step = Some(approval_step(&e));
+            }
+        }
+        if e.name().contains("mask")
+            || e.fields
+                .get("masked")
+                .is_some_and(|m| !m.is_null() && m != &Value::Array(vec![]))
+        {
+            masking.push(evidence(&e));
+        }
+        if is_blocked(&e) {
+            blocked.push(evidence(&e));
+        }
+        if e.name().contains("approval") {
+            approvals.push(evidence(&e));
+        }
+        if e.name() == "retention_purge" {
+            purges.push(evidence(&e));
+        }
+        true
+    })?;
+    let processing = sessions
+        .finish()
+        .into_iter()
+        .map(|s| {
+            let x = extra.remove(&s.session).unwrap_or_default();
+            ProcessingRow {
+                statements: x.statements,
+                approval: x.approval_field.or(x.last_step),
+                justification: x.justification,
+                session: s.session,
+                identity: s.context.identity,
+                resource: s.context.resource,
+                protocol: s.context.protocol,
+                destination: s.context.destination,
+                start: s.start,
+                end: s.end,
+            }
+        })
         .collect();
-    let mut processing = Vec::new();
-    for s in query::sessions(events.iter().copied()) {
-        let of_session = || {
-            events
-                .iter()
-                .filter(|e| e.session() == Some(s.session.as_str()))
-        };
-        let field = |k: &str| of_session().find_map(|e| text(e.fields.get(k)?));
-        processing.push(ProcessingRow {
-            statements: of_session()
-                .filter(|e| e.name().contains("statement"))
-                .count() as u64,
-            // The session's latest approval step says where it stands.
-            approval: field("approval").or_else(|| {
-                of_session()
-                    .rfind(|e| e.name().contains("approval"))
-                    .map(|e| {
-                        let f = |k: &str| e.fields.get(k).and_then(Value::as_str).unwrap_or("");
-                        match f("approver") {
-                            "" => format!("{} (request {}, seq {})", f("step"), f("id"), e.seq),
-                            by => format!(
-                                "{} by {by} (request {}, seq {})",
-                                f("step"),
-                                f("id"),
-                                e.seq
-                            ),
-                        }
-                    })
-            }),
-            justification: field("justification"),
-            session: s.session,
-            identity: s.context.identity,
-            resource: s.context.resource,
-            protocol: s.context.protocol,
-            destination: s.context.destination,
-            start: s.start,
-            end: s.end,
-        });
-    }
-    let pick = |pred: &dyn Fn(&EventView) -> bool| -> Vec<EvidenceRow> {
-        events
-            .iter()
-            .filter(|e| pred(e))
-            .map(|e| evidence(e))
-            .collect()
-    };
     Ok(GdprReport {
         period_from: query::format_time(from_us),
         period_to: query::format_time(to_us),
@@ -134,18 +153,30 @@ pub fn build(
             .unwrap_or_default(),
         verification,
         checkpoint,
-        masking: pick(&|e| {
-            e.name().contains("mask")
-                || e.fields
-                    .get("masked")
-                    .is_some_and(|m| !m.is_null() && m != &Value::Array(vec![]))
-        }),
-        blocked: pick(&is_blocked),
-        approvals: pick(&|e| e.name().contains("approval")),
-        purges: pick(&|e| e.name() == "retention_purge"),
-        events_in_period: events.len() as u64,
+        masking,
+        blocked,
+        approvals,
+        purges,
+        events_in_period,
         processing,
     })
+}
+
+/// What a processing row needs beyond the session summary.
+#[derive(Default)]
+struct SessionExtra {
+    statements: u64,
+    approval_field: Option<String>,
+    justification: Option<String>,
+    last_step: Option<String>,
+}
+
+fn approval_step(e: &EventView) -> String {
+    let f = |k: &str| e.fields.get(k).and_then(Value::as_str).unwrap_or("");
+    match f("approver") {
+        "" => format!("{} (request {}, seq {})", f("step"), f("id"), e.seq),
+        by => format!("{} by {by} (request {}, seq {})", f("step"), f("id"), e.seq),
+    }
 }
 
 fn is_blocked(e: &EventView) -> bool {

@@ -1,16 +1,20 @@
-//! The daemon's side of `audit.sock`: auditor commands reach the store the
-//! daemon owns through it.
+//! The daemon's side of the auditor socket: auditor commands reach the
+//! store the daemon owns through it.
 //!
 //! One JSON request line per connection, one JSON answer line (see
-//! [`super::source::Request`]). The socket is mode 0600 in the state
-//! directory and every peer's uid is checked with SO_PEERCRED: root only
-//! for now (see [`authorize`]).
+//! [`super::source::Envelope`]). The socket is world-connectable (0666),
+//! like the control socket: who is asking comes from the kernel
+//! (SO_PEERCRED), never from the request, and [`authorize`] decides per
+//! connection: root, or a uid bound by `portcullis login` to a principal
+//! with the auditors role. Every non-root command, granted or refused, is
+//! recorded in the chain before anything is answered (fail closed).
 
 use std::{
-    os::unix::fs::PermissionsExt,
+    collections::HashMap,
+    os::unix::fs::{FileTypeExt, PermissionsExt},
     path::{Path, PathBuf},
-    sync::Arc,
-    time::{Duration, SystemTime},
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant, SystemTime},
 };
 
 use serde::Serialize;
@@ -21,59 +25,145 @@ use tokio::{
 use tracing::{debug, warn};
 
 use super::{
+    event::AuditorAccess,
+    keys,
     record::Hash,
     retention::Retention,
-    source::{Request, Response, SOCKET_FILE},
+    source::{Envelope, Request, Response},
     store::Store,
+    subject::subject_hash,
     writer::SledRecorder,
-    AuditError,
+    AuditError, AuditEvent, Recorder,
 };
-use crate::proxy::Shutdown;
+use crate::{
+    identity::{IdentityProvider, Principal},
+    proxy::Shutdown,
+};
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 4096;
+
+/// A client must send its request within this time.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One access record per command: the same uid, process and command
+/// within this time is not recorded again (a query reads many pages).
+const ACCESS_DEDUP: Duration = Duration::from_secs(600);
+
+/// Access records remembered for deduplication, at most.
+const ACCESS_MEMORY: usize = 4096;
 
 /// What the server needs from the daemon.
 pub struct AuditServer {
     pub store: Store,
     pub recorder: Arc<SledRecorder>,
     pub retention: Retention,
+    pub state_dir: PathBuf,
+    /// The role whose members may use the tools besides root.
+    pub auditors_role: String,
+    /// Set once the daemon's OIDC identity is up; until then, and without
+    /// an `[identity]` section, only root is served.
+    pub identity: OnceLock<Arc<dyn IdentityProvider>>,
+    /// (uid, pid, query) -> when its access was last recorded.
+    recorded: Mutex<HashMap<(u32, u32, String), Instant>>,
 }
 
-/// Who may use the auditor commands.
+/// Who may use the auditor tools: root, or a uid bound (`portcullis
+/// login`, not expired) to a principal with `role`. Returns the principal
+/// (none for root).
 ///
-/// Root only, for now. This is the hook for the `auditors` role: once
-/// principals carry roles for local uids (OIDC login), allow a uid here
-/// whose principal has the `auditors` role, and make the socket group- or
-/// ACL-readable for them.
-pub fn authorize(uid: u32) -> Result<(), String> {
+/// # Errors
+/// A message for the caller saying why and what to do.
+pub async fn authorize(
+    uid: u32,
+    identity: Option<&dyn IdentityProvider>,
+    role: &str,
+) -> Result<Option<Principal>, (Option<Principal>, String)> {
     if uid == 0 {
-        Ok(())
-    } else {
-        Err(format!(
-            "uid {uid} may not read the audit store: auditor commands are limited to root (and, later, the auditors role)"
-        ))
+        return Ok(None);
+    }
+    let Some(identity) = identity else {
+        return Err((
+            None,
+            format!(
+                "uid {uid} may not read the audit store: this gateway has no [identity] section, \
+                 so the auditor tools are root only"
+            ),
+        ));
+    };
+    match identity.principal_for_uid(uid).await {
+        None => Err((
+            None,
+            format!(
+                "uid {uid} is not signed in (or the sign-in expired): the audit store is limited to \
+                 root and the `{role}` role; run `portcullis login` as an auditor"
+            ),
+        )),
+        Some(p) if p.roles.iter().any(|r| r == role) => Ok(Some(p)),
+        Some(p) => {
+            let message = format!(
+                "{} (uid {uid}) lacks the `{role}` role: the audit store is limited to root and \
+                 auditors; run `portcullis login` as an auditor",
+                p.name
+            );
+            Err((Some(p), message))
+        }
     }
 }
 
-/// Binds `<state_dir>/audit.sock` (mode 0600), replacing a stale one.
-pub fn bind(state_dir: &Path) -> Result<(UnixListener, PathBuf), AuditError> {
-    let path = state_dir.join(SOCKET_FILE);
+/// Binds the auditor socket at `path` (world-connectable: every peer is
+/// checked), creating its directory (0755) if missing. A stale socket is
+/// replaced, a live one (another daemon) is not.
+pub fn bind(path: &Path) -> Result<UnixListener, AuditError> {
     let io = |source| AuditError::Io {
-        path: path.clone(),
+        path: path.to_owned(),
         source,
     };
-    match std::fs::remove_file(&path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
+    if let Some(parent) = path.parent() {
+        if !parent.exists() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755)).map_err(io)?;
+        }
     }
-    let listener = UnixListener::bind(&path).map_err(io)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
-    Ok((listener, path))
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(AuditError::Daemon(format!(
+            "another process already serves {}: stop it, or set [audit] socket to another path",
+            path.display()
+        )));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(io)?,
+        Ok(_) => {
+            return Err(io(std::io::Error::other(
+                "exists and is not a socket; remove it or set [audit] socket to another path",
+            )))
+        }
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(io)?;
+    Ok(listener)
 }
 
 impl AuditServer {
+    pub fn new(
+        store: Store,
+        recorder: Arc<SledRecorder>,
+        retention: Retention,
+        state_dir: PathBuf,
+        auditors_role: String,
+    ) -> Self {
+        Self {
+            store,
+            recorder,
+            retention,
+            state_dir,
+            auditors_role,
+            identity: OnceLock::new(),
+            recorded: Mutex::new(HashMap::new()),
+        }
+    }
+
     /// Answers requests until `shutdown` fires.
     pub async fn serve(self: Arc<Self>, listener: UnixListener, mut shutdown: Shutdown) {
         loop {
@@ -81,7 +171,7 @@ impl AuditServer {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => stream,
                     Err(e) => {
-                        warn!("audit.sock accept failed: {e}");
+                        warn!("audit socket accept failed: {e}");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
@@ -91,30 +181,109 @@ impl AuditServer {
             let server = Arc::clone(&self);
             tokio::spawn(async move {
                 if let Err(e) = server.answer(stream).await {
-                    debug!("audit.sock request failed: {e}");
+                    debug!("audit socket request failed: {e}");
                 }
             });
         }
     }
 
     async fn answer(&self, stream: UnixStream) -> std::io::Result<()> {
-        let uid = stream.peer_cred()?.uid();
+        // The kernel's word on who connected; nothing the client says matters.
+        let cred = stream.peer_cred()?;
+        let (uid, pid) = (cred.uid(), cred.pid().unwrap_or(0).max(0) as u32);
         let (read, mut write) = stream.into_split();
         let mut line = String::new();
         let mut reader = BufReader::new(read).take(MAX_REQUEST as u64);
-        reader.read_line(&mut line).await?;
-        let answer = match authorize(uid) {
-            Err(message) => {
-                warn!(uid, "audit.sock: refused");
-                error_line(message)
-            }
-            Ok(()) => match serde_json::from_str::<Request>(&line) {
-                Err(e) => error_line(format!("bad request: {e}")),
-                Ok(request) => self.handle(request).await,
+        match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
+            Ok(result) => result?,
+            Err(_) => return Ok(()),
+        };
+        if line.trim().is_empty() {
+            // A probe (is the daemon there?): nothing asked, nothing read.
+            return Ok(());
+        }
+        let answer = match serde_json::from_str::<Envelope>(&line) {
+            Err(e) => error_line(format!("bad request: {e}")),
+            Ok(envelope) => match self.admit(uid, pid, &envelope).await {
+                Err(message) => error_line(message),
+                Ok(()) => self.handle(envelope.request).await,
             },
         };
         write.write_all(&answer).await?;
         write.shutdown().await
+    }
+
+    /// Authorizes the caller and, unless root, records the access (once
+    /// per command) before anything is read; a refusal is recorded too.
+    async fn admit(&self, uid: u32, pid: u32, envelope: &Envelope) -> Result<(), String> {
+        let identity = self.identity.get().map(|i| i.as_ref());
+        let decision = authorize(uid, identity, &self.auditors_role).await;
+        if uid == 0 {
+            return Ok(());
+        }
+        let mut query = envelope
+            .query
+            .clone()
+            .unwrap_or_else(|| "(not stated by the client)".into());
+        if let Request::SubjectValue { value } = &envelope.request {
+            // The value is personal data: record its keyed hash only.
+            if let Ok(key) = keys::subject_key(&self.state_dir) {
+                let hash = hex::encode(&subject_hash(&key, value)[..8]);
+                query.push_str(&format!(" [value hmac {hash}]"));
+            }
+        }
+        let (principal, granted, reason) = match &decision {
+            Ok(principal) => (principal.clone(), true, None),
+            Err((principal, message)) => (principal.clone(), false, Some(message.clone())),
+        };
+        if !granted {
+            warn!(uid, pid, %query, "audit socket: refused");
+        }
+        if self.first_time(uid, pid, &query) {
+            let event = AuditEvent::AuditorAccess(AuditorAccess {
+                uid,
+                pid,
+                principal,
+                query: query.clone(),
+                granted,
+                reason,
+            });
+            if let Err(e) = self.recorder.record(event).durable().await {
+                self.forget(uid, pid, &query);
+                warn!(uid, "auditor access not recorded, refusing it: {e}");
+                return Err(format!(
+                    "the gateway could not record this access, so it is refused: {e}"
+                ));
+            }
+        }
+        decision.map(|_| ()).map_err(|(_, message)| message)
+    }
+
+    /// True when (uid, pid, query) was not recorded within [`ACCESS_DEDUP`];
+    /// marks it recorded.
+    fn first_time(&self, uid: u32, pid: u32, query: &str) -> bool {
+        let mut recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if recorded.len() >= ACCESS_MEMORY {
+            recorded.retain(|_, at| now.duration_since(*at) < ACCESS_DEDUP);
+            if recorded.len() >= ACCESS_MEMORY {
+                // Still full: forgetting only costs extra records.
+                recorded.clear();
+            }
+        }
+        let key = (uid, pid, query.to_owned());
+        match recorded.get(&key) {
+            Some(at) if now.duration_since(*at) < ACCESS_DEDUP => false,
+            _ => {
+                recorded.insert(key, now);
+                true
+            }
+        }
+    }
+
+    fn forget(&self, uid: u32, pid: u32, query: &str) {
+        let mut recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+        recorded.remove(&(uid, pid, query.to_owned()));
     }
 
     async fn handle(&self, request: Request) -> Vec<u8> {
@@ -132,6 +301,19 @@ impl AuditServer {
                     return error_line("subject hash must be 64 hex digits".into());
                 }
                 blocking(move || store.subject_hits(&key)).await
+            }
+            Request::SubjectValue { value } => {
+                let state_dir = self.state_dir.clone();
+                blocking(move || {
+                    let key = keys::subject_key(&state_dir)?;
+                    store.subject_hits(&subject_hash(&key, &value))
+                })
+                .await
+            }
+            Request::PublicKey => {
+                let state_dir = self.state_dir.clone();
+                blocking(move || keys::public_key(&state_dir).map(|k| hex::encode(k.to_bytes())))
+                    .await
             }
             Request::Checkpoint => ok_line(self.recorder.checkpoint().await),
             Request::Purge { as_of_us } => {
@@ -162,5 +344,59 @@ fn ok_line<T: Serialize>(result: Result<T, AuditError>) -> Vec<u8> {
 }
 
 fn error_line(message: String) -> Vec<u8> {
-    ok_line::<()>(Err(AuditError::Daemon(message)))
+    let mut line = serde_json::to_vec(&Response::<()>::Error(message))
+        .unwrap_or_else(|e| format!("{{\"error\":\"encoding the answer: {e}\"}}").into_bytes());
+    line.push(b'\n');
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{IdentityError, IdentityFuture, PrincipalKind};
+
+    /// A fixed uid -> principal table, as a login would leave it.
+    struct Bound(Vec<(u32, Vec<&'static str>)>);
+
+    impl IdentityProvider for Bound {
+        fn principal_for_uid(&self, uid: u32) -> IdentityFuture<'_, Option<Principal>> {
+            let found = self
+                .0
+                .iter()
+                .find(|(u, _)| *u == uid)
+                .map(|(_, roles)| Principal {
+                    subject: format!("iss#{uid}"),
+                    name: format!("user{uid}@example.test"),
+                    kind: PrincipalKind::Person,
+                    roles: roles.iter().map(|r| r.to_string()).collect(),
+                });
+            Box::pin(async move { found })
+        }
+        fn verify_token<'a>(
+            &'a self,
+            _: &'a str,
+        ) -> IdentityFuture<'a, Result<Principal, IdentityError>> {
+            Box::pin(async { Err(IdentityError::Rejected("no".into())) })
+        }
+    }
+
+    #[tokio::test]
+    async fn root_and_role_members_only() {
+        let ids = Bound(vec![(1000, vec!["auditors"]), (1001, vec!["engineers"])]);
+        let ids: Option<&dyn IdentityProvider> = Some(&ids);
+        assert_eq!(authorize(0, None, "auditors").await.unwrap(), None);
+        let p = authorize(1000, ids, "auditors").await.unwrap().unwrap();
+        assert_eq!(p.name, "user1000@example.test");
+        let (who, message) = authorize(1001, ids, "auditors").await.unwrap_err();
+        assert!(who.is_some());
+        assert!(message.contains("lacks the `auditors` role"), "{message}");
+        assert!(message.contains("portcullis login"), "{message}");
+        let (who, message) = authorize(1002, ids, "auditors").await.unwrap_err();
+        assert!(who.is_none());
+        assert!(message.contains("not signed in"), "{message}");
+        // The role name is configurable.
+        assert!(authorize(1001, ids, "engineers").await.is_ok());
+        let (_, message) = authorize(1000, None, "auditors").await.unwrap_err();
+        assert!(message.contains("no [identity] section"), "{message}");
+    }
 }

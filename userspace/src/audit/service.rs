@@ -6,10 +6,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::{
-    keys::Keys,
+    keys::{self, Keys},
     server::{self, AuditServer},
     store::Store,
     writer::SledRecorder,
@@ -17,6 +17,7 @@ use super::{
 };
 use crate::{
     config::Config,
+    identity::IdentityProvider,
     proxy::{Shutdown, ShutdownSignal},
 };
 
@@ -26,6 +27,7 @@ const PURGE_EVERY: Duration = Duration::from_secs(6 * 3600);
 /// The running audit store.
 pub struct AuditService {
     recorder: Arc<SledRecorder>,
+    server: Arc<AuditServer>,
     stop: ShutdownSignal,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -35,21 +37,42 @@ impl AuditService {
     /// serves `audit.sock`. Must run inside the daemon's runtime.
     pub fn start(config: &Config) -> Result<Self, AuditError> {
         let store = Store::open(&config.state_dir)?;
+        let created = keys::init(&config.state_dir)?;
+        if !created.is_empty() {
+            warn!(
+                keys = ?created,
+                "audit keys created now, not at install: run `portcullis audit public-key` \
+                 and hand the key to your auditors"
+            );
+        }
         let keys = Keys::load_or_create(&config.state_dir)?;
         let recorder = Arc::new(SledRecorder::start(
             store.clone(),
             keys,
             config.audit.checkpoints(),
         )?);
-        let (listener, socket) = server::bind(&config.state_dir)?;
+        let socket = config.audit.socket_path(&config.state_dir);
+        let listener = server::bind(&socket)?;
+        if let Some(dir) = closed_to_others(&socket) {
+            warn!(
+                socket = %socket.display(),
+                "auditors other than root cannot reach the audit socket: {} is not searchable \
+                 by others (chmod o+x it, or set [audit] socket)",
+                dir.display()
+            );
+        }
         let (stop, shutdown) = ShutdownSignal::new();
         let retention = config.audit.retention();
-        let server = Arc::new(AuditServer {
-            store: store.clone(),
-            recorder: Arc::clone(&recorder),
-            retention: retention.clone(),
-        });
-        let mut tasks = vec![tokio::spawn(server.serve(listener, shutdown.clone()))];
+        let server = Arc::new(AuditServer::new(
+            store.clone(),
+            Arc::clone(&recorder),
+            retention.clone(),
+            config.state_dir.clone(),
+            config.audit.auditors_role.clone(),
+        ));
+        let mut tasks = vec![tokio::spawn(
+            Arc::clone(&server).serve(listener, shutdown.clone()),
+        )];
         tasks.push(tokio::spawn(purge_loop(
             Arc::clone(&recorder),
             retention,
@@ -61,6 +84,7 @@ impl AuditService {
         info!(store = %config.state_dir.join("audit").display(), socket = %socket.display(), "audit store open");
         Ok(Self {
             recorder,
+            server,
             stop,
             tasks,
         })
@@ -68,6 +92,12 @@ impl AuditService {
 
     pub fn recorder(&self) -> Arc<dyn Recorder> {
         Arc::clone(&self.recorder) as Arc<dyn Recorder>
+    }
+
+    /// Lets members of the auditors role (principals bound to their uid by
+    /// `portcullis login`) use the auditor tools; before this, only root.
+    pub fn set_identity(&self, identity: Arc<dyn IdentityProvider>) {
+        let _ = self.server.identity.set(identity);
     }
 
     /// Stops serving, commits what is queued and signs a final checkpoint.
@@ -83,6 +113,15 @@ impl AuditService {
             Err(e) => error!("closing the audit store: {e}"),
         }
     }
+}
+
+/// The first directory above `path` that others cannot search, if any.
+fn closed_to_others(path: &std::path::Path) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    path.ancestors().skip(1).find_map(|dir| {
+        let mode = std::fs::metadata(dir).ok()?.permissions().mode();
+        (mode & 0o001 == 0).then(|| dir.to_owned())
+    })
 }
 
 async fn purge_loop(

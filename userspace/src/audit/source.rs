@@ -1,6 +1,10 @@
-//! Where the auditor tools read from: the daemon over `audit.sock` while it
-//! runs (it owns the sled database: sled allows one process), or the files
-//! directly when it does not.
+//! Where the auditor tools read from: the daemon over its auditor socket
+//! while it runs (it owns the sled database: sled allows one process), or
+//! the files directly when it does not (root only: the files are root's).
+//!
+//! Non-root auditors always go through the daemon, which checks their
+//! role, records their access, and does what needs the root-only keys for
+//! them (the public key, hashing a data subject's value).
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -9,18 +13,21 @@ use std::{
     time::SystemTime,
 };
 
+use ed25519_dalek::VerifyingKey;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::{
-    keys::Keys,
+    keys::{self, Keys},
     record::{Checkpoint, Hash},
     retention::Retention,
     store::{CheckpointMeta, RawEntry, Store, SubjectHit},
+    subject::subject_hash,
     writer::{micros, CheckpointPolicy, PurgeSummary, SledRecorder},
     AuditError,
 };
 
-/// The daemon's socket for auditor requests, root only.
+/// The daemon's socket for auditor requests, in the state directory unless
+/// `[audit] socket` says otherwise.
 pub const SOCKET_FILE: &str = "audit.sock";
 
 /// Records per request page.
@@ -33,6 +40,11 @@ pub trait AuditSource {
     fn checkpoint_meta(&self) -> Result<Option<CheckpointMeta>, AuditError>;
     fn file_checkpoint(&self) -> Result<Option<Checkpoint>, AuditError>;
     fn subject_hits(&self, hash: &Hash) -> Result<Vec<SubjectHit>, AuditError>;
+    /// Index entries for a personal value, hashed with the subject-index
+    /// key (which only root and the daemon can read).
+    fn subject_hits_for(&self, value: &str) -> Result<Vec<SubjectHit>, AuditError>;
+    /// The host's checkpoint-signing public key.
+    fn public_key(&self) -> Result<VerifyingKey, AuditError>;
     /// Signs a checkpoint over the current head (if it moved) and returns
     /// the latest one.
     fn checkpoint(&self) -> Result<Option<Checkpoint>, AuditError>;
@@ -66,17 +78,47 @@ pub fn for_each_record(
     }
 }
 
-/// The daemon's socket when it answers, else the store files.
-pub fn open(state_dir: &Path, retention: Retention) -> Result<Box<dyn AuditSource>, AuditError> {
-    let socket = state_dir.join(SOCKET_FILE);
-    if let Ok(stream) = UnixStream::connect(&socket) {
-        drop(stream);
-        return Ok(Box::new(DaemonSource { socket }));
+/// How the auditor tools reach a store.
+#[derive(Debug, Clone)]
+pub struct Access {
+    /// The daemon's auditor socket.
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub retention: Retention,
+    /// Root may fall back to the files when the daemon is not running.
+    pub root: bool,
+    /// The command being run, recorded by the daemon for non-root callers.
+    pub query: String,
+}
+
+/// The daemon's socket when it answers, else (root only) the store files.
+///
+/// # Errors
+/// For non-root callers, a daemon that cannot be reached, with what to do.
+pub fn open(access: &Access) -> Result<Box<dyn AuditSource>, AuditError> {
+    let daemon = || DaemonSource {
+        socket: access.socket.clone(),
+        query: Some(access.query.clone()),
+    };
+    match UnixStream::connect(&access.socket) {
+        Ok(stream) => {
+            drop(stream);
+            return Ok(Box::new(daemon()));
+        }
+        Err(e) if !access.root => {
+            return Err(AuditError::Daemon(format!(
+            "cannot reach the gateway's auditor socket {}: {e}. Auditors other than root use the \
+                 tools through the running daemon: check that it runs, and pass --socket (or set \
+                 PORTCULLIS_AUDIT_SOCKET) if [audit] socket puts it elsewhere",
+            access.socket.display()
+        )))
+        }
+        Err(_) => {}
     }
     Ok(Box::new(LocalSource {
-        store: Store::open_existing(state_dir)?,
-        state_dir: state_dir.to_owned(),
-        retention,
+        store: Store::open_existing(&access.state_dir)?,
+        state_dir: access.state_dir.clone(),
+        retention: access.retention.clone(),
     }))
 }
 
@@ -84,13 +126,35 @@ pub fn open(state_dir: &Path, retention: Retention) -> Result<Box<dyn AuditSourc
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    Records { from: u64, limit: usize },
+    Records {
+        from: u64,
+        limit: usize,
+    },
     Checkpoints,
     Meta,
     FileCheckpoint,
-    Subject { hash: String },
+    Subject {
+        hash: String,
+    },
+    /// Look up a value: the daemon hashes it with the subject-index key.
+    SubjectValue {
+        value: String,
+    },
+    PublicKey,
     Checkpoint,
-    Purge { as_of_us: u64 },
+    Purge {
+        as_of_us: u64,
+    },
+}
+
+/// What goes on the wire: a request and the command it serves (recorded
+/// by the daemon for non-root callers).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Envelope {
+    #[serde(flatten)]
+    pub request: Request,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
 }
 
 /// The answer to a [`Request`].
@@ -104,10 +168,11 @@ pub enum Response<T> {
 /// Asks the running daemon.
 pub struct DaemonSource {
     socket: PathBuf,
+    query: Option<String>,
 }
 
 impl DaemonSource {
-    fn ask<T: DeserializeOwned>(&self, request: &Request) -> Result<T, AuditError> {
+    fn ask<T: DeserializeOwned>(&self, request: Request) -> Result<T, AuditError> {
         let io = |source| AuditError::Io {
             path: self.socket.clone(),
             source,
@@ -118,7 +183,10 @@ impl DaemonSource {
         stream
             .set_read_timeout(Some(std::time::Duration::from_secs(300)))
             .map_err(io)?;
-        let mut line = serde_json::to_vec(request)?;
+        let mut line = serde_json::to_vec(&Envelope {
+            request,
+            query: self.query.clone(),
+        })?;
         line.push(b'\n');
         stream.write_all(&line).map_err(io)?;
         let mut answer = String::new();
@@ -137,27 +205,36 @@ impl DaemonSource {
 
 impl AuditSource for DaemonSource {
     fn raw_records(&self, from: u64, limit: usize) -> Result<Vec<RawEntry>, AuditError> {
-        self.ask(&Request::Records { from, limit })
+        self.ask(Request::Records { from, limit })
     }
     fn raw_checkpoints(&self) -> Result<Vec<RawEntry>, AuditError> {
-        self.ask(&Request::Checkpoints)
+        self.ask(Request::Checkpoints)
     }
     fn checkpoint_meta(&self) -> Result<Option<CheckpointMeta>, AuditError> {
-        self.ask(&Request::Meta)
+        self.ask(Request::Meta)
     }
     fn file_checkpoint(&self) -> Result<Option<Checkpoint>, AuditError> {
-        self.ask(&Request::FileCheckpoint)
+        self.ask(Request::FileCheckpoint)
     }
     fn subject_hits(&self, hash: &Hash) -> Result<Vec<SubjectHit>, AuditError> {
-        self.ask(&Request::Subject {
+        self.ask(Request::Subject {
             hash: hex::encode(hash),
         })
     }
+    fn subject_hits_for(&self, value: &str) -> Result<Vec<SubjectHit>, AuditError> {
+        self.ask(Request::SubjectValue {
+            value: value.to_owned(),
+        })
+    }
+    fn public_key(&self) -> Result<VerifyingKey, AuditError> {
+        let hex: String = self.ask(Request::PublicKey)?;
+        keys::parse_public_key(&hex)
+    }
     fn checkpoint(&self) -> Result<Option<Checkpoint>, AuditError> {
-        self.ask(&Request::Checkpoint)
+        self.ask(Request::Checkpoint)
     }
     fn purge(&self, as_of_us: u64) -> Result<PurgeSummary, AuditError> {
-        self.ask(&Request::Purge { as_of_us })
+        self.ask(Request::Purge { as_of_us })
     }
 }
 
@@ -218,6 +295,13 @@ impl AuditSource for LocalSource {
     }
     fn subject_hits(&self, hash: &Hash) -> Result<Vec<SubjectHit>, AuditError> {
         self.store.subject_hits(hash)
+    }
+    fn subject_hits_for(&self, value: &str) -> Result<Vec<SubjectHit>, AuditError> {
+        let key = keys::subject_key(&self.state_dir)?;
+        self.store.subject_hits(&subject_hash(&key, value))
+    }
+    fn public_key(&self) -> Result<VerifyingKey, AuditError> {
+        keys::public_key(&self.state_dir)
     }
     fn checkpoint(&self) -> Result<Option<Checkpoint>, AuditError> {
         self.with_writer(|w, rt| rt.block_on(w.checkpoint()))

@@ -1,9 +1,16 @@
 //! `portcullis audit ...` and `portcullis report ...`: the auditor tools.
 //!
-//! They read the store through the daemon's `audit.sock` while it runs,
-//! else the files directly ([`crate::audit::source`]).
+//! They read the store through the daemon's auditor socket while it runs,
+//! else (root only) the files directly ([`crate::audit::source`]). Root and
+//! members of the auditors role (signed in with `portcullis login`) may
+//! use them; the daemon decides, per connection, from the kernel's word on
+//! the caller's uid, and records every non-root command in the chain.
 
-use std::{io::Write, path::PathBuf, sync::atomic::AtomicBool};
+use std::{
+    io::{BufWriter, Write},
+    path::{Path, PathBuf},
+    sync::atomic::AtomicBool,
+};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
@@ -14,8 +21,7 @@ use crate::{
         export::{self, Target},
         keys,
         query::{self, EventView, Filter, SessionSummary},
-        source::{self, now_us, AuditSource},
-        subject::subject_hash,
+        source::{self, now_us, Access, AuditSource},
         verify::{verify, Verification},
     },
     config::Config,
@@ -77,6 +83,9 @@ pub enum AuditCommand {
     },
     /// Print the checkpoint-signing public key (hex) for auditors to keep.
     PublicKey,
+    /// Create the signing and subject-index keys if missing (root; run by
+    /// `cargo xtask install`); never replaces a key. Prints the public key.
+    InitKeys,
     /// Purge payloads past their retention now (the daemon does it every
     /// six hours).
     Purge {
@@ -104,6 +113,15 @@ pub enum ReportCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+}
+
+/// Where the daemon's auditor socket is.
+#[derive(Debug, Args)]
+pub struct AuditSocketArg {
+    /// The daemon's auditor socket; defaults to [audit] socket of the
+    /// config (when you may read it), else <state_dir>/audit.sock.
+    #[arg(long = "socket", global = true, env = "PORTCULLIS_AUDIT_SOCKET")]
+    pub socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -142,6 +160,22 @@ pub struct FormatArgs {
 }
 
 impl FilterArgs {
+    /// The flags as given, for the access record.
+    fn describe(&self) -> String {
+        [
+            ("identity", &self.identity),
+            ("resource", &self.resource),
+            ("protocol", &self.protocol),
+            ("since", &self.since),
+            ("until", &self.until),
+            ("action", &self.action),
+            ("rule", &self.rule),
+        ]
+        .iter()
+        .filter_map(|(name, v)| v.as_ref().map(|v| format!(" --{name} {v}")))
+        .collect()
+    }
+
     fn filter(&self, session: Option<String>) -> anyhow::Result<Filter> {
         let time = |t: &Option<String>| {
             t.as_deref()
@@ -162,31 +196,95 @@ impl FilterArgs {
     }
 }
 
-/// Who may run the auditor tools.
-///
-/// Root only for now. Hook for the `auditors` role: when a local uid can be
-/// mapped to a principal with roles (OIDC login), allow non-root members of
-/// `auditors` here and in [`crate::audit::server::authorize`].
-fn authorize() -> anyhow::Result<()> {
-    if !super::euid_is_root() {
-        bail!("the audit store is readable by root only (and, later, the auditors role): run this as root");
+/// What the access record says the caller ran; a looked-up personal value
+/// is left out (the daemon adds its keyed hash).
+fn describe(command: &AuditCommand) -> String {
+    let format = |f: &FormatArgs| match (f.json, f.csv) {
+        (true, _) => " --json",
+        (_, true) => " --csv",
+        _ => "",
+    };
+    match command {
+        AuditCommand::Sessions { filter, format: f } => {
+            format!("audit sessions{}{}", filter.describe(), format(f))
+        }
+        AuditCommand::Events {
+            filter,
+            session,
+            format: f,
+        } => format!(
+            "audit events{}{}{}",
+            filter.describe(),
+            session
+                .as_ref()
+                .map_or(String::new(), |s| format!(" --session {s}")),
+            format(f)
+        ),
+        AuditCommand::Replay { session, .. } => format!("audit replay {session}"),
+        AuditCommand::Subject { .. } => "audit subject (value withheld)".into(),
+        AuditCommand::Verify { public_key, .. } => match public_key {
+            Some(key) => format!("audit verify --public-key {key}"),
+            None => "audit verify".into(),
+        },
+        AuditCommand::Export { from, follow, .. } => format!(
+            "audit export{}{}",
+            from.map_or(String::new(), |f| format!(" --from {f}")),
+            if *follow { " --follow" } else { "" }
+        ),
+        AuditCommand::PublicKey => "audit public-key".into(),
+        AuditCommand::InitKeys => "audit init-keys".into(),
+        AuditCommand::Purge { as_of } => match as_of {
+            Some(t) => format!("audit purge --as-of {t}"),
+            None => "audit purge".into(),
+        },
     }
-    Ok(())
 }
 
-fn open(config: &Config) -> anyhow::Result<Box<dyn AuditSource>> {
-    Ok(source::open(&config.state_dir, config.audit.retention())?)
+/// The config (root must be able to read it; others use it when they
+/// can) and how to reach the store.
+fn access(
+    config_path: &Path,
+    socket: &AuditSocketArg,
+    query: String,
+) -> anyhow::Result<(Config, Access)> {
+    let root = super::euid_is_root();
+    let config = if root {
+        Config::load(config_path)?
+    } else {
+        // The installed config is root's (0640): fall back to the defaults.
+        Config::load(config_path).or_else(|_| Config::parse(""))?
+    };
+    let access = Access {
+        socket: socket
+            .socket
+            .clone()
+            .unwrap_or_else(|| config.audit.socket_path(&config.state_dir)),
+        state_dir: config.state_dir.clone(),
+        retention: config.audit.retention(),
+        root,
+        query,
+    };
+    Ok((config, access))
 }
 
-pub fn run(config_path: &std::path::Path, command: &AuditCommand) -> anyhow::Result<()> {
-    authorize()?;
-    let config = Config::load(config_path)?;
+pub fn run(
+    config_path: &Path,
+    socket: &AuditSocketArg,
+    command: &AuditCommand,
+) -> anyhow::Result<()> {
+    let (config, access) = access(config_path, socket, describe(command))?;
+    let open = || -> anyhow::Result<Box<dyn AuditSource>> { Ok(source::open(&access)?) };
     match command {
         AuditCommand::Sessions { filter, format } => {
             let filter = filter.filter(None)?;
-            let events = query::events(open(&config)?.as_ref())?;
-            let sessions = query::sessions(events.iter().filter(|e| filter.matches(e)));
-            print_sessions(&sessions, format)
+            let mut sessions = query::Sessions::default();
+            query::for_each_event(open()?.as_ref(), None, |e| {
+                if filter.matches(&e) {
+                    sessions.add(&e);
+                }
+                true
+            })?;
+            print_sessions(&sessions.finish(), format)
         }
         AuditCommand::Events {
             filter,
@@ -194,23 +292,23 @@ pub fn run(config_path: &std::path::Path, command: &AuditCommand) -> anyhow::Res
             format,
         } => {
             let filter = filter.filter(session.clone())?;
-            let events = query::events(open(&config)?.as_ref())?;
-            let events: Vec<_> = events.into_iter().filter(|e| filter.matches(e)).collect();
-            print_events(&events, format)
+            print_events(open()?.as_ref(), &filter, format)
         }
-        AuditCommand::Replay { session, json } => replay(&config, session, *json),
-        AuditCommand::Subject { value, json } => subject(&config, value, *json),
+        AuditCommand::Replay { session, json } => replay(open()?.as_ref(), session, *json),
+        AuditCommand::Subject { value, json } => subject(open()?.as_ref(), value, *json),
         AuditCommand::Verify { public_key, json } => {
+            let source = open()?;
             let key = match public_key {
                 Some(text) => keys::parse_public_key(text)?,
-                None => keys::public_key(&config.state_dir)
+                None => source
+                    .public_key()
                     .context("reading the host's signing key (or pass --public-key)")?,
             };
-            let result = verify(open(&config)?.as_ref(), &key)?;
+            let result = verify(source.as_ref(), &key)?;
             print_verification(&result, *json)
         }
         AuditCommand::Export { to, from, follow } => {
-            let source = open(&config)?;
+            let source = open()?;
             let stop = AtomicBool::new(false);
             match to {
                 None => {
@@ -233,17 +331,26 @@ pub fn run(config_path: &std::path::Path, command: &AuditCommand) -> anyhow::Res
             }
         }
         AuditCommand::PublicKey => {
-            let key = keys::public_key(&config.state_dir)
-                .context("the key is created when the daemon first starts")?;
+            // Root reads the key file (the daemon need not run); others ask
+            // the daemon.
+            let key = if access.root {
+                keys::public_key(&config.state_dir).context(
+                    "the key is created by `portcullis audit init-keys` (run by the installer) \
+                     or at the daemon's first start",
+                )?
+            } else {
+                open()?.public_key()?
+            };
             println!("{}", hex::encode(key.to_bytes()));
             Ok(())
         }
+        AuditCommand::InitKeys => init_keys(&config),
         AuditCommand::Purge { as_of } => {
             let as_of = match as_of {
                 Some(t) => query::parse_time(t).map_err(anyhow::Error::msg)?,
                 None => now_us(),
             };
-            let summary = open(&config)?.purge(as_of)?;
+            let summary = open()?.purge(as_of)?;
             match summary.purge_seq {
                 Some(seq) => println!(
                     "purged {} records of {} sessions (recorded as seq {seq})",
@@ -256,9 +363,33 @@ pub fn run(config_path: &std::path::Path, command: &AuditCommand) -> anyhow::Res
     }
 }
 
-pub fn report(config_path: &std::path::Path, command: &ReportCommand) -> anyhow::Result<()> {
-    authorize()?;
-    let config = Config::load(config_path)?;
+/// `audit init-keys`: creates missing keys, keeps existing ones, and
+/// prints the public key on stdout (what happened on stderr).
+fn init_keys(config: &Config) -> anyhow::Result<()> {
+    if !super::euid_is_root() {
+        bail!("`portcullis audit init-keys` writes root-only key files: run it as root");
+    }
+    let dir = &config.state_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let created = keys::init(dir)?;
+    for name in [keys::SIGNING_KEY_FILE, keys::SUBJECT_KEY_FILE] {
+        let path = dir.join(name);
+        if created.contains(&path) {
+            eprintln!("created {} (mode 0600)", path.display());
+        } else {
+            eprintln!("kept the existing {}", path.display());
+        }
+    }
+    let key = keys::public_key(dir)?;
+    println!("{}", hex::encode(key.to_bytes()));
+    Ok(())
+}
+
+pub fn report(
+    config_path: &Path,
+    socket: &AuditSocketArg,
+    command: &ReportCommand,
+) -> anyhow::Result<()> {
     let ReportCommand::Gdpr {
         from,
         to,
@@ -273,8 +404,13 @@ pub fn report(config_path: &std::path::Path, command: &ReportCommand) -> anyhow:
         Some(t) => query::parse_time(t).map_err(anyhow::Error::msg)?,
         None => now_us(),
     };
-    let source = open(&config)?;
-    let key = keys::public_key(&config.state_dir)?;
+    let query = format!(
+        "report gdpr --from {from}{}",
+        to.as_ref().map_or(String::new(), |t| format!(" --to {t}"))
+    );
+    let (_, access) = access(config_path, socket, query)?;
+    let source = source::open(&access)?;
+    let key = source.public_key()?;
     let report = crate::audit::report::build(source.as_ref(), &key, from_us, to_us)?;
     if let Some(path) = out {
         std::fs::write(path, crate::audit::report_html::render(&report))
@@ -292,33 +428,98 @@ pub fn report(config_path: &std::path::Path, command: &ReportCommand) -> anyhow:
     Ok(())
 }
 
-fn print_events(events: &[EventView], format: &FormatArgs) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
+const EVENT_HEADER: [&str; 7] = [
+    "seq", "at", "event", "session", "identity", "resource", "details",
+];
+
+fn event_row(e: &EventView) -> Vec<String> {
+    vec![
+        e.seq.to_string(),
+        query::format_time(e.at_us),
+        e.name().to_owned(),
+        e.session().unwrap_or("").to_owned(),
+        e.context.identity.clone(),
+        e.context.resource.clone(),
+        e.summary(),
+    ]
+}
+
+/// Prints the matching events as they are read: JSON and CSV in one walk,
+/// a table in two (the first measures the columns, the second prints up to
+/// where the first ended).
+fn print_events(
+    source: &dyn AuditSource,
+    filter: &Filter,
+    format: &FormatArgs,
+) -> anyhow::Result<()> {
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    let mut failed = None;
     if format.json {
-        let all: Vec<Value> = events.iter().map(EventView::to_json).collect();
-        serde_json::to_writer(&mut out, &all)?;
-        writeln!(out)?;
-        return Ok(());
+        out.write_all(b"[")?;
+        let mut first = true;
+        query::for_each_event(source, None, |e| {
+            if !filter.matches(&e) {
+                return true;
+            }
+            let lead: &[u8] = if std::mem::take(&mut first) {
+                b""
+            } else {
+                b","
+            };
+            let written = out
+                .write_all(lead)
+                .and_then(|()| serde_json::to_writer(&mut out, &e.to_json()).map_err(Into::into));
+            keep(written, &mut failed)
+        })?;
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        out.write_all(b"]\n")?;
+    } else if format.csv {
+        write_csv_row(&mut out, EVENT_HEADER.iter().copied())?;
+        query::for_each_event(source, None, |e| {
+            if !filter.matches(&e) {
+                return true;
+            }
+            let row = event_row(&e);
+            keep(
+                write_csv_row(&mut out, row.iter().map(String::as_str)),
+                &mut failed,
+            )
+        })?;
+    } else {
+        let mut table = Table::new(&EVENT_HEADER);
+        let until = query::for_each_event(source, None, |e| {
+            if filter.matches(&e) {
+                table.measure(&event_row(&e));
+            }
+            true
+        })?;
+        table.write_header(&mut out)?;
+        query::for_each_event(source, Some(until), |e| {
+            if !filter.matches(&e) {
+                return true;
+            }
+            keep(table.write_row(&mut out, &event_row(&e)), &mut failed)
+        })?;
+        table.write_end(&mut out)?;
     }
-    let rows = events.iter().map(|e| {
-        vec![
-            e.seq.to_string(),
-            query::format_time(e.at_us),
-            e.name().to_owned(),
-            e.session().unwrap_or("").to_owned(),
-            e.context.identity.clone(),
-            e.context.resource.clone(),
-            e.summary(),
-        ]
-    });
-    print_rows(
-        &mut out,
-        &[
-            "seq", "at", "event", "session", "identity", "resource", "details",
-        ],
-        rows,
-        format.csv,
-    )
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// True to go on walking; a write error is kept for after the walk.
+fn keep(result: std::io::Result<()>, failed: &mut Option<std::io::Error>) -> bool {
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            *failed = Some(e);
+            false
+        }
+    }
 }
 
 fn print_sessions(sessions: &[SessionSummary], format: &FormatArgs) -> anyhow::Result<()> {
@@ -366,100 +567,212 @@ fn print_rows(
 ) -> anyhow::Result<()> {
     let rows: Vec<Vec<String>> = rows.collect();
     if csv {
-        let quote = |f: &str| {
-            if f.contains([',', '"', '\n', '\r']) {
-                format!("\"{}\"", f.replace('"', "\"\""))
-            } else {
-                f.to_owned()
-            }
-        };
-        writeln!(out, "{}", header.join(","))?;
+        write_csv_row(out, header.iter().copied())?;
         for row in &rows {
-            writeln!(
-                out,
-                "{}",
-                row.iter().map(|f| quote(f)).collect::<Vec<_>>().join(",")
-            )?;
+            write_csv_row(out, row.iter().map(String::as_str))?;
         }
         return Ok(());
     }
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    let mut table = Table::new(header);
     for row in &rows {
-        for (w, f) in widths.iter_mut().zip(row) {
+        table.measure(row);
+    }
+    table.write_header(out)?;
+    for row in &rows {
+        table.write_row(out, row)?;
+    }
+    table.write_end(out)?;
+    Ok(())
+}
+
+fn write_csv_row<'a>(
+    out: &mut impl Write,
+    fields: impl Iterator<Item = &'a str>,
+) -> std::io::Result<()> {
+    let quote = |f: &str| {
+        if f.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", f.replace('"', "\"\""))
+        } else {
+            f.to_owned()
+        }
+    };
+    writeln!(out, "{}", fields.map(quote).collect::<Vec<_>>().join(","))
+}
+
+/// Columns as wide as their widest field (at most 60 characters),
+/// measured before anything is printed.
+struct Table {
+    header: Vec<String>,
+    widths: Vec<usize>,
+    rows: u64,
+}
+
+impl Table {
+    fn new(header: &[&str]) -> Self {
+        Self {
+            header: header.iter().map(|h| h.to_string()).collect(),
+            widths: header.iter().map(|h| h.len()).collect(),
+            rows: 0,
+        }
+    }
+
+    fn measure(&mut self, row: &[String]) {
+        self.rows += 1;
+        for (w, f) in self.widths.iter_mut().zip(row) {
             *w = (*w).max(f.chars().count()).min(60);
         }
     }
-    let line = |fields: Vec<&str>| {
+
+    fn line(&self, fields: &[String]) -> String {
         fields
             .iter()
-            .zip(&widths)
+            .zip(&self.widths)
             .map(|(f, w)| format!("{:<w$}", f.chars().take(*w).collect::<String>(), w = *w))
             .collect::<Vec<_>>()
             .join("  ")
             .trim_end()
             .to_owned()
-    };
-    writeln!(out, "{}", line(header.to_vec()))?;
-    for row in &rows {
-        writeln!(out, "{}", line(row.iter().map(String::as_str).collect()))?;
     }
-    if rows.is_empty() {
-        writeln!(out, "(nothing matches)")?;
+
+    fn write_header(&self, out: &mut impl Write) -> std::io::Result<()> {
+        writeln!(out, "{}", self.line(&self.header))
     }
-    Ok(())
+
+    fn write_row(&self, out: &mut impl Write, row: &[String]) -> std::io::Result<()> {
+        writeln!(out, "{}", self.line(row))
+    }
+
+    fn write_end(&self, out: &mut impl Write) -> std::io::Result<()> {
+        if self.rows == 0 {
+            writeln!(out, "(nothing matches)")?;
+        }
+        Ok(())
+    }
 }
 
-fn replay(config: &Config, session: &str, json: bool) -> anyhow::Result<()> {
-    let events = query::events(open(config)?.as_ref())?;
-    let events: Vec<_> = events
-        .into_iter()
-        .filter(|e| e.session() == Some(session))
-        .collect();
-    let Some(first) = events.first() else {
-        bail!("no session {session} in the store (list them with `portcullis audit sessions`)");
+/// `value` pretty-printed as an element of a pretty-printed array (what
+/// `serde_json::to_string_pretty` of the whole array would write for it).
+fn pretty_element(value: &Value) -> anyhow::Result<String> {
+    let text = serde_json::to_string_pretty(value)?;
+    Ok(text
+        .lines()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+/// One session, event by event: the matching events are read as they
+/// come (a session can be long), twice for the text form, whose heading
+/// names the session's latest context.
+fn replay(source: &dyn AuditSource, session: &str, json: bool) -> anyhow::Result<()> {
+    let missing = || {
+        anyhow::anyhow!(
+            "no session {session} in the store (list them with `portcullis audit sessions`)"
+        )
     };
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    let mut failed: Option<anyhow::Error> = None;
     if json {
-        let all: Vec<Value> = events.iter().map(EventView::to_json).collect();
-        println!("{}", serde_json::to_string_pretty(&all)?);
+        let mut first = true;
+        query::for_each_event(source, None, |e| {
+            if e.session() != Some(session) {
+                return true;
+            }
+            let written = pretty_element(&e.to_json()).and_then(|text| {
+                let lead = if std::mem::take(&mut first) {
+                    "[\n"
+                } else {
+                    ",\n"
+                };
+                out.write_all(lead.as_bytes())?;
+                out.write_all(text.as_bytes())?;
+                Ok(())
+            });
+            written.map_err(|e| failed = Some(e)).is_ok()
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if first {
+            return Err(missing());
+        }
+        out.write_all(b"\n]\n")?;
+        out.flush()?;
         return Ok(());
     }
     // The latest context: an adapter's login names the resource.
-    let c = &events[events.len() - 1].context;
-    println!(
+    let mut start = None;
+    let mut context = None;
+    let until = query::for_each_event(source, None, |e| {
+        if e.session() == Some(session) {
+            start.get_or_insert(e.at_us);
+            context = Some(e.context);
+        }
+        true
+    })?;
+    let (Some(start), Some(c)) = (start, context) else {
+        return Err(missing());
+    };
+    writeln!(
+        out,
         "session {session}: {} on {} ({}) to {}",
         c.identity, c.resource, c.protocol, c.destination
-    );
-    let start = first.at_us;
+    )?;
     let mut statement = 0;
-    for e in &events {
-        let offset = e.at_us.saturating_sub(start) as f64 / 1e6;
-        let label = match e.name() {
-            "statement" => {
-                statement += 1;
-                format!("statement {statement}")
-            }
-            other => other.to_owned(),
-        };
-        println!("+{offset:>9.3}s  #{:<6} {label:<16} {}", e.seq, e.summary());
-        for key in [
-            "parameters",
-            "command_tag",
-            "duration_us",
-            "error",
-            "rules",
-            "reason",
-        ] {
-            if let Some(v) = e.fields.get(key).filter(|v| !v.is_null()) {
-                println!("{:>30} {key}: {}", "", v);
-            }
+    query::for_each_event(source, Some(until), |e| {
+        if e.session() != Some(session) {
+            return true;
+        }
+        replay_line(&mut out, &e, start, &mut statement)
+            .map_err(|e| failed = Some(e.into()))
+            .is_ok()
+    })?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn replay_line(
+    out: &mut impl Write,
+    e: &EventView,
+    start: u64,
+    statement: &mut u64,
+) -> std::io::Result<()> {
+    let offset = e.at_us.saturating_sub(start) as f64 / 1e6;
+    let label = match e.name() {
+        "statement" => {
+            *statement += 1;
+            format!("statement {statement}")
+        }
+        other => other.to_owned(),
+    };
+    writeln!(
+        out,
+        "+{offset:>9.3}s  #{:<6} {label:<16} {}",
+        e.seq,
+        e.summary()
+    )?;
+    for key in [
+        "parameters",
+        "command_tag",
+        "duration_us",
+        "error",
+        "rules",
+        "reason",
+    ] {
+        if let Some(v) = e.fields.get(key).filter(|v| !v.is_null()) {
+            writeln!(out, "{:>30} {key}: {}", "", v)?;
         }
     }
     Ok(())
 }
 
-fn subject(config: &Config, value: &str, json: bool) -> anyhow::Result<()> {
-    let key = keys::subject_key(&config.state_dir).context("reading the subject-index key")?;
-    let hits = open(config)?.subject_hits(&subject_hash(&key, value))?;
+fn subject(source: &dyn AuditSource, value: &str, json: bool) -> anyhow::Result<()> {
+    let hits = source
+        .subject_hits_for(value)
+        .context("looking up the value in the data-subject index")?;
     if json {
         println!("{}", serde_json::to_string_pretty(&hits)?);
         return Ok(());
