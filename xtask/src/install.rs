@@ -77,8 +77,26 @@ impl Install {
         run(cmd(&binary).args(["--config", CONFIG_PATH, "config", "check"]))
             .context("the installed config is not valid: fix it before starting the service")?;
 
-        create_dir(Path::new(STATE_DIR), 0o750)?;
+        // Searchable, not listable, by others: auditors reach the daemon's
+        // audit.sock in it; everything else in it is root's (0600/0700).
+        create_dir(Path::new(STATE_DIR), 0o711)?;
         report(TASK, "state directory", STATE_DIR);
+
+        // The checkpoint-signing key is made now, not at the daemon's first
+        // start, so that its public half can go to the auditors before any
+        // record exists. Existing keys are kept.
+        let public_key = output(cmd(&binary).args(["--config", CONFIG_PATH, "audit", "init-keys"]))
+            .context("creating the audit keys")?;
+        report(
+            TASK,
+            "audit keys",
+            "audit-signing.key and audit-subject.key in the state directory (0600; existing keys kept)",
+        );
+        println!(
+            "Audit public key (give it to your auditors; they verify with \
+             `portcullis audit verify --public-key KEY`):\n    {}",
+            public_key.trim()
+        );
 
         let start = format!("{} --config {CONFIG_PATH} run", binary.display());
         if !systemd_running() {
