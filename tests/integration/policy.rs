@@ -795,3 +795,152 @@ fn pgbench_prepared_and_extended_through_the_policy_relay() {
     }
     assert!(!s.gateway.log().contains("panicked"));
 }
+
+/// A raw client that keeps its BackendKeyData: sends `{sql}`, waits for the
+/// approval notice, cancels from a second connection with the key, runs
+/// `select 1` on the same session, then breaks the framing.
+const CANCELLING_CLIENT: &str = r#"
+import json, socket, struct
+port = {port}
+s = socket.create_connection(('127.0.0.1', port))
+def send(t, b): s.sendall(t + struct.pack('!I', len(b) + 4) + b)
+p = b'user\0postgres\0database\0postgres\0\0'
+s.sendall(struct.pack('!II', len(p) + 8, 196608) + p)
+buf = b''
+def msg():
+    global buf
+    while len(buf) < 5 or len(buf) < 1 + struct.unpack('!I', buf[1:5])[0]:
+        d = s.recv(65536)
+        if not d: raise SystemExit('connection closed')
+        buf += d
+    n = struct.unpack('!I', buf[1:5])[0]
+    t, body, buf = buf[0:1], buf[5:1 + n], buf[1 + n:]
+    return t, body
+def fields(b): return dict((x[0:1].decode(), x[1:].decode()) for x in b.split(b'\0') if x)
+key = None
+while True:
+    t, b = msg()
+    if t == b'R' and b[:4] != b'\0\0\0\0': raise SystemExit('password requested')
+    if t == b'K': key = struct.unpack('!ii', b)
+    if t == b'Z': break
+def query(sql):
+    send(b'Q', sql.encode() + b'\0')
+    out = {'notices': [], 'errors': [], 'rows': []}
+    while True:
+        t, b = msg()
+        if t == b'N':
+            out['notices'].append(fields(b)['M'])
+            if 'approval request' in out['notices'][-1] and sql == '{sql}':
+                c = socket.create_connection(('127.0.0.1', port))
+                c.sendall(struct.pack('!IIii', 16, 80877102, key[0], key[1]))
+                c.recv(1)
+                c.close()
+        if t == b'E':
+            f = fields(b)
+            out['errors'].append(f['C'] + ': ' + f['M'])
+        if t == b'D': out['rows'].append(b[6:].decode())
+        if t == b'Z':
+            out['status'] = b.decode()
+            return out
+held = query('{sql}')
+after = query('select 1')
+s.sendall(b'Q\0\0\0\x02')
+t, b = msg()
+print(json.dumps({'held': held, 'after': after, 'broken': t.decode() + ' ' + fields(b).get('C', '')}))
+"#;
+
+#[test]
+fn a_held_statement_is_cancelled_by_a_cancel_request() {
+    let s = Setup::new(None);
+
+    // A raw client cancels with the key it was given; the session goes on.
+    let code = CANCELLING_CLIENT
+        .replace("{port}", &s.cluster.port.to_string())
+        .replace("{sql}", "DROP TABLE scratch");
+    let out: Value = serde_json::from_str(&s.cgroup.python(&code)).unwrap();
+    let held = &out["held"];
+    assert!(
+        held["notices"][0]
+            .as_str()
+            .unwrap()
+            .contains("approval request"),
+        "{out}"
+    );
+    assert_eq!(
+        held["errors"],
+        serde_json::json!(["57014: canceling statement due to user request"]),
+        "{out}"
+    );
+    assert_eq!(held["status"], "I", "{out}");
+    assert_eq!(out["after"]["rows"], serde_json::json!(["1"]), "{out}");
+    assert_eq!(out["after"]["errors"], serde_json::json!([]), "{out}");
+    // A protocol violation gets FATAL 08P01 through the policy hook too.
+    assert_eq!(out["broken"], "E 08P01", "{out}");
+    assert_eq!(
+        s.cluster
+            .sql("SELECT count(*) FROM pg_tables WHERE tablename = 'scratch'"),
+        "1"
+    );
+
+    // psql's own cancel (libpq PQcancel on SIGINT), inside a transaction:
+    // the transaction is aborted as PostgreSQL aborts it for a cancel.
+    let child = s
+        .psql_cmd(&[
+            "-c",
+            "BEGIN",
+            "-c",
+            "DROP TABLE scratch2",
+            "-c",
+            "SELECT 'in aborted transaction'",
+        ])
+        .spawn()
+        .unwrap();
+    let id = s.pending_id();
+    let interrupted = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    let out = wait_with_timeout(child, Duration::from_secs(30));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("57014") && err.contains("canceling statement due to user request"),
+        "{err}\n{}",
+        s.gateway.log()
+    );
+    assert!(
+        !text(&out.stdout).contains("in aborted transaction"),
+        "{err}"
+    );
+
+    // Nothing is left pending, and the withdrawal is an approval step.
+    let list = s.approvals_as("nobody", &["list", "--json"]);
+    assert!(list.status.success(), "{}", text(&list.stderr));
+    let list: Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(list, serde_json::json!([]));
+    let approve = s.approvals_as("nobody", &["approve", &id]);
+    assert!(!approve.status.success());
+    let cancelled: Vec<Value> = s
+        .events("approval")
+        .into_iter()
+        .filter(|e| e["step"] == "cancelled")
+        .collect();
+    assert_eq!(cancelled.len(), 2, "{cancelled:?}");
+    assert!(cancelled.iter().any(|e| e["id"] == id.as_str()));
+    assert!(cancelled
+        .iter()
+        .all(|e| e["requester"] == "unix:root" && e["rule"] == "drops-need-approval"));
+    let statements = s.events("statement");
+    assert!(
+        statements
+            .iter()
+            .any(|e| e["text"] == "DROP TABLE scratch" && e["error"]["sqlstate"] == "57014"),
+        "{statements:?}"
+    );
+    assert_eq!(
+        s.cluster
+            .sql("SELECT count(*) FROM pg_tables WHERE tablename = 'scratch2'"),
+        "1"
+    );
+    assert!(!s.gateway.log().contains("panicked"));
+}

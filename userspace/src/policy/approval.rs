@@ -82,12 +82,34 @@ pub struct Waiter {
 impl Waiter {
     /// Waits for the decision, or the timeout (recorded as such).
     pub async fn outcome(self) -> ApprovalOutcome {
-        match tokio::time::timeout(self.timeout, self.rx).await {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(_)) | Err(_) => {
-                self.store.expire(&self.info.id);
-                ApprovalOutcome::TimedOut
+        let outcome = self.outcome_unless(std::future::pending()).await;
+        outcome.unwrap_or(ApprovalOutcome::TimedOut)
+    }
+
+    /// Waits like [`Waiter::outcome`] unless `cancel` completes first: then
+    /// the request is withdrawn (recorded as a `cancelled` step, gone from
+    /// the approvers' list) and `None` is returned. A decision taken just
+    /// before the withdrawal stands and is returned instead.
+    pub async fn outcome_unless(
+        mut self,
+        cancel: impl std::future::Future<Output = ()>,
+    ) -> Option<ApprovalOutcome> {
+        let decided = {
+            let decision = tokio::time::timeout(self.timeout, &mut self.rx);
+            tokio::select! {
+                decided = decision => Some(decided),
+                () = cancel => None,
             }
+        };
+        match decided {
+            Some(Ok(Ok(outcome))) => Some(outcome),
+            Some(Ok(Err(_)) | Err(_)) => {
+                self.store.close(&self.info.id, "timed_out");
+                Some(ApprovalOutcome::TimedOut)
+            }
+            None if self.store.close(&self.info.id, "cancelled") => None,
+            // Decided (the reply is on its way) or expired meanwhile.
+            None => Some((&mut self.rx).await.unwrap_or(ApprovalOutcome::TimedOut)),
         }
     }
 }
@@ -210,11 +232,14 @@ impl ApprovalStore {
         }
     }
 
-    fn expire(&self, id: &str) {
+    /// Ends a request nobody decided (`timed_out`, `cancelled`); false if
+    /// it was no longer pending.
+    fn close(&self, id: &str, how: &'static str) -> bool {
         let removed = self.lock().pending.remove(id);
-        if let Some(p) = removed {
-            self.record(step(&p.info, "timed_out", None, None, None));
+        if let Some(p) = &removed {
+            self.record(step(&p.info, how, None, None, None));
         }
+        removed.is_some()
     }
 
     /// The requests `viewer` may decide.
@@ -415,5 +440,31 @@ mod tests {
         assert_eq!(waiter.outcome().await, ApprovalOutcome::TimedOut);
         assert!(store.decide(&id, &dora, true, None, None).is_err());
         assert!(memory.0.lock().unwrap().join("\n").contains("timed_out"));
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_request_is_withdrawn_and_recorded() {
+        let memory = Arc::new(Memory(Mutex::new(Vec::new())));
+        let store = ApprovalStore::new(memory.clone());
+        let carol = person("unix:carol", &[]);
+        let waiter = hold(&store, Duration::from_secs(10));
+        let id = waiter.info.id.clone();
+        assert_eq!(waiter.outcome_unless(async {}).await, None);
+        assert!(store.list(&carol).is_empty());
+        assert!(store.decide(&id, &carol, true, None, None).is_err());
+        assert!(memory
+            .0
+            .lock()
+            .unwrap()
+            .join("\n")
+            .contains("\"step\":\"cancelled\""));
+        // A decision taken before the cancel arrives stands.
+        let waiter = hold(&store, Duration::from_secs(10));
+        let id = waiter.info.id.clone();
+        store.decide(&id, &carol, true, None, None).unwrap();
+        assert!(matches!(
+            waiter.outcome_unless(async {}).await,
+            Some(ApprovalOutcome::Approved { .. })
+        ));
     }
 }

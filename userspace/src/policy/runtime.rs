@@ -7,6 +7,7 @@
 //! line and reason, and the previous policy stays in force.
 
 use std::{
+    future::Future,
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
     time::{Duration, SystemTime},
@@ -103,21 +104,32 @@ pub struct Hold {
     proceed: Proceed,
 }
 
+/// Why a held message does not run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stopped {
+    /// Denied or not approved in time: answer like a block.
+    Refused(Refusal),
+    /// The requester cancelled the wait (a CancelRequest): answer 57014.
+    Cancelled,
+}
+
 impl Hold {
     /// Waits for the decision: approved gives the [`Proceed`], denied or
-    /// timed out the [`Refusal`] (the steps are recorded by the store).
-    pub async fn resolve(self) -> Result<Proceed, Refusal> {
+    /// timed out a [`Refusal`]. If `cancel` completes first the request is
+    /// withdrawn. The store records every step.
+    pub async fn resolve(self, cancel: impl Future<Output = ()>) -> Result<Proceed, Stopped> {
         let rule = self.waiter.info.rule.clone();
-        match self.waiter.outcome().await {
-            ApprovalOutcome::Approved { .. } => Ok(self.proceed),
-            ApprovalOutcome::Denied { approver, reason } => Err(Refusal {
-                rule,
-                reason: format!("request {} denied by {approver}: {reason}", self.id),
-            }),
-            ApprovalOutcome::TimedOut => Err(Refusal {
-                rule,
-                reason: format!("request {} was not approved in time", self.id),
-            }),
+        let refused = |reason| Err(Stopped::Refused(Refusal { rule, reason }));
+        match self.waiter.outcome_unless(cancel).await {
+            Some(ApprovalOutcome::Approved { .. }) => Ok(self.proceed),
+            Some(ApprovalOutcome::Denied { approver, reason }) => refused(format!(
+                "request {} denied by {approver}: {reason}",
+                self.id
+            )),
+            Some(ApprovalOutcome::TimedOut) => {
+                refused(format!("request {} was not approved in time", self.id))
+            }
+            None => Err(Stopped::Cancelled),
         }
     }
 }

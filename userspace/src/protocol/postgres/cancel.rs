@@ -2,6 +2,10 @@
 //! upstream's: a cancel request carries no credentials, so the key is the
 //! only thing that lets someone cancel a query, and the upstream's key would
 //! let a client cancel other sessions' queries directly at the upstream.
+//!
+//! A statement the gateway itself holds (waiting for an approval) is not
+//! upstream yet: a cancel request for that session ends the wait instead
+//! ([`Held`]) and is not sent on.
 
 use std::{
     collections::HashMap,
@@ -13,7 +17,10 @@ use std::{
 use bytes::BytesMut;
 use pgwire::messages::{cancel::CancelRequest, startup::SecretKey};
 use ring::rand::{SecureRandom, SystemRandom};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::oneshot,
+};
 
 use super::wire;
 use crate::proxy::upstream;
@@ -25,6 +32,32 @@ struct Target {
     upstream: SocketAddr,
     upstream_pid: i32,
     upstream_secret: i32,
+    held: Arc<Held>,
+}
+
+/// Where a cancel request finds a session's statement held by the gateway.
+#[derive(Default)]
+pub struct Held(Mutex<Option<oneshot::Sender<()>>>);
+
+impl Held {
+    /// Completes when a cancel request for this session arrives; only
+    /// requests that arrive while the returned future is alive count.
+    pub fn cancelled(&self) -> impl std::future::Future<Output = ()> {
+        let (tx, rx) = oneshot::channel();
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        async move {
+            if rx.await.is_err() {
+                // Replaced by a newer wait: never a cancel for this one.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Ends the wait, if a statement is held; false otherwise.
+    fn cancel(&self) -> bool {
+        let waiting = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        waiting.is_some_and(|tx| tx.send(()).is_ok())
+    }
 }
 
 /// Keys handed to clients, by gateway pid.
@@ -37,6 +70,8 @@ pub struct CancelRegistry {
 pub struct CancelKey {
     pub pid: i32,
     pub secret: i32,
+    /// Cancel requests for statements the session holds.
+    pub held: Arc<Held>,
     registry: Arc<CancelRegistry>,
 }
 
@@ -68,6 +103,7 @@ impl CancelRegistry {
                 continue;
             }
             let secret = [bytes[4], bytes[5], bytes[6], bytes[7]];
+            let held = Arc::new(Held::default());
             targets.insert(
                 pid,
                 Target {
@@ -75,18 +111,21 @@ impl CancelRegistry {
                     upstream,
                     upstream_pid,
                     upstream_secret,
+                    held: Arc::clone(&held),
                 },
             );
             return Ok(CancelKey {
                 pid,
                 secret: i32::from_be_bytes(secret),
+                held,
                 registry: Arc::clone(self),
             });
         }
     }
 
-    /// Forwards a client's cancel request to the upstream backend its key
-    /// stands for; an unknown key is ignored, as PostgreSQL does.
+    /// Ends the session's wait for an approval if it is holding a statement,
+    /// else forwards the request to the upstream backend the key stands for;
+    /// an unknown key is ignored, as PostgreSQL does.
     pub async fn cancel(&self, pid: i32, secret: &[u8], mark: u32) -> Result<bool, std::io::Error> {
         let target = {
             let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
@@ -105,6 +144,9 @@ impl CancelRegistry {
                 == 0;
         if !matches {
             return Ok(false);
+        }
+        if target.held.cancel() {
+            return Ok(true);
         }
         let mut stream = upstream::connect(target.upstream, mark).await?;
         let mut out = BytesMut::new();
@@ -135,5 +177,22 @@ mod tests {
         assert!(!registry.cancel(a.pid, &[0, 0, 0, 0], 0).await.unwrap() || a.secret == 0);
         drop(a);
         assert_eq!(registry.targets.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_cancel_ends_a_hold_without_touching_the_network() {
+        let registry = Arc::new(CancelRegistry::default());
+        // Nothing listens on port 1: forwarding would fail.
+        let key = registry
+            .register("127.0.0.1:1".parse().unwrap(), 10, 20)
+            .unwrap();
+        let secret = key.secret.to_be_bytes();
+        let wait = key.held.cancelled();
+        assert!(registry.cancel(key.pid, &secret, 0).await.unwrap());
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .unwrap();
+        // No hold any more: the request goes upstream (and fails there).
+        assert!(registry.cancel(key.pid, &secret, 0).await.is_err());
     }
 }

@@ -13,7 +13,8 @@
 //!    (SCRAM-SHA-256 via [`scram`], MD5 or cleartext), optionally over
 //!    verified TLS ([`tls`]).
 //! 4. [`relay`]: bytes both ways with back-pressure; [`frame`] finds message
-//!    boundaries and [`statements`] records each statement.
+//!    boundaries and [`statements`] records each statement; with a policy,
+//!    [`inspect`] judges statements and masks results on the way.
 //!
 //! Messages sent are encoded with pgwire; messages received are read with
 //! the checked [`wire::Reader`].
@@ -21,7 +22,7 @@
 mod auth;
 mod cancel;
 mod frame;
-mod masking;
+mod inspect;
 mod relay;
 mod scram;
 mod startup;
@@ -303,36 +304,23 @@ async fn session(
         }
         lost
     });
-    let relayed = match &ctx.gateway.policy {
-        // With a policy: judge statements and mask results on the way.
-        Some(runtime) => {
-            let guard = masking::Guard {
-                runtime: Arc::clone(runtime),
-                session: ctx.id.clone(),
-                resource: resource.config.name.clone(),
-                principal: login.principal.clone(),
-            };
-            masking::run(
-                startup.stream,
-                upstream.stream,
-                requests,
-                responses,
-                counters,
-                guard,
-            )
-            .await
-        }
-        None => {
-            relay::run(
-                startup.stream,
-                upstream.stream,
-                requests,
-                responses,
-                counters,
-            )
-            .await
-        }
-    };
+    // With a policy: judge statements and mask results on the way.
+    let policy = ctx.gateway.policy.as_ref().map(|runtime| inspect::Guard {
+        runtime: Arc::clone(runtime),
+        session: ctx.id.clone(),
+        resource: resource.config.name.clone(),
+        principal: login.principal.clone(),
+        held: Arc::clone(&key.held),
+    });
+    let relayed = relay::run(
+        startup.stream,
+        upstream.stream,
+        requests,
+        responses,
+        counters,
+        policy,
+    )
+    .await;
     drop(key);
     let lost = confirmations.await.unwrap_or(0);
     relayed?;

@@ -1,4 +1,6 @@
-//! The relay: bytes both ways, as they come, with statement tracking.
+//! The relay: bytes both ways, as they come, with statement tracking and,
+//! when a policy is configured, the [`inspect`](super::inspect) hook in the
+//! path.
 //!
 //! Each direction reads into a bounded buffer, lets the [`Scanner`] and the
 //! tracker look at the messages in it, and writes the whole buffer on at
@@ -7,21 +9,27 @@
 //! buffer per direction in memory. A slow reader therefore stalls the
 //! writer's socket, then the relay, then the upstream's socket: back-pressure
 //! all the way to the server, which is what TCP is for.
+//!
+//! With a policy, the hook takes the scanner's place: it reads the same
+//! buffer and writes its rewritten version (judged, held or replaced
+//! statements; masked rows). Whether there is a hook is checked once per
+//! buffer; without one, nothing else changes.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{
     frame::Scanner,
+    inspect::{Guard, Judge, Results},
     statements::{self, Requests, Responses},
     wire, PgError, PgStream,
 };
 
 /// Per-direction buffer: large enough to batch a burst of rows into one
 /// write, small enough that thousands of sessions stay cheap.
-const BUFFER: usize = 64 * 1024;
+pub const BUFFER: usize = 64 * 1024;
 
 /// Byte counts, shared so they survive whichever direction ends first.
 #[derive(Default)]
@@ -30,26 +38,52 @@ pub struct Counters {
     pub from_server: AtomicU64,
 }
 
+/// The to-client direction's state, kept outside its future so that the
+/// session's end can tell where the client's stream stands.
+struct ToClient {
+    scanner: Scanner,
+    results: Option<Results>,
+    /// A write to the client is under way (it may have been cut short).
+    writing: bool,
+}
+
+impl ToClient {
+    /// Nothing half-sent: the client may be told something.
+    fn at_boundary(&self) -> bool {
+        !self.writing
+            && match &self.results {
+                Some(results) => results.at_boundary(),
+                None => self.scanner.at_boundary(),
+            }
+    }
+}
+
 /// Relays until either side closes. A client Terminate, a client hang-up
-/// or an upstream hang-up end the session normally.
+/// or an upstream hang-up end the session normally. With a `policy`, its
+/// [`inspect`](super::inspect) hook judges and masks on the way.
 pub async fn run(
     client: PgStream,
     upstream: PgStream,
     requests: Requests,
     responses: Responses,
     counters: &Counters,
+    policy: Option<Guard>,
 ) -> Result<(), PgError> {
     let (client_read, mut client_write) = tokio::io::split(client);
     let (upstream_read, upstream_write) = tokio::io::split(upstream);
-    let mut to_client_scanner = Scanner::new(statements::upstream_inspects);
-    let writing = AtomicBool::new(false);
+    let (judge, results) = policy.map(Guard::split).unzip();
+    let mut to_client = ToClient {
+        scanner: Scanner::new(statements::upstream_inspects),
+        results,
+        writing: false,
+    };
     let result = {
-        let to_upstream = client_to_upstream(client_read, upstream_write, requests, counters);
+        let to_upstream =
+            client_to_upstream(client_read, upstream_write, requests, judge, counters);
         let to_client = upstream_to_client(
             upstream_read,
             &mut client_write,
-            &mut to_client_scanner,
-            &writing,
+            &mut to_client,
             responses,
             counters,
         );
@@ -58,10 +92,13 @@ pub async fn run(
             result = to_client => result,
         }
     };
+    if let Some(results) = &to_client.results {
+        results.finish();
+    }
     // A client that broke the protocol gets a FATAL error, as PostgreSQL
     // would send it, unless that would land inside a half-sent message.
     if let Err(PgError::ClientProtocol(problem)) = &result {
-        if !writing.load(Ordering::Relaxed) && to_client_scanner.at_boundary() {
+        if to_client.at_boundary() {
             let mut out = BytesMut::new();
             let message = format!("invalid message from the client: {problem}");
             wire::encode(&wire::error_response("FATAL", "08P01", &message), &mut out);
@@ -76,6 +113,7 @@ async fn client_to_upstream(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
     mut requests: Requests,
+    mut judge: Option<Judge>,
     counters: &Counters,
 ) -> Result<(), PgError> {
     let mut scanner = Scanner::new(statements::client_inspects);
@@ -88,15 +126,24 @@ async fn client_to_upstream(
             let _ = to.shutdown().await;
             return Ok(());
         }
-        scanner
-            .feed(&buf, |kind, body| requests.on_message(kind, body))
-            .map_err(|e| PgError::ClientProtocol(e.to_string()))?;
-        to.write_all(&buf).await?;
+        let at_boundary = match judge.as_mut() {
+            None => {
+                scanner
+                    .feed(&buf, |kind, body| requests.on_message(kind, body))
+                    .map_err(|e| PgError::ClientProtocol(e.to_string()))?;
+                to.write_all(&buf).await?;
+                scanner.at_boundary()
+            }
+            Some(judge) => {
+                judge.pass(&buf, &mut requests, &mut to).await?;
+                judge.at_boundary()
+            }
+        };
         to.flush().await?;
         counters
             .from_client
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        if requests.terminated && scanner.at_boundary() {
+        if requests.terminated && at_boundary {
             let _ = to.shutdown().await;
             return Ok(());
         }
@@ -106,8 +153,7 @@ async fn client_to_upstream(
 async fn upstream_to_client(
     mut from: impl AsyncRead + Unpin,
     to: &mut (impl AsyncWrite + Unpin),
-    scanner: &mut Scanner,
-    writing: &AtomicBool,
+    state: &mut ToClient,
     mut responses: Responses,
     counters: &Counters,
 ) -> Result<(), PgError> {
@@ -115,20 +161,44 @@ async fn upstream_to_client(
     let mut buf = BytesMut::with_capacity(BUFFER);
     loop {
         buf.clear();
-        if from.read_buf(&mut buf).await? == 0 {
+        let read = match state.results.as_mut() {
+            None => from.read_buf(&mut buf).await?,
+            Some(results) => tokio::select! {
+                read = from.read_buf(&mut buf) => read?,
+                Some(()) = results.notice() => {
+                    if let Some(notices) = results.notices_now() {
+                        state.writing = true;
+                        to.write_all(&notices).await?;
+                        to.flush().await?;
+                        state.writing = false;
+                    }
+                    continue;
+                }
+            },
+        };
+        if read == 0 {
             let _ = to.shutdown().await;
             return Ok(());
         }
-        scanner
-            .feed(&buf, |kind, body| responses.on_message(kind, body))
-            .map_err(|e| PgError::Upstream(format!("malformed stream from the upstream: {e}")))?;
-        writing.store(true, Ordering::Relaxed);
-        to.write_all(&buf).await?;
+        let out: &[u8] = match state.results.as_mut() {
+            None => {
+                state
+                    .scanner
+                    .feed(&buf, |kind, body| responses.on_message(kind, body))
+                    .map_err(|e| {
+                        PgError::Upstream(format!("malformed stream from the upstream: {e}"))
+                    })?;
+                &buf
+            }
+            Some(results) => results.pass(&buf, &mut responses)?,
+        };
+        state.writing = true;
+        to.write_all(out).await?;
         to.flush().await?;
-        writing.store(false, Ordering::Relaxed);
+        state.writing = false;
         responses.flush_records();
         counters
             .from_server
-            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+            .fetch_add(read as u64, Ordering::Relaxed);
     }
 }

@@ -1,8 +1,9 @@
-//! Message boundaries for the policy relay: unlike the `frame` scanner,
-//! which only watches bytes go by, this framer hands over whole bodies of
-//! the message types the relay rewrites, and raw slices of all others.
+//! Message boundaries for the policy hook: unlike the relay's
+//! [`Scanner`](crate::protocol::postgres::frame::Scanner), which only
+//! watches bytes go by, this framer hands over whole bodies of the message
+//! types the hook rewrites, and raw slices of all others.
 
-use super::super::{wire::MAX_MESSAGE, PgError};
+use crate::protocol::postgres::{frame::BadFrame, wire::MAX_MESSAGE};
 
 /// Splits a byte stream into messages; collects the bodies of the kinds
 /// asked for, passes the others through as raw slices.
@@ -34,7 +35,7 @@ impl Framer {
         data: &'a [u8],
         at: &mut usize,
         collect: impl Fn(u8) -> bool,
-    ) -> Result<Option<Piece<'a>>, PgError> {
+    ) -> Result<Option<Piece<'a>>, BadFrame> {
         loop {
             if self.header_len < 5 {
                 if *at >= data.len() {
@@ -53,15 +54,15 @@ impl Framer {
                     self.header[2],
                     self.header[3],
                     self.header[4],
-                ]) as usize;
-                if !(4..=MAX_MESSAGE).contains(&length) {
-                    return Err(PgError::Protocol(format!(
-                        "invalid message length {length} for message type {:?}",
-                        char::from(self.header[0])
-                    )));
+                ]);
+                if !(4..=MAX_MESSAGE as u32).contains(&length) {
+                    return Err(BadFrame {
+                        kind: char::from(self.header[0]),
+                        length,
+                    });
                 }
                 self.kind = self.header[0];
-                self.remaining = length - 4;
+                self.remaining = length as usize - 4;
                 self.collecting = collect(self.kind);
                 self.body.clear();
                 if !self.collecting {
