@@ -833,3 +833,50 @@ fn print_verification(v: &Verification, json: bool) -> anyhow::Result<()> {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streamed_pretty_array_matches_serde_json() {
+        let all = vec![
+            serde_json::json!({"seq": 1, "event": "session_start", "principal": {"name": "a", "roles": ["x"]}}),
+            serde_json::json!({"seq": 2, "fields": [], "nested": {"empty": {}}}),
+        ];
+        let streamed = format!(
+            "[\n{}\n]",
+            all.iter()
+                .map(|v| pretty_element(v).unwrap())
+                .collect::<Vec<_>>()
+                .join(",\n")
+        );
+        assert_eq!(streamed, serde_json::to_string_pretty(&all).unwrap());
+    }
+
+    #[test]
+    fn table_pads_to_the_widest_field_and_caps_at_60() {
+        let mut table = Table::new(&["a", "bb"]);
+        let rows = [
+            vec!["xyz".to_string(), "1".to_string()],
+            vec!["q".repeat(70), String::new()],
+        ];
+        for row in &rows {
+            table.measure(row);
+        }
+        let mut out = Vec::new();
+        table.write_header(&mut out).unwrap();
+        for row in &rows {
+            table.write_row(&mut out, row).unwrap();
+        }
+        table.write_end(&mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], format!("a{}  bb", " ".repeat(59)));
+        assert_eq!(lines[1], format!("xyz{}  1", " ".repeat(57)));
+        assert_eq!(lines[2], "q".repeat(60));
+        let mut empty = Vec::new();
+        Table::new(&["a"]).write_end(&mut empty).unwrap();
+        assert_eq!(empty, b"(nothing matches)\n");
+    }
+}
