@@ -1160,6 +1160,12 @@ auditors = ["audit"]
     assert_eq!(refused["principal"]["name"], "alice@example.test");
     assert!(refused["reason"].as_str().unwrap().contains("lacks"));
     assert_eq!(by(61003, "audit events")["granted"], false);
+    // Refusals: once per uid, whatever the command (no flooding).
+    let refusals = accesses
+        .iter()
+        .filter(|a| a["uid"] == 61002 || a["uid"] == 61003)
+        .count();
+    assert_eq!(refusals, 2, "{accesses:#?}");
     assert!(
         !accesses.iter().any(|a| a["uid"] == 0),
         "root's reads are not recorded: {accesses:#?}"

@@ -64,7 +64,8 @@ pub struct AuditServer {
     /// Set once the daemon's OIDC identity is up; until then, and without
     /// an `[identity]` section, only root is served.
     pub identity: OnceLock<Arc<dyn IdentityProvider>>,
-    /// (uid, pid, query) -> when its access was last recorded.
+    /// (uid, pid, query) -> when its access was last recorded; refusals
+    /// as (uid, u32::MAX, "").
     recorded: Mutex<HashMap<(u32, u32, String), Instant>>,
 }
 
@@ -239,7 +240,14 @@ impl AuditServer {
         if !granted {
             warn!(uid, pid, %query, "audit socket: refused");
         }
-        if self.first_time(uid, pid, &query) {
+        // Refusals are recorded once per uid and period whatever the
+        // command, so that a local user cannot flood the chain with them.
+        let dedup = if granted {
+            (pid, query.clone())
+        } else {
+            (u32::MAX, String::new())
+        };
+        if self.first_time(uid, dedup.0, &dedup.1) {
             let event = AuditEvent::AuditorAccess(AuditorAccess {
                 uid,
                 pid,
@@ -249,7 +257,7 @@ impl AuditServer {
                 reason,
             });
             if let Err(e) = self.recorder.record(event).durable().await {
-                self.forget(uid, pid, &query);
+                self.forget(uid, dedup.0, &dedup.1);
                 warn!(uid, "auditor access not recorded, refusing it: {e}");
                 return Err(format!(
                     "the gateway could not record this access, so it is refused: {e}"
