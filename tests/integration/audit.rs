@@ -985,20 +985,21 @@ fn login_as(uid: &str, control: &Path, audit: &Path, login: &str, password: &str
     assert!(out.status.success(), "login as uid {uid}: {line}");
 }
 
-#[test]
-fn auditors_role_reads_the_store_through_the_daemon_and_is_recorded() {
-    let provider = provider::OidcProvider::start(300);
-    let cgroup = TestCgroup::new();
-    let upstream = HttpUpstream::start("127.0.0.1:0", "audited");
-    // A directory every user can reach, for both sockets (the gateway's
-    // temp dir is root's).
+/// A daemon with OIDC sign-in (`audit` group = `auditors` role) whose
+/// control and auditor sockets are in a directory every user can reach
+/// (the gateway's temp dir is root's); returns that directory too.
+fn auditor_gateway(
+    provider: &provider::OidcProvider,
+    cgroup: &TestCgroup,
+    port: u16,
+) -> (tempfile::TempDir, Gateway) {
     let sockets = tempfile::tempdir().unwrap();
     std::fs::set_permissions(sockets.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let control = sockets.path().join("control.sock");
     let audit = sockets.path().join("audit.sock");
     let gateway = Gateway::start_with_config(
-        &cgroup,
-        &[Protect::redirect("127.0.0.1", upstream.addr.port())],
+        cgroup,
+        &[Protect::redirect("127.0.0.1", port)],
         &format!(
             r#"
 [audit]
@@ -1008,6 +1009,7 @@ socket = "{}"
 issuer = "{}"
 client_id = "portcullis"
 audience = ["urn:portcullis"]
+clock_skew_seconds = 0
 control_socket = "{}"
 scopes = ["openid", "profile", "email", "groups"]
 resource = "urn:portcullis"
@@ -1021,6 +1023,19 @@ auditors = ["audit"]
             control.display()
         ),
     );
+    (sockets, gateway)
+}
+
+#[test]
+fn auditors_role_reads_the_store_through_the_daemon_and_is_recorded() {
+    let provider = provider::OidcProvider::start(300);
+    let cgroup = TestCgroup::new();
+    let upstream = HttpUpstream::start("127.0.0.1:0", "audited");
+    // A directory every user can reach, for both sockets (the gateway's
+    // temp dir is root's).
+    let (sockets, gateway) = auditor_gateway(&provider, &cgroup, upstream.addr.port());
+    let control = sockets.path().join("control.sock");
+    let audit = sockets.path().join("audit.sock");
     let mode = std::fs::metadata(&audit).unwrap().permissions().mode();
     assert_eq!(
         mode & 0o777,
@@ -1182,4 +1197,33 @@ auditors = ["audit"]
     assert!(ok, "{out}");
     let (ok, out) = run(AUDITOR, &["audit", "sessions"]);
     assert!(!ok && out.contains("not signed in"), "{out}");
+}
+
+#[test]
+fn an_expired_auditor_sign_in_is_refused() {
+    let provider = provider::OidcProvider::start(4);
+    let cgroup = TestCgroup::new();
+    let (sockets, _gateway) = auditor_gateway(&provider, &cgroup, free_port());
+    let control = sockets.path().join("control.sock");
+    let audit = sockets.path().join("audit.sock");
+    login_as("61011", &control, &audit, "bob", "bob-pw");
+    let run = |args: &[&str]| {
+        let out = as_uid("61011", &control, &audit, args).output().unwrap();
+        (out.status.success(), text(&out))
+    };
+    let (ok, out) = run(&["audit", "verify"]);
+    assert!(ok, "{out}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (ok, out) = run(&["audit", "sessions"]);
+        if !ok {
+            assert!(
+                out.contains("not signed in (or the sign-in expired)"),
+                "{out}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still allowed: {out}");
+        thread::sleep(Duration::from_millis(500));
+    }
 }
