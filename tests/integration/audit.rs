@@ -1227,3 +1227,117 @@ fn an_expired_auditor_sign_in_is_refused() {
         thread::sleep(Duration::from_millis(500));
     }
 }
+
+#[test]
+fn queries_walk_many_pages_and_keep_session_context_across_them() {
+    // 10,500 session starts, then their ends: 21,000 records over three
+    // pages of 10,000, each session's end on a later page than its start.
+    const SESSIONS: usize = 10_500;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let recorder = SledRecorder::start(
+        Store::open(&state).unwrap(),
+        Keys::load_or_create(&state).unwrap(),
+        CheckpointPolicy::default(),
+    )
+    .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut acks = Vec::new();
+        for i in 0..SESSIONS {
+            acks.push(recorder.record(AuditEvent::SessionStart(SessionStart {
+                session: format!("s-{i}"),
+                listener: "tcp".into(),
+                protocol: "tcp",
+                peer: "127.0.0.1:40000".parse().unwrap(),
+                principal: Some(Principal {
+                    subject: format!("https://idp.example/p{i}"),
+                    name: format!("person-{i}"),
+                    kind: PrincipalKind::Person,
+                    roles: vec![],
+                }),
+                origin: None,
+            })));
+        }
+        for i in 0..SESSIONS {
+            acks.push(recorder.record(AuditEvent::SessionEnd(SessionEnd {
+                session: format!("s-{i}"),
+                bytes_from_client: 1,
+                bytes_from_server: 2,
+                duration_ms: 3,
+                error: None,
+            })));
+        }
+        for ack in acks {
+            ack.durable().await.unwrap();
+        }
+    });
+    recorder.close().unwrap();
+    let config = config_for(dir.path(), &state, "");
+    let run = |args: &[&str]| {
+        let out = portcullis(&config, args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+
+    let events: Vec<Value> = serde_json::from_str(&run(&["audit", "events", "--json"])).unwrap();
+    assert_eq!(events.len(), 2 * SESSIONS);
+    assert!(events
+        .iter()
+        .enumerate()
+        .all(|(i, e)| e["seq"] == i as u64 + 1));
+    let sessions: Vec<Value> =
+        serde_json::from_str(&run(&["audit", "sessions", "--json"])).unwrap();
+    assert_eq!(sessions.len(), SESSIONS);
+    assert!(sessions
+        .iter()
+        .enumerate()
+        .all(|(i, s)| s["session"] == format!("s-{i}")
+            && s["identity"] == format!("person-{i}")
+            && s["events"] == 2
+            && !s["end"].is_null()));
+    assert_eq!(
+        run(&["audit", "events", "--csv"]).lines().count(),
+        2 * SESSIONS + 1
+    );
+
+    // The table: every row lines up under the header.
+    let table = run(&["audit", "events"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 2 * SESSIONS + 1);
+    let column = lines[0].find("identity").unwrap();
+    let last = lines.last().unwrap();
+    assert!(
+        last[column..].starts_with(&format!("person-{}", SESSIONS - 1)),
+        "{}\n{last}",
+        lines[0]
+    );
+    // A session ended two pages after it started keeps its context.
+    let first = run(&["audit", "events", "--session", "s-0"]);
+    let end = first.lines().find(|l| l.contains("session_end")).unwrap();
+    assert!(end.contains("person-0"), "{first}");
+    let replay = run(&["audit", "replay", "s-0"]);
+    assert!(
+        replay.starts_with("session s-0: person-0 on tcp (tcp)"),
+        "{replay}"
+    );
+    let replayed: Vec<Value> =
+        serde_json::from_str(&run(&["audit", "replay", "s-0", "--json"])).unwrap();
+    assert_eq!(replayed.len(), 2);
+
+    let json = dir.path().join("report.json");
+    run(&[
+        "report",
+        "gdpr",
+        "--from",
+        "1h",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(report["processing"].as_array().unwrap().len(), SESSIONS);
+    assert_eq!(report["processing"][7]["identity"], "person-7");
+    assert_eq!(report["events_in_period"], 2 * SESSIONS as u64);
+}
