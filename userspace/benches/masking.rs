@@ -12,6 +12,11 @@
 //! target is masked >= 0.7 of unmasked.
 //!
 //! Run: `cargo bench --bench masking` (or `cargo xtask bench`).
+//!
+//! `--micro [ROWS]` runs only the row masker in this process on the same
+//! rows (no PostgreSQL, no gateway, no root): stable under callgrind
+//! (`valgrind --tool=callgrind <bench binary> --micro 100000`) and perf,
+//! where the full benchmark's wall-clock numbers are noisy.
 
 use std::{
     net::TcpListener,
@@ -55,6 +60,15 @@ fn main() {
         println!("masking: bench");
         return;
     }
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--micro") {
+        let rows = args
+            .get(at + 1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(ROWS);
+        micro(rows);
+        return;
+    }
     let dir = tempfile::tempdir().expect("temp dir");
     let cluster = Cluster::start(dir.path());
     let cgroup = Cgroup::new();
@@ -89,6 +103,70 @@ fn main() {
         "  gateway, 3 detectors     {m:>12.0}   {:.2} of direct, {:.2} of unmasked (target >= 0.70)",
         m / d,
         m / u
+    );
+}
+
+/// The row masker alone, on the benchmark's rows as DataRow bodies.
+fn micro(rows: usize) {
+    use portcullis::policy::{classify, mask::PseudonymKey, Field, Fired, Policy, RowMasker};
+    use std::sync::Arc;
+
+    let policy = Arc::new(Policy::parse(MASKED).expect("policy"));
+    let masks: Vec<usize> = (0..policy.masks.len()).collect();
+    let statement = classify(QUERY, &[]).expect("query").remove(0);
+    let fields: Vec<Field<'_>> = ["id", "email", "phone", "card"]
+        .into_iter()
+        .map(|name| Field {
+            name,
+            type_oid: 25,
+            format: 0,
+        })
+        .collect();
+    let cards = [
+        "4111 1111 1111 1111",
+        "4012888888881881",
+        "5555-5555-5555-4444",
+    ];
+    let bodies: Vec<Vec<u8>> = (1..=rows.min(100_000))
+        .map(|i| {
+            let values = [
+                i.to_string(),
+                format!("user{i}@example.com"),
+                format!("+1 555-{:03}-{:04}", i % 1000, i % 10000),
+                cards[i % 3].to_string(),
+            ];
+            let mut body = 4i16.to_be_bytes().to_vec();
+            for v in &values {
+                body.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                body.extend_from_slice(v.as_bytes());
+            }
+            body
+        })
+        .collect();
+    let mut masker = RowMasker::for_rows(
+        Arc::clone(&policy),
+        PseudonymKey::from_bytes(&[7; 32]),
+        &masks,
+        Some(&statement),
+        &fields,
+    )
+    .expect("a masking plan");
+    let mut fired = Fired::default();
+    let mut out = Vec::with_capacity(96 * 1024);
+    let started = Instant::now();
+    for i in 0..rows {
+        masker
+            .mask_data_row(&bodies[i % bodies.len()], &mut out, &mut fired)
+            .expect("well-formed row");
+        if out.len() > 64 * 1024 {
+            out.clear();
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "row masker alone: {rows} rows in {secs:.3}s, {:.0} rows/s; {:?}",
+        rows as f64 / secs,
+        fired.counts()
     );
 }
 

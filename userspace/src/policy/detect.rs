@@ -63,7 +63,7 @@ impl Detector {
         match self {
             Detector::Regex(_) => true,
             Detector::Builtin(b) => match b {
-                Builtin::Email => stats.at,
+                Builtin::Email => stats.at > 0,
                 Builtin::Phone => stats.digits >= 8,
                 Builtin::Ssn => stats.digits >= 9,
                 Builtin::Card => stats.digits >= 13,
@@ -76,44 +76,42 @@ impl Detector {
     fn next_match(&self, text: &[u8], from: usize) -> Option<(usize, usize)> {
         match self {
             Detector::Regex(re) => re.find_at(text, from).map(|m| (m.start(), m.end())),
-            Detector::Builtin(b) => {
-                let scan = match b {
-                    Builtin::Email => email_at,
-                    Builtin::Phone => phone_at,
-                    Builtin::Ssn => ssn_at,
-                    Builtin::Card => card_at,
-                    Builtin::Iban => iban_at,
-                    Builtin::Ip => ip_at,
-                };
-                let trigger = match b {
-                    Builtin::Email => Trigger::Byte(b'@'),
-                    Builtin::Iban => Trigger::Upper,
-                    Builtin::Phone => Trigger::PhoneStart,
-                    Builtin::Ip => Trigger::Ip,
-                    _ => Trigger::Digit,
-                };
+            Detector::Builtin(Builtin::Email) => {
+                // Found from its `@`; the local part may begin before
+                // `from` (then it is not a new match).
+                let mut i = from;
+                while let Some(p) = text[i..].iter().position(|&c| c == b'@') {
+                    let at = i + p;
+                    if let Some(found) = email_at(text, at) {
+                        if found.0 >= from {
+                            return Some(found);
+                        }
+                    }
+                    i = at + 1;
+                }
+                None
+            }
+            Detector::Builtin(Builtin::Phone) => word_starts(text, from, phone_at, |c| {
+                c == b'+' || c == b'(' || c.is_ascii_digit()
+            }),
+            Detector::Builtin(Builtin::Ssn) => {
+                word_starts(text, from, ssn_at, |c| c.is_ascii_digit())
+            }
+            Detector::Builtin(Builtin::Card) => {
+                word_starts(text, from, card_at, |c| c.is_ascii_digit())
+            }
+            Detector::Builtin(Builtin::Iban) => {
+                word_starts(text, from, iban_at, |c| c.is_ascii_uppercase())
+            }
+            Detector::Builtin(Builtin::Ip) => {
                 let mut i = from;
                 while i < text.len() {
                     let c = text[i];
-                    let candidate = match trigger {
-                        Trigger::Byte(t) => c == t,
-                        Trigger::Upper => c.is_ascii_uppercase() && boundary_before(text, i),
-                        Trigger::PhoneStart => {
-                            (c == b'+' || c == b'(' || c.is_ascii_digit())
-                                && boundary_before(text, i)
-                        }
-                        Trigger::Digit => c.is_ascii_digit() && boundary_before(text, i),
-                        Trigger::Ip => {
-                            (c.is_ascii_hexdigit() || c == b':')
-                                && (i == 0
-                                    || !(is_word(text[i - 1]) || b":.".contains(&text[i - 1])))
-                        }
-                    };
+                    let candidate = (c.is_ascii_hexdigit() || c == b':')
+                        && (i == 0 || !(is_word(text[i - 1]) || b":.".contains(&text[i - 1])));
                     if candidate {
-                        if let Some(found) = scan(text, i) {
-                            if found.0 >= from {
-                                return Some(found);
-                            }
+                        if let Some(found) = ip_at(text, i) {
+                            return Some(found);
                         }
                     }
                     i += 1;
@@ -124,39 +122,93 @@ impl Detector {
     }
 }
 
+/// A scanner: the match starting at (or found from) a position.
+type Scan = fn(&[u8], usize) -> Option<(usize, usize)>;
+
+/// The first match of `scan` at a position from `from` on where `trigger`
+/// holds and a word begins (no letter, digit or `_` before it). Inside a
+/// word no position can begin one, so a failed candidate skips the rest of
+/// its word.
+#[inline(always)]
+fn word_starts(
+    text: &[u8],
+    from: usize,
+    scan: Scan,
+    trigger: impl Fn(u8) -> bool,
+) -> Option<(usize, usize)> {
+    let mut i = from;
+    while i < text.len() {
+        let c = text[i];
+        if trigger(c) && boundary_before(text, i) {
+            if let Some(found) = scan(text, i) {
+                return Some(found);
+            }
+        }
+        i += 1;
+        if is_word(c) {
+            while i < text.len() && is_word(text[i]) {
+                i += 1;
+            }
+        }
+    }
+    None
+}
+
 /// Byte counts of a value, computed once for all detectors.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
-    pub digits: usize,
-    pub upper: usize,
-    pub dots: usize,
-    pub colons: usize,
-    pub at: bool,
+    pub digits: u32,
+    pub upper: u32,
+    pub dots: u32,
+    pub colons: u32,
+    pub at: u32,
 }
+
+/// Each byte's contribution to the five 12-bit counters packed in a u64
+/// (digits, upper, dots, colons, `@`): one load and one add per byte.
+const CLASS: [u64; 256] = {
+    let mut t = [0u64; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = if b.is_ascii_digit() {
+            1
+        } else if b.is_ascii_uppercase() {
+            1 << 12
+        } else if b == b'.' {
+            1 << 24
+        } else if b == b':' {
+            1 << 36
+        } else if b == b'@' {
+            1 << 48
+        } else {
+            0
+        };
+        c += 1;
+    }
+    t
+};
 
 impl Stats {
     pub fn of(text: &[u8]) -> Self {
         let mut s = Stats::default();
-        for &c in text {
-            s.digits += usize::from(c.is_ascii_digit());
-            s.upper += usize::from(c.is_ascii_uppercase());
-            s.dots += usize::from(c == b'.');
-            s.colons += usize::from(c == b':');
-            s.at |= c == b'@';
+        // 4095 bytes cannot carry a 12-bit counter into the next one.
+        for chunk in text.chunks(4095) {
+            let packed = chunk
+                .iter()
+                .fold(0u64, |acc, &c| acc + CLASS[usize::from(c)]);
+            let field = |n: u32| ((packed >> (12 * n)) & 0xfff) as u32;
+            s.digits += field(0);
+            s.upper += field(1);
+            s.dots += field(2);
+            s.colons += field(3);
+            s.at += field(4);
         }
         s
     }
 }
 
-#[derive(Clone, Copy)]
-enum Trigger {
-    Byte(u8),
-    Upper,
-    Digit,
-    PhoneStart,
-    Ip,
-}
-
+#[inline]
 fn is_word(c: u8) -> bool {
     c.is_ascii_alphanumeric() || c == b'_'
 }
@@ -524,5 +576,29 @@ mod tests {
         let mut n = 0;
         d.each_match(b"EMP-12345 EMP-1 EMP-54321", &mut |_, _| n += 1);
         assert_eq!(n, 2);
+    }
+
+    #[test]
+    fn stats_count_long_values_without_overflow() {
+        let mut text = vec![b'7'; 10_000];
+        text.extend_from_slice(b"AB..::@x");
+        let s = Stats::of(&text);
+        assert_eq!(
+            (s.digits, s.upper, s.dots, s.colons, s.at),
+            (10_000, 2, 2, 2, 1)
+        );
+    }
+
+    #[test]
+    fn candidates_inside_words_are_skipped_not_missed() {
+        assert!(found(Builtin::Card, "ab4111111111111111").is_empty());
+        assert_eq!(
+            found(Builtin::Card, "ab41 4111111111111111"),
+            ["4111111111111111"]
+        );
+        assert_eq!(
+            found(Builtin::Phone, "x555-123-4567 (555) 123-4567"),
+            ["(555) 123-4567"]
+        );
     }
 }

@@ -118,23 +118,28 @@ impl Style {
 
 fn partial(value: &[u8], keep_last: usize, out: &mut Vec<u8>) {
     if value.is_ascii() {
-        // The common case, without UTF-8 decoding.
+        // The common case, without UTF-8 decoding: find where the last
+        // hidden letter or digit is, star the alphanumerics before it, and
+        // copy the rest as it is.
         let total = value.iter().filter(|c| c.is_ascii_alphanumeric()).count();
         let hide = total.saturating_sub(keep_last);
         if hide == 0 && total > 0 {
-            out.extend(std::iter::repeat_n(b'*', value.len()));
+            out.resize(out.len() + value.len(), b'*');
             return;
         }
+        let mut cut = 0;
         let mut seen = 0;
-        out.extend(value.iter().map(|&c| {
+        while seen < hide {
+            seen += usize::from(value[cut].is_ascii_alphanumeric());
+            cut += 1;
+        }
+        let start = out.len();
+        out.extend_from_slice(value);
+        for c in &mut out[start..start + cut] {
             if c.is_ascii_alphanumeric() {
-                seen += 1;
-                if seen <= hide {
-                    return b'*';
-                }
+                *c = b'*';
             }
-            c
-        }));
+        }
         return;
     }
     let Ok(text) = std::str::from_utf8(value) else {

@@ -4,10 +4,25 @@
 //! RowDescription (or the COPY statement), then passes every row through it.
 //! The plan is decided once per result set: which columns are masked whole
 //! (column rules), which are scanned by detectors, which pass untouched.
-//! Per row, untouched values are copied as bytes; nothing is allocated
-//! unless a detector finds something (and then only into reused buffers).
+//! Per row, untouched values are copied as bytes and masked values are
+//! written straight into the output; nothing is allocated per value.
+//!
+//! Values a mask hides can also be reported to the audit store's
+//! data-subject index ([`RowMasker::index_subjects`]): keyed hashes only,
+//! each distinct value once per result set, at most [`SUBJECTS_PER_RESULT`]
+//! per result set, collected in the session's [`Fired`].
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashSet},
+    hash::{BuildHasher, BuildHasherDefault, Hasher},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 
 use super::{
     detect::{Detector, Stats},
@@ -31,29 +46,157 @@ pub struct Field<'a> {
     pub format: i16,
 }
 
-/// How often each mask fired in a session, by mask name (names, not
-/// indices, so counts survive a policy reload mid-session).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Fired(BTreeMap<String, u64>);
+/// Most distinct masked values one result set reports to the subject
+/// index; beyond it the masker stops looking (a million-row result must
+/// not send a million index entries).
+pub const SUBJECTS_PER_RESULT: usize = 4096;
+/// Most subject-index entries one session collects before its end.
+pub const SUBJECTS_PER_SESSION: usize = 65_536;
+
+/// What masking did in one session: how often each mask fired, by mask
+/// name (names, not indices, so counts survive a policy reload
+/// mid-session), and the keyed hashes of the values it hid, for the
+/// data-subject index.
+///
+/// Maskers count into slots they look up once per result set, not by
+/// name per value; each `Fired` has its own id so a masker can tell when
+/// it is handed another one.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Fired {
+    id: u64,
+    names: Vec<String>,
+    counts: Vec<u64>,
+    /// Masked result sets seen so far (numbers them from 1).
+    results: u64,
+    subjects: Vec<SubjectHash>,
+}
+
+/// The keyed hash of a masked value, and the masked result set (its
+/// ordinal in the session, from 1) that returned it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubjectHash {
+    pub result: u64,
+    pub hash: [u8; 32],
+}
+
+fn next_fired_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+impl Default for Fired {
+    fn default() -> Self {
+        Self {
+            id: next_fired_id(),
+            names: Vec::new(),
+            counts: Vec::new(),
+            results: 0,
+            subjects: Vec::new(),
+        }
+    }
+}
+
+impl Clone for Fired {
+    /// A clone is another tally: it gets its own id.
+    fn clone(&self) -> Self {
+        Self {
+            id: next_fired_id(),
+            names: self.names.clone(),
+            counts: self.counts.clone(),
+            results: self.results,
+            subjects: self.subjects.clone(),
+        }
+    }
+}
 
 impl Fired {
-    fn hit(&mut self, name: &str) {
-        match self.0.get_mut(name) {
-            Some(n) => *n += 1,
-            None => {
-                self.0.insert(name.to_string(), 1);
-            }
+    fn slot(&mut self, name: &str) -> usize {
+        if let Some(i) = self.names.iter().position(|n| n == name) {
+            return i;
         }
+        self.names.push(name.to_string());
+        self.counts.push(0);
+        self.names.len() - 1
     }
 
     /// Mask name to number of values masked.
-    pub fn counts(&self) -> &BTreeMap<String, u64> {
-        &self.0
+    pub fn counts(&self) -> BTreeMap<String, u64> {
+        self.names
+            .iter()
+            .zip(&self.counts)
+            .filter(|(_, n)| **n > 0)
+            .map(|(name, n)| (name.clone(), *n))
+            .collect()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.counts.iter().all(|n| *n == 0)
     }
+
+    /// Keyed hashes of the masked values (see [`RowMasker::index_subjects`]).
+    pub fn subjects(&self) -> &[SubjectHash] {
+        &self.subjects
+    }
+}
+
+/// The data-subject index key (`audit-subject.key`), as a keyed HMAC
+/// state cloned per value: the hash is `HMAC-SHA256(key,
+/// lowercase(trim(value)))`, the same as the audit store's look-ups.
+/// Shared: a keyed state is a few hundred bytes.
+#[derive(Clone)]
+pub struct SubjectKey(Arc<Hmac<Sha256>>);
+
+impl std::fmt::Debug for SubjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SubjectKey(..)")
+    }
+}
+
+impl SubjectKey {
+    pub fn new(key: &[u8; 32]) -> Self {
+        // HMAC takes keys of any length; new_from_slice cannot fail.
+        Self(Arc::new(
+            Hmac::<Sha256>::new_from_slice(key).unwrap_or_else(|_| unreachable!()),
+        ))
+    }
+
+    /// The keyed hash of `value`, normalised like the audit store does
+    /// (surrounding white space trimmed, lowercase). `scratch` is reused.
+    fn hash(&self, value: &[u8], scratch: &mut Vec<u8>) -> [u8; 32] {
+        let mut mac = (*self.0).clone();
+        if value.is_ascii() {
+            // char::is_whitespace on ASCII (which includes \x0B).
+            let space = |c: &u8| matches!(c, b' ' | b'\t' | b'\n' | 0x0B | 0x0C | b'\r');
+            let start = value.iter().position(|c| !space(c)).unwrap_or(value.len());
+            let end = value
+                .iter()
+                .rposition(|c| !space(c))
+                .map_or(start, |e| e + 1);
+            let value = &value[start..end];
+            if value.iter().any(u8::is_ascii_uppercase) {
+                scratch.clear();
+                scratch.extend(value.iter().map(u8::to_ascii_lowercase));
+                mac.update(scratch);
+            } else {
+                mac.update(value);
+            }
+        } else {
+            let text = String::from_utf8_lossy(value);
+            mac.update(text.trim().to_lowercase().as_bytes());
+        }
+        mac.finalize().into_bytes().into()
+    }
+}
+
+/// A result set's reporting to the subject index.
+struct Subjects {
+    key: SubjectKey,
+    /// Fingerprints of the raw values already reported (in memory only),
+    /// under a random seed.
+    seen: HashSet<u64, BuildHasherDefault<Fingerprinted>>,
+    seed: u64,
+    scratch: Vec<u8>,
+    full: bool,
 }
 
 /// PostgreSQL types whose binary format is their text.
@@ -90,7 +233,20 @@ pub struct RowMasker {
     hits: Vec<(usize, usize, usize)>,
     decoded: Vec<u8>,
     masked: Vec<u8>,
+    tally: Tally,
 }
+
+/// Where a masker counts: the [`Fired`] it is bound to, its slot there
+/// per policy mask (`NO_SLOT` until first used), this result set's
+/// ordinal there, and the subject reporting.
+struct Tally {
+    fired_id: u64,
+    slots: Vec<usize>,
+    result: u64,
+    subjects: Option<Box<Subjects>>,
+}
+
+const NO_SLOT: usize = usize::MAX;
 
 impl RowMasker {
     /// The plan for a result described by `fields`. `masks` are the mask
@@ -172,6 +328,12 @@ impl RowMasker {
             return None;
         }
         Some(Self {
+            tally: Tally {
+                fired_id: 0,
+                slots: vec![NO_SLOT; policy.masks.len()],
+                result: 0,
+                subjects: None,
+            },
             policy,
             key,
             columns,
@@ -180,6 +342,22 @@ impl RowMasker {
             decoded: Vec::new(),
             masked: Vec::new(),
         })
+    }
+
+    /// Also reports each distinct value this result set masks to the
+    /// session's [`Fired`] as a keyed hash under `key` (at most
+    /// [`SUBJECTS_PER_RESULT`]), for the audit store's data-subject index.
+    /// The raw value never leaves the masker.
+    #[must_use]
+    pub fn index_subjects(mut self, key: SubjectKey) -> Self {
+        self.tally.subjects = Some(Box::new(Subjects {
+            key,
+            seen: HashSet::default(),
+            seed: std::collections::hash_map::RandomState::new().hash_one(0u64),
+            scratch: Vec::new(),
+            full: false,
+        }));
+        self
     }
 
     /// Masks one DataRow. `body` is the message after its type byte and
@@ -200,6 +378,7 @@ impl RowMasker {
             .and_then(|b| b.try_into().ok())
             .ok_or(StreamError::MalformedRow("no column count"))?;
         let count = i16::from_be_bytes(count_bytes);
+        self.tally.attach(fired);
         let start = out.len();
         out.push(b'D');
         out.extend_from_slice(&[0; 4]);
@@ -228,7 +407,9 @@ impl RowMasker {
                     out.extend_from_slice(value);
                 }
                 Plan::Null { mask } => {
-                    fired.hit(mask_name(&self.policy, mask));
+                    // A binary value: counted, but not reported (a look-up
+                    // by its text would not find its bytes).
+                    self.tally.count(&self.policy, mask, fired);
                     out.extend_from_slice(&(-1i32).to_be_bytes());
                 }
                 Plan::Whole { .. } | Plan::Scan => {
@@ -253,6 +434,7 @@ impl RowMasker {
     /// message: tab-separated fields, `\N` for NULL, backslash escapes,
     /// ending in a newline); appends the masked row to `out`.
     pub fn mask_copy_row(&mut self, row: &[u8], out: &mut Vec<u8>, fired: &mut Fired) {
+        self.tally.attach(fired);
         let (line, newline) = match row.strip_suffix(b"\n") {
             Some(line) => (line, true),
             None => (row, false),
@@ -285,10 +467,12 @@ impl RowMasker {
         }
     }
 
+    #[inline]
     fn mask_value(&mut self, plan: Plan, value: &[u8], out: &mut Vec<u8>, fired: &mut Fired) {
         match plan {
             Plan::Whole { mask, style } => {
-                fired.hit(mask_name(&self.policy, mask));
+                self.tally.count(&self.policy, mask, fired);
+                self.tally.report(value, fired);
                 style.apply(value, &self.key, out);
             }
             Plan::Scan => self.scan(value, out, fired),
@@ -296,9 +480,11 @@ impl RowMasker {
         }
     }
 
+    /// Runs the content detectors over `value`, writing it to `out` with
+    /// every match masked.
     fn scan(&mut self, value: &[u8], out: &mut Vec<u8>, fired: &mut Fired) {
-        self.hits.clear();
         let stats = Stats::of(value);
+        self.hits.clear();
         for (index, (_, detector, _)) in self.detectors.iter().enumerate() {
             if !detector.may_match(&stats) {
                 continue;
@@ -310,7 +496,7 @@ impl RowMasker {
             out.extend_from_slice(value);
             return;
         }
-        if self.hits.len() > 1 {
+        if !self.hits.windows(2).all(|w| w[0].0 < w[1].0) {
             self.hits
                 .sort_unstable_by_key(|h| (h.0, std::cmp::Reverse(h.1)));
         }
@@ -321,12 +507,116 @@ impl RowMasker {
             }
             out.extend_from_slice(&value[at..start]);
             let (mask, _, style) = &self.detectors[index];
-            let mask = *mask;
-            style.apply(&value[start..end], &self.key, out);
-            fired.hit(mask_name(&self.policy, mask));
+            let found = &value[start..end];
+            style.apply(found, &self.key, out);
+            self.tally.count(&self.policy, *mask, fired);
+            self.tally.report(found, fired);
             at = end;
         }
         out.extend_from_slice(&value[at..]);
+    }
+}
+
+impl Tally {
+    /// Binds to `fired` (a new one: slots looked up afresh, and this
+    /// result set numbered there).
+    #[inline]
+    fn attach(&mut self, fired: &mut Fired) {
+        if self.fired_id != fired.id {
+            self.fired_id = fired.id;
+            self.slots.fill(NO_SLOT);
+            fired.results += 1;
+            self.result = fired.results;
+        }
+    }
+
+    /// Counts one value hidden by policy mask `mask`.
+    #[inline]
+    fn count(&mut self, policy: &Policy, mask: usize, fired: &mut Fired) {
+        let slot = match self.slots.get(mask) {
+            Some(&NO_SLOT) | None => {
+                let slot = fired.slot(mask_name(policy, mask));
+                if let Some(s) = self.slots.get_mut(mask) {
+                    *s = slot;
+                }
+                slot
+            }
+            Some(&slot) => slot,
+        };
+        if let Some(n) = fired.counts.get_mut(slot) {
+            *n += 1;
+        }
+    }
+
+    /// Reports a hidden text value to the subject index, when that is on.
+    #[inline]
+    fn report(&mut self, value: &[u8], fired: &mut Fired) {
+        if let Some(subjects) = self.subjects.as_deref_mut() {
+            if !subjects.full {
+                subjects.report(value, self.result, fired);
+            }
+        }
+    }
+}
+
+/// A seeded 64-bit fingerprint of a raw value: a few multiplications per
+/// eight bytes, enough to tell repeats apart (a collision only means a
+/// value is not reported twice).
+fn fingerprint(seed: u64, value: &[u8]) -> u64 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut h = seed ^ (value.len() as u64).wrapping_mul(K);
+    let mut chunks = value.chunks_exact(8);
+    for c in &mut chunks {
+        let word = u64::from_le_bytes(c.try_into().unwrap_or_default());
+        h = (h ^ word).wrapping_mul(K).rotate_left(29);
+    }
+    let mut tail = [0u8; 8];
+    tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+    h = (h ^ u64::from_le_bytes(tail)).wrapping_mul(K);
+    h ^ (h >> 29)
+}
+
+/// The hasher of a set of fingerprints: they are hashes already.
+#[derive(Default)]
+struct Fingerprinted(u64);
+
+impl Hasher for Fingerprinted {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+impl Subjects {
+    #[cold]
+    fn stop(&mut self) {
+        self.full = true;
+        self.seen = HashSet::default();
+    }
+
+    fn report(&mut self, value: &[u8], result: u64, fired: &mut Fired) {
+        if !self.seen.insert(fingerprint(self.seed, value)) {
+            return;
+        }
+        if self.seen.len() > SUBJECTS_PER_RESULT || fired.subjects.len() >= SUBJECTS_PER_SESSION {
+            self.stop();
+            return;
+        }
+        let hash = self.key.hash(value, &mut self.scratch);
+        let new = SubjectHash { result, hash };
+        // Values differing only in case or surrounding space hash alike.
+        if !fired.subjects.iter().rev().take(8).any(|h| *h == new) {
+            fired.subjects.push(new);
+        }
     }
 }
 
@@ -492,11 +782,8 @@ style = "redact"
                 Some("***".to_string()),
             ]
         );
-        let summary: Vec<_> = fired
-            .counts()
-            .iter()
-            .map(|(k, v)| (k.as_str(), *v))
-            .collect();
+        let counts = fired.counts();
+        let summary: Vec<_> = counts.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         assert_eq!(summary, [("cards", 1), ("emails", 1), ("ssn-column", 1)]);
         out.clear();
         m.mask_data_row(&row(&[None, Some(b"nothing"), None]), &mut out, &mut fired)
@@ -563,5 +850,87 @@ style = "redact"
         out.clear();
         m.mask_copy_row(b"8\t\\N\t\\N\n", &mut out, &mut fired);
         assert_eq!(out, b"8\t\\N\t\\N\n");
+    }
+
+    #[test]
+    fn masked_values_are_reported_once_per_result_as_keyed_hashes() {
+        use crate::audit::subject::subject_hash;
+        let key = [9u8; 32];
+        let mut m = masker("SELECT note, ssn FROM people", &[text("note"), text("ssn")])
+            .index_subjects(SubjectKey::new(&key));
+        let mut out = Vec::new();
+        let mut fired = Fired::default();
+        for note in [
+            &b"mail Ann@Example.com"[..],
+            b"again Ann@Example.com",
+            b"and bob@example.org",
+        ] {
+            m.mask_data_row(
+                &row(&[Some(note), Some(b"123-45-6789")]),
+                &mut out,
+                &mut fired,
+            )
+            .unwrap();
+        }
+        let hashes: Vec<_> = fired
+            .subjects()
+            .iter()
+            .map(|s| (s.result, s.hash))
+            .collect();
+        assert_eq!(
+            hashes,
+            [
+                (1, subject_hash(&key, "ann@example.com")),
+                (1, subject_hash(&key, "123-45-6789")),
+                (1, subject_hash(&key, "bob@example.org")),
+            ]
+        );
+        // The next result set is numbered 2 in the session.
+        let mut next =
+            masker("SELECT note FROM t", &[text("note")]).index_subjects(SubjectKey::new(&key));
+        next.mask_data_row(&row(&[Some(b"ann@example.com")]), &mut out, &mut fired)
+            .unwrap();
+        assert_eq!(fired.subjects().last().unwrap().result, 2);
+        assert_eq!(fired.counts()["emails"], 4);
+        // Without index_subjects nothing is reported.
+        let mut quiet = Fired::default();
+        masker("SELECT note FROM t", &[text("note")])
+            .mask_data_row(&row(&[Some(b"ann@example.com")]), &mut out, &mut quiet)
+            .unwrap();
+        assert!(quiet.subjects().is_empty());
+        assert_eq!(quiet.counts()["emails"], 1);
+    }
+
+    #[test]
+    fn subject_reports_stop_at_the_cap() {
+        let mut m =
+            masker("SELECT note FROM t", &[text("note")]).index_subjects(SubjectKey::new(&[1; 32]));
+        let mut out = Vec::new();
+        let mut fired = Fired::default();
+        for i in 0..SUBJECTS_PER_RESULT + 100 {
+            let note = format!("user{i}@example.com");
+            m.mask_data_row(&row(&[Some(note.as_bytes())]), &mut out, &mut fired)
+                .unwrap();
+            out.clear();
+        }
+        assert_eq!(fired.subjects().len(), SUBJECTS_PER_RESULT);
+        assert_eq!(fired.counts()["emails"], (SUBJECTS_PER_RESULT + 100) as u64);
+    }
+
+    #[test]
+    fn a_masker_handed_another_tally_counts_there() {
+        let mut m = masker("SELECT note FROM t", &[text("note")]);
+        let (mut a, mut b) = (Fired::default(), Fired::default());
+        let mut out = Vec::new();
+        let body = row(&[Some(b"ann@example.com")]);
+        m.mask_data_row(&body, &mut out, &mut a).unwrap();
+        m.mask_data_row(&body, &mut out, &mut b).unwrap();
+        m.mask_data_row(&body, &mut out, &mut b).unwrap();
+        assert_eq!(a.counts()["emails"], 1);
+        assert_eq!(b.counts()["emails"], 2);
+        let c = b.clone();
+        m.mask_data_row(&body, &mut out, &mut b).unwrap();
+        assert_eq!(c.counts()["emails"], 2);
+        assert_eq!(b.counts()["emails"], 3);
     }
 }
