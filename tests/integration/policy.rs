@@ -796,6 +796,106 @@ fn pgbench_prepared_and_extended_through_the_policy_relay() {
     assert!(!s.gateway.log().contains("panicked"));
 }
 
+#[test]
+fn time_window_grants_survive_a_restart_until_they_expire() {
+    let mut s = Setup::new(None);
+    let held = spawn_psql(&s, "DROP TABLE scratch");
+    let id = s.pending_id();
+    let ok = s.approvals_as("nobody", &["approve", &id, "--for", "10s"]);
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+    let granted = Instant::now();
+    let out = wait_with_timeout(held, Duration::from_secs(30));
+    assert_eq!(
+        text(&out.stdout),
+        "DROP TABLE\nafter",
+        "{}",
+        text(&out.stderr)
+    );
+    let grants = s.gateway.dir.path().join("state/grants.json");
+    let mode = std::fs::metadata(&grants).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // A restart keeps the grant: the next DROP runs without asking.
+    s.gateway.stop();
+    s.gateway.spawn();
+    let (out, err) = s.psql(&["-c", "DROP TABLE scratch2"]);
+    assert_eq!(out, "DROP TABLE", "{err}\n{}", s.gateway.log());
+    assert!(
+        granted.elapsed() < Duration::from_secs(10),
+        "the restart took longer than the window; the test proves nothing"
+    );
+
+    // Once the window is over (and after another restart), it asks again.
+    thread::sleep(
+        Duration::from_secs(10).saturating_sub(granted.elapsed()) + Duration::from_secs(1),
+    );
+    s.gateway.stop();
+    s.gateway.spawn();
+    let held = spawn_psql(&s, "DROP TABLE scratch3");
+    let id = s.pending_id();
+    assert!(s
+        .approvals_as("nobody", &["deny", &id, "--reason", "window over"])
+        .status
+        .success());
+    let out = wait_with_timeout(held, Duration::from_secs(30));
+    assert!(
+        text(&out.stderr).contains("window over"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        s.cluster
+            .sql("SELECT count(*) FROM pg_tables WHERE tablename = 'scratch3'"),
+        "1"
+    );
+}
+
+#[test]
+fn masked_values_are_in_the_subject_index() {
+    let s = Setup::new(None);
+    let (out, err) = s.psql(&["-c", "SELECT email, card FROM people WHERE id = 1"]);
+    assert!(
+        out.starts_with("tok_") && out.ends_with("|**** **** **** 1111"),
+        "{out} {err}"
+    );
+    let session = s.wait_for_masking();
+    let lookup = |value: &str| -> Vec<Value> {
+        let out = s.gateway.cli(&["audit", "subject", value, "--json"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // Hashed in the masker (case and surrounding space do not matter).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let hits = loop {
+        let hits = lookup(" Ann@Example.com");
+        if !hits.is_empty() || Instant::now() > deadline {
+            break hits;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(hits.len(), 1, "{hits:?}");
+    assert_eq!(hits[0]["session"], session.as_str());
+    assert_eq!(hits[0]["source"], "masked");
+    assert_eq!(hits[0]["statement_seq"], 1);
+    let card = lookup("4111 1111 1111 1111");
+    assert!(
+        card.iter().any(|h| h["session"] == session.as_str()),
+        "{card:?}"
+    );
+    // Bob's row was not returned.
+    assert!(lookup("bob@example.org").is_empty());
+}
+
+impl Setup {
+    /// Waits for a session's `masking_applied` event; returns the session.
+    fn wait_for_masking(&self) -> String {
+        let event = self
+            .gateway
+            .wait_for_event("masking_applied", |e| e["event"] == "masking_applied");
+        event["session"].as_str().unwrap().to_string()
+    }
+}
+
 /// A raw client that keeps its BackendKeyData: sends `{sql}`, waits for the
 /// approval notice, cancels from a second connection with the key, runs
 /// `select 1` on the same session, then breaks the framing.

@@ -13,10 +13,11 @@
 //!
 //! Run: `cargo bench --bench masking` (or `cargo xtask bench`).
 //!
-//! `--micro [ROWS]` runs only the row masker in this process on the same
-//! rows (no PostgreSQL, no gateway, no root): stable under callgrind
-//! (`valgrind --tool=callgrind <bench binary> --micro 100000`) and perf,
-//! where the full benchmark's wall-clock numbers are noisy.
+//! `--micro [ROWS] [--distinct N] [--subjects]` runs only the row masker
+//! in this process on the same rows (N distinct ones; no PostgreSQL, no
+//! gateway, no root), with the subject index on or off: stable under
+//! callgrind (`valgrind --tool=callgrind <bench binary> --micro 100000`)
+//! and perf, where the full benchmark's wall-clock numbers are noisy.
 
 use std::{
     net::TcpListener,
@@ -66,7 +67,12 @@ fn main() {
             .get(at + 1)
             .and_then(|n| n.parse().ok())
             .unwrap_or(ROWS);
-        micro(rows);
+        let distinct = args
+            .iter()
+            .position(|a| a == "--distinct")
+            .and_then(|at| args.get(at + 1)?.parse().ok())
+            .unwrap_or(100_000);
+        micro(rows, distinct, args.iter().any(|a| a == "--subjects"));
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
@@ -106,9 +112,12 @@ fn main() {
     );
 }
 
-/// The row masker alone, on the benchmark's rows as DataRow bodies.
-fn micro(rows: usize) {
-    use portcullis::policy::{classify, mask::PseudonymKey, Field, Fired, Policy, RowMasker};
+/// The row masker alone, on the benchmark's rows as DataRow bodies;
+/// with `subjects`, also reporting masked values to the subject index.
+fn micro(rows: usize, distinct: usize, subjects: bool) {
+    use portcullis::policy::{
+        classify, mask::PseudonymKey, stream::SubjectKey, Field, Fired, Policy, RowMasker,
+    };
     use std::sync::Arc;
 
     let policy = Arc::new(Policy::parse(MASKED).expect("policy"));
@@ -127,7 +136,7 @@ fn micro(rows: usize) {
         "4012888888881881",
         "5555-5555-5555-4444",
     ];
-    let bodies: Vec<Vec<u8>> = (1..=rows.min(100_000))
+    let bodies: Vec<Vec<u8>> = (1..=rows.min(distinct.max(1)))
         .map(|i| {
             let values = [
                 i.to_string(),
@@ -151,6 +160,9 @@ fn micro(rows: usize) {
         &fields,
     )
     .expect("a masking plan");
+    if subjects {
+        masker = masker.index_subjects(SubjectKey::new(&[3; 32]));
+    }
     let mut fired = Fired::default();
     let mut out = Vec::with_capacity(96 * 1024);
     let started = Instant::now();
@@ -164,9 +176,10 @@ fn micro(rows: usize) {
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "row masker alone: {rows} rows in {secs:.3}s, {:.0} rows/s; {:?}",
+        "row masker alone: {rows} rows in {secs:.3}s, {:.0} rows/s; {:?}; {} subject hashes",
         rows as f64 / secs,
-        fired.counts()
+        fired.counts(),
+        fired.subjects().len()
     );
 }
 

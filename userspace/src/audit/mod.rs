@@ -101,6 +101,15 @@ pub trait Recorder: Send + Sync {
         let _ = (session, statement_seq, value);
         Ack::done(Err(AuditError::NoSubjectIndex))
     }
+
+    /// Like [`Recorder::subject_index`], for a value the caller has already
+    /// hashed with the subject key (`audit-subject.key`), normalised as
+    /// [`subject::subject_hash`] does: the raw value never leaves the caller
+    /// (the masker, which hashes each distinct masked value once).
+    fn subject_index_hash(&self, session: &str, statement_seq: u64, hash: record::Hash) -> Ack {
+        let _ = (session, statement_seq, hash);
+        Ack::done(Err(AuditError::NoSubjectIndex))
+    }
 }
 
 /// Resolves once an event is durable, or with the reason it is not.

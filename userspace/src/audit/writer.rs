@@ -215,6 +215,22 @@ impl Recorder for SledRecorder {
         });
         pending
     }
+
+    fn subject_index_hash(&self, session: &str, statement_seq: u64, hash: Hash) -> Ack {
+        let (ack, pending) = Ack::pending();
+        self.send(Msg::Subject {
+            hash,
+            hit: SubjectHit {
+                session: Some(session.to_owned()),
+                statement_seq: Some(statement_seq),
+                seq: 0,
+                at_us: micros(SystemTime::now()),
+                source: "masked".into(),
+            },
+            ack,
+        });
+        pending
+    }
 }
 
 pub(super) fn micros(t: SystemTime) -> u64 {

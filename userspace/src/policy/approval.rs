@@ -6,15 +6,24 @@
 //! (who, what, why, when) or the timeout. An approval may cover the one
 //! statement or grant the requester the rule on that resource for a time
 //! window, which the engine consults through [`Grants`].
+//!
+//! Time-window grants outlive the daemon: each change is written to
+//! `<state_dir>/grants.json` ([`GRANTS_NAME`]) atomically (temporary file,
+//! fsync, rename, directory fsync; mode 0600), and a restart reloads the
+//! grants that have not expired.
 
 use std::{
     collections::HashMap,
+    io::Write,
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
+use tracing::{error, warn};
 
 use super::engine::{ApprovalScope, Approvers, Grants};
 use crate::{
@@ -121,17 +130,49 @@ struct Pending {
     reply: oneshot::Sender<ApprovalOutcome>,
 }
 
+/// File name of the time-window grants in the state directory.
+pub const GRANTS_NAME: &str = "grants.json";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Grant {
     subject: String,
     resource: String,
     rule: String,
+    #[serde(with = "unix_millis")]
     until: SystemTime,
+}
+
+/// The grants file: `{"version": 1, "grants": [...]}`.
+#[derive(Serialize, Deserialize)]
+struct GrantsFile {
+    version: u32,
+    grants: Vec<Grant>,
+}
+
+mod unix_millis {
+    use std::time::{Duration, SystemTime};
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        let ms = t
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        s.serialize_u64(ms)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        Ok(SystemTime::UNIX_EPOCH + Duration::from_millis(u64::deserialize(d)?))
+    }
 }
 
 /// Pending approvals and active grants of one daemon.
 pub struct ApprovalStore {
     recorder: Arc<dyn Recorder>,
     state: Mutex<State>,
+    /// Where grants are kept across restarts (none: memory only). The
+    /// mutex orders writers, so an older snapshot never replaces a newer.
+    grants_file: Mutex<Option<PathBuf>>,
 }
 
 #[derive(Default)]
@@ -170,11 +211,54 @@ fn unix_secs(t: SystemTime) -> u64 {
 }
 
 impl ApprovalStore {
+    /// A store whose grants live in memory only.
     pub fn new(recorder: Arc<dyn Recorder>) -> Arc<Self> {
         Arc::new(Self {
             recorder,
             state: Mutex::new(State::default()),
+            grants_file: Mutex::new(None),
         })
+    }
+
+    /// A store whose grants are kept in `path` ([`GRANTS_NAME`] in the
+    /// state directory): the unexpired grants there are loaded now, and
+    /// every change is written back. An unreadable or damaged file is
+    /// logged and ignored (no grant is better than a wrong one); it is
+    /// replaced at the next grant.
+    pub fn with_grants_file(recorder: Arc<dyn Recorder>, path: PathBuf) -> Arc<Self> {
+        let store = Self::new(recorder);
+        match load_grants(&path) {
+            Ok(grants) => {
+                let now = SystemTime::now();
+                store.lock().grants = grants.into_iter().filter(|g| g.until > now).collect();
+            }
+            Err(e) => error!(
+                "time-window grants in {} not loaded, starting without any: {e}",
+                path.display()
+            ),
+        }
+        *store.grants_file.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
+        store
+    }
+
+    /// Writes the unexpired grants to the grants file, if there is one.
+    fn save_grants(&self) {
+        let file = self.grants_file.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(path) = file.as_deref() else {
+            return;
+        };
+        let now = SystemTime::now();
+        let grants: Vec<Grant> = {
+            let mut state = self.lock();
+            state.grants.retain(|g| g.until > now);
+            state.grants.clone()
+        };
+        if let Err(e) = write_grants(path, &grants) {
+            warn!(
+                "time-window grants not saved to {} (they last until a restart): {e}",
+                path.display()
+            );
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -304,8 +388,11 @@ impl ApprovalStore {
                 rule: pending.info.rule.clone(),
                 until: SystemTime::now() + w,
             });
+            drop(state);
+            self.save_grants();
+        } else {
+            drop(state);
         }
-        drop(state);
         self.record(step(
             &pending.info,
             if approve { "approved" } else { "denied" },
@@ -328,6 +415,47 @@ impl ApprovalStore {
         let _ = pending.reply.send(outcome);
         Ok(pending.info)
     }
+}
+
+fn load_grants(path: &Path) -> std::io::Result<Vec<Grant>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let file: GrantsFile = serde_json::from_slice(&bytes)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    if file.version != 1 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("unknown version {}", file.version),
+        ));
+    }
+    Ok(file.grants)
+}
+
+/// Replaces `path` atomically: a temporary file beside it (mode 0600),
+/// fsynced, renamed over it, then the directory fsynced.
+fn write_grants(path: &Path, grants: &[Grant]) -> std::io::Result<()> {
+    let json = serde_json::to_vec_pretty(&GrantsFile {
+        version: 1,
+        grants: grants.to_vec(),
+    })?;
+    let tmp = path.with_extension("json.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(&json)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 impl Grants for ApprovalStore {
@@ -466,5 +594,53 @@ mod tests {
             waiter.outcome_unless(async {}).await,
             Some(ApprovalOutcome::Approved { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn grants_survive_a_new_store_until_they_expire() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(GRANTS_NAME);
+        let memory = Arc::new(Memory(Mutex::new(Vec::new())));
+        let carol = person("unix:carol", &[]);
+        let store = ApprovalStore::with_grants_file(memory.clone(), path.clone());
+        let long = hold(&store, Duration::from_secs(10));
+        store
+            .decide(
+                &long.info.id,
+                &carol,
+                true,
+                Some(Duration::from_secs(600)),
+                None,
+            )
+            .unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let again = ApprovalStore::with_grants_file(memory.clone(), path.clone());
+        assert!(again.has_grant("unix:bob", "pg", "drops"));
+        assert!(!again.has_grant("unix:carol", "pg", "drops"));
+        // A short grant given in the new store is saved with the old one,
+        // and dropped once it has expired.
+        let short = hold(&again, Duration::from_secs(10));
+        again
+            .decide(
+                &short.info.id,
+                &carol,
+                true,
+                Some(Duration::from_millis(50)),
+                None,
+            )
+            .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.matches("\"rule\"").count(), 2, "{text}");
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        let later = ApprovalStore::with_grants_file(memory.clone(), path.clone());
+        assert_eq!(later.lock().grants.len(), 1);
+        // A damaged file means no grants, not a failed start.
+        std::fs::write(&path, b"{not json").unwrap();
+        let damaged = ApprovalStore::with_grants_file(memory, path);
+        assert!(!damaged.has_grant("unix:bob", "pg", "drops"));
     }
 }

@@ -208,9 +208,41 @@ impl Stats {
     }
 }
 
+/// Byte classes for the scanners, one table load instead of a chain of
+/// range comparisons: ASCII letters and digits, word bytes (and `_`),
+/// e-mail local-part bytes (and `._%+-`), e-mail domain bytes (and `.-`).
+pub(crate) const ALNUM: u8 = 1;
+const WORD: u8 = 2;
+const LOCAL: u8 = 4;
+const DOMAIN: u8 = 8;
+
+pub(crate) static BYTE_CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        let mut k = 0;
+        if b.is_ascii_alphanumeric() {
+            k |= ALNUM | WORD | LOCAL | DOMAIN;
+        }
+        if b == b'_' {
+            k |= WORD | LOCAL;
+        }
+        if matches!(b, b'.' | b'%' | b'+' | b'-') {
+            k |= LOCAL;
+        }
+        if matches!(b, b'.' | b'-') {
+            k |= DOMAIN;
+        }
+        t[c] = k;
+        c += 1;
+    }
+    t
+};
+
 #[inline]
 fn is_word(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c == b'_'
+    BYTE_CLASS[usize::from(c)] & WORD != 0
 }
 
 fn boundary_before(text: &[u8], i: usize) -> bool {
@@ -223,8 +255,8 @@ fn boundary_after(text: &[u8], end: usize) -> bool {
 
 /// `local@domain.tld`, found from its `@`.
 fn email_at(text: &[u8], at: usize) -> Option<(usize, usize)> {
-    let local = |c: u8| c.is_ascii_alphanumeric() || b"._%+-".contains(&c);
-    let domain = |c: u8| c.is_ascii_alphanumeric() || c == b'.' || c == b'-';
+    let local = |c: u8| BYTE_CLASS[usize::from(c)] & LOCAL != 0;
+    let domain = |c: u8| BYTE_CLASS[usize::from(c)] & DOMAIN != 0;
     let mut start = at;
     while start > 0 && local(text[start - 1]) {
         start -= 1;
@@ -282,18 +314,16 @@ fn card_at(text: &[u8], start: usize) -> Option<(usize, usize)> {
 
 /// The Luhn checksum over the digits of `text` (other bytes skipped).
 pub fn luhn(text: &[u8]) -> bool {
+    // Every second digit from the right counts doubled, digit-summed.
+    const DOUBLED: [[u32; 10]; 2] = [
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+        [0, 2, 4, 6, 8, 1, 3, 5, 7, 9],
+    ];
     let mut sum = 0u32;
-    let mut double = false;
+    let mut double = 0usize;
     for &c in text.iter().rev().filter(|c| c.is_ascii_digit()) {
-        let mut d = u32::from(c - b'0');
-        if double {
-            d *= 2;
-            if d > 9 {
-                d -= 9;
-            }
-        }
-        sum += d;
-        double = !double;
+        sum += DOUBLED[double][usize::from(c - b'0')];
+        double ^= 1;
     }
     sum % 10 == 0
 }

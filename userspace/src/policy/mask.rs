@@ -15,6 +15,8 @@ use std::{
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use super::detect::{ALNUM, BYTE_CLASS};
+
 /// What full redaction writes instead of the value.
 pub const REDACTED: &[u8] = b"***";
 /// Prefix of pseudonym tokens, so people can tell them from data.
@@ -118,27 +120,26 @@ impl Style {
 
 fn partial(value: &[u8], keep_last: usize, out: &mut Vec<u8>) {
     if value.is_ascii() {
-        // The common case, without UTF-8 decoding: find where the last
-        // hidden letter or digit is, star the alphanumerics before it, and
-        // copy the rest as it is.
-        let total = value.iter().filter(|c| c.is_ascii_alphanumeric()).count();
-        let hide = total.saturating_sub(keep_last);
-        if hide == 0 && total > 0 {
-            out.resize(out.len() + value.len(), b'*');
-            return;
-        }
-        let mut cut = 0;
-        let mut seen = 0;
-        while seen < hide {
-            seen += usize::from(value[cut].is_ascii_alphanumeric());
-            cut += 1;
+        // The common case, without UTF-8 decoding: walk back over the
+        // letters and digits kept, copy the value, star the letters and
+        // digits before them in place.
+        let alnum = |c: u8| BYTE_CLASS[usize::from(c)] & ALNUM != 0;
+        let (mut kept, mut cut) = (0, value.len());
+        while cut > 0 && kept < keep_last {
+            cut -= 1;
+            kept += usize::from(alnum(value[cut]));
         }
         let start = out.len();
         out.extend_from_slice(value);
+        let mut starred = false;
         for c in &mut out[start..start + cut] {
-            if c.is_ascii_alphanumeric() {
-                *c = b'*';
-            }
+            let hide = alnum(*c);
+            starred |= hide;
+            *c = if hide { b'*' } else { *c };
+        }
+        if keep_last > 0 && kept > 0 && !starred {
+            // Keeping everything would reveal the value: hide it all.
+            out[start..].fill(b'*');
         }
         return;
     }
@@ -213,5 +214,56 @@ mod tests {
         assert_eq!(a, b);
         std::fs::write(&path, b"short").unwrap();
         assert!(PseudonymKey::load_or_create(&path).is_err());
+    }
+
+    #[test]
+    fn partial_matches_the_plain_definition_on_ascii() {
+        // Star all but the last `keep` letters and digits; if that would
+        // keep them all, star the whole value.
+        fn plain(value: &[u8], keep: usize) -> Vec<u8> {
+            let total = value.iter().filter(|c| c.is_ascii_alphanumeric()).count();
+            let hide = total.saturating_sub(keep);
+            if hide == 0 && total > 0 {
+                return vec![b'*'; value.len()];
+            }
+            let mut seen = 0;
+            value
+                .iter()
+                .map(|&c| {
+                    if c.is_ascii_alphanumeric() {
+                        seen += 1;
+                        if seen <= hide {
+                            return b'*';
+                        }
+                    }
+                    c
+                })
+                .collect()
+        }
+        let samples = [
+            "",
+            "-",
+            "--",
+            "a",
+            "ab-cd",
+            "1234",
+            "12345",
+            "4111 1111 1111 1111",
+            "+1 555-123-4567",
+            "x_y.z",
+            "(555) 123-4567",
+            "a-b-c-d-e-f",
+        ];
+        for value in samples {
+            for keep in 0..7 {
+                let mut out = b"prefix".to_vec();
+                partial(value.as_bytes(), keep, &mut out);
+                assert_eq!(
+                    &out[6..],
+                    plain(value.as_bytes(), keep),
+                    "{value:?} keeping {keep}"
+                );
+            }
+        }
     }
 }

@@ -16,12 +16,12 @@ use std::{
 use tracing::{error, info, warn};
 
 use super::{
-    approval::{ApprovalOutcome, ApprovalRequest, ApprovalStore, Waiter},
+    approval::{ApprovalOutcome, ApprovalRequest, ApprovalStore, Waiter, GRANTS_NAME},
     classify, combine,
     control::{self, SOCKET_NAME},
     engine::{request_for, Decision},
     mask::PseudonymKey,
-    stream::{Field, Fired, RowMasker},
+    stream::{Field, Fired, RowMasker, SubjectKey},
     webhook, Policy, PolicyError, Statement,
 };
 use crate::{
@@ -38,6 +38,9 @@ pub struct PolicyRuntime {
     current: RwLock<Arc<Policy>>,
     loaded_mtime: RwLock<Option<SystemTime>>,
     key: PseudonymKey,
+    /// The audit store's subject-index key: masked values are reported to
+    /// the index as keyed hashes (none: the store has no key yet).
+    subjects: Option<SubjectKey>,
     pub approvals: Arc<ApprovalStore>,
     recorder: Arc<dyn Recorder>,
 }
@@ -65,6 +68,7 @@ pub struct Proceed {
     /// Masks per statement (indices into `policy.masks`).
     pub masks: Vec<Vec<usize>>,
     key: PseudonymKey,
+    subjects: Option<SubjectKey>,
 }
 
 impl Proceed {
@@ -80,6 +84,14 @@ impl Proceed {
             self.statements.get(index),
             fields,
         )
+        .map(|m| self.indexing(m))
+    }
+
+    fn indexing(&self, masker: RowMasker) -> RowMasker {
+        match &self.subjects {
+            Some(key) => masker.index_subjects(key.clone()),
+            None => masker,
+        }
     }
 
     /// The masker for `COPY ... TO` rows of statement `index`.
@@ -92,6 +104,7 @@ impl Proceed {
             .as_ref()
             .and_then(|c| c.columns.as_deref());
         RowMasker::for_copy(Arc::clone(&self.policy), self.key.clone(), masks, columns)
+            .map(|m| self.indexing(m))
     }
 }
 
@@ -163,7 +176,13 @@ impl PolicyRuntime {
             loaded_mtime: RwLock::new(path.and_then(mtime)),
             current: RwLock::new(Arc::new(policy)),
             key,
-            approvals: ApprovalStore::new(Arc::clone(&recorder)),
+            subjects: crate::audit::keys::subject_key(state_dir)
+                .ok()
+                .map(|k| SubjectKey::new(&k)),
+            approvals: ApprovalStore::with_grants_file(
+                Arc::clone(&recorder),
+                state_dir.join(GRANTS_NAME),
+            ),
             recorder,
         }))
     }
@@ -282,6 +301,7 @@ impl PolicyRuntime {
             statements,
             masks,
             key: self.key.clone(),
+            subjects: self.subjects.clone(),
         };
         match combine(&verdicts) {
             Decision::Allow | Decision::Mask { .. } => Gate::Proceed(proceed),
@@ -351,12 +371,17 @@ impl PolicyRuntime {
         }
     }
 
-    /// Records a session's masking totals, if anything was masked.
+    /// Records a session's masking totals, if anything was masked, and
+    /// indexes the keyed hashes of the values masked (statement number:
+    /// the masked result's ordinal in the session).
     pub fn record_masking(&self, session: &str, resource: &str, fired: &Fired) {
         if fired.is_empty() {
             return;
         }
-        let rules = fired.counts().clone();
+        for s in fired.subjects() {
+            drop(self.recorder.subject_index_hash(session, s.result, s.hash));
+        }
+        let rules = fired.counts();
         drop(
             self.recorder
                 .record(AuditEvent::MaskingApplied(MaskingApplied {
