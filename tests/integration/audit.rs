@@ -25,9 +25,7 @@ use serde_json::Value;
 use crate::{harness::*, pg::PgCluster};
 
 // The identity tests' OIDC provider (oidc-provider) and scripted browser.
-#[allow(dead_code)]
-#[path = "identity/provider.rs"]
-mod provider;
+use crate::identity::provider;
 
 /// Runs `portcullis --config CONFIG args...`.
 fn portcullis(config: &Path, args: &[&str]) -> Output {

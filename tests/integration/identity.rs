@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 
 use crate::harness::*;
 
-mod provider;
+pub(crate) mod provider;
 
 use provider::*;
 

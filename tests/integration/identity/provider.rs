@@ -13,12 +13,12 @@ use serde_json::{json, Value};
 
 use crate::harness::free_port;
 
-pub(super) fn oidc_dir() -> PathBuf {
+pub(crate) fn oidc_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/oidc")
 }
 
 /// Installs the provider's locked dependencies once per test process.
-pub(super) fn npm_ci() {
+pub(crate) fn npm_ci() {
     static DONE: Mutex<bool> = Mutex::new(false);
     let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
     if *done || oidc_dir().join("node_modules/oidc-provider").exists() {
@@ -39,20 +39,20 @@ pub(super) fn npm_ci() {
 }
 
 /// `node tests/oidc/provider.mjs` on a free loopback port.
-pub(super) struct OidcProvider {
-    pub(super) issuer: String,
+pub(crate) struct OidcProvider {
+    pub(crate) issuer: String,
     child: Child,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl OidcProvider {
-    pub(super) fn start(ttl_seconds: u64) -> Self {
+    pub(crate) fn start(ttl_seconds: u64) -> Self {
         Self::start_with(ttl_seconds, None)
     }
 
     /// With `tls` (certificate, key), the provider serves https.
-    pub(super) fn start_with(ttl_seconds: u64, tls: Option<(&Path, &Path)>) -> Self {
+    pub(crate) fn start_with(ttl_seconds: u64, tls: Option<(&Path, &Path)>) -> Self {
         npm_ci();
         // free_port() hands out a port that another test may take before
         // node binds it: try again on a fresh port if node exits early.
@@ -114,7 +114,7 @@ impl OidcProvider {
 
     /// Signs `claims` with the provider's current key (`rs256`) or forges
     /// them (`none`, `hs256-public`).
-    pub(super) fn sign(&self, mode: &str, claims: Value) -> String {
+    pub(crate) fn sign(&self, mode: &str, claims: Value) -> String {
         let body = json!({ "mode": mode, "claims": claims }).to_string();
         let out = curl(&[
             "-fsS",
@@ -130,11 +130,11 @@ impl OidcProvider {
     }
 
     /// What the provider reported on stderr (grant errors).
-    pub(super) fn errors(&self) -> String {
+    pub(crate) fn errors(&self) -> String {
         std::fs::read_to_string(self.log.with_file_name("provider.err")).unwrap_or_default()
     }
 
-    pub(super) fn rotate_keys(&self) -> String {
+    pub(crate) fn rotate_keys(&self) -> String {
         let out = curl(&[
             "-fsS",
             "-X",
@@ -146,7 +146,7 @@ impl OidcProvider {
     }
 
     /// A client-credentials access token for `resource`.
-    pub(super) fn service_token(&self, resource: &str) -> String {
+    pub(crate) fn service_token(&self, resource: &str) -> String {
         let out = curl(&[
             "-fsS",
             "-d",
@@ -164,7 +164,7 @@ impl OidcProvider {
     }
 
     /// Valid claims for alice, `exp` seconds from now.
-    pub(super) fn claims(&self, exp_in: i64) -> Value {
+    pub(crate) fn claims(&self, exp_in: i64) -> Value {
         let now = unix_now() as i64;
         json!({
             "iss": self.issuer, "sub": "alice", "aud": "portcullis",
@@ -181,14 +181,14 @@ impl Drop for OidcProvider {
     }
 }
 
-pub(super) fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
         .as_secs()
 }
 
-pub(super) fn curl(args: &[&str]) -> Output {
+pub(crate) fn curl(args: &[&str]) -> Output {
     let out = Command::new("curl").args(args).output().unwrap();
     assert!(
         out.status.success(),
@@ -202,7 +202,7 @@ pub(super) fn curl(args: &[&str]) -> Output {
 /// (user code, confirmation, login, consent) with a cookie jar, submitting
 /// each page's form with `fields` filled in, until the provider says the
 /// sign-in succeeded.
-pub(super) fn approve_device(verification_uri: &str, fields: &[(&str, &str)], ca: Option<&Path>) {
+pub(crate) fn approve_device(verification_uri: &str, fields: &[(&str, &str)], ca: Option<&Path>) {
     let jar_file = tempfile::NamedTempFile::new().unwrap();
     let jar_path = jar_file.path().display().to_string();
     let mut jar = vec!["-c".to_string(), jar_path.clone(), "-b".into(), jar_path];
@@ -247,7 +247,7 @@ pub(super) fn approve_device(verification_uri: &str, fields: &[(&str, &str)], ca
 }
 
 /// curl with the cookie jar (and CA) options in `session`.
-pub(super) fn browse(session: &[String], args: &[&str]) -> String {
+pub(crate) fn browse(session: &[String], args: &[&str]) -> String {
     let mut all = vec!["-sS"];
     all.extend(session.iter().map(String::as_str));
     all.extend_from_slice(args);
@@ -255,7 +255,7 @@ pub(super) fn browse(session: &[String], args: &[&str]) -> String {
 }
 
 /// The first form of `html`: its action and its inputs' names and values.
-pub(super) fn parse_form(html: &str) -> Option<(String, Vec<(String, String)>)> {
+pub(crate) fn parse_form(html: &str) -> Option<(String, Vec<(String, String)>)> {
     let form_start = html.find("<form")?;
     let form = &html[form_start..html[form_start..].find("</form>")? + form_start];
     let action = attribute(&form[..form.find('>')?], "action")?;
@@ -271,7 +271,7 @@ pub(super) fn parse_form(html: &str) -> Option<(String, Vec<(String, String)>)> 
     Some((action, inputs))
 }
 
-pub(super) fn attribute(tag: &str, name: &str) -> Option<String> {
+pub(crate) fn attribute(tag: &str, name: &str) -> Option<String> {
     let needle = format!(" {name}=\"");
     let start = tag
         .find(&needle)

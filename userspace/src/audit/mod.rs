@@ -20,6 +20,7 @@
 //! * [`report`], [`report_html`]: the GDPR report.
 //! * [`export`]: JSON-lines export for log shippers.
 
+mod commit;
 pub mod config;
 mod event;
 pub mod export;
@@ -37,7 +38,9 @@ pub mod subject;
 pub mod verify;
 pub mod writer;
 
-use tokio::sync::oneshot;
+use std::sync::Arc;
+
+use self::commit::Progress;
 
 pub use config::AuditConfig;
 pub use event::{ApprovalStep, AuditorAccess, MaskingApplied, PolicyBlock, PolicyLoad};
@@ -117,7 +120,11 @@ pub struct Ack(AckInner);
 
 enum AckInner {
     Done(Option<Result<(), AuditError>>),
-    Pending(oneshot::Receiver<Result<(), AuditError>>),
+    /// The event's place in the writer's queue.
+    Ticket {
+        ticket: u64,
+        progress: Arc<Progress>,
+    },
 }
 
 impl Ack {
@@ -126,17 +133,61 @@ impl Ack {
         Self(AckInner::Done(Some(result)))
     }
 
-    /// An event a writer task will confirm through the sender.
-    pub fn pending() -> (oneshot::Sender<Result<(), AuditError>>, Self) {
-        let (tx, rx) = oneshot::channel();
-        (tx, Self(AckInner::Pending(rx)))
+    fn ticket(ticket: u64, progress: Arc<Progress>) -> Self {
+        Self(AckInner::Ticket { ticket, progress })
     }
 
-    /// Waits until the event is durable.
+    /// Waits until the event is durable; asks the writer to commit now
+    /// rather than at the end of its group-commit interval.
     pub async fn durable(self) -> Result<(), AuditError> {
         match self.0 {
             AckInner::Done(result) => result.unwrap_or(Ok(())),
-            AckInner::Pending(rx) => rx.await.unwrap_or(Err(AuditError::WriterGone)),
+            AckInner::Ticket { ticket, progress } => progress.durable(ticket, ticket).await,
+        }
+    }
+}
+
+/// The acknowledgements of a stream of events (a session's statements),
+/// kept in constant space and awaited together at the end.
+#[derive(Default)]
+pub struct Acks {
+    /// First and last ticket seen, from one writer.
+    tickets: Option<(u64, u64, Arc<Progress>)>,
+    /// The first error already known.
+    failed: Option<AuditError>,
+}
+
+impl Acks {
+    pub fn push(&mut self, ack: Ack) {
+        match ack.0 {
+            AckInner::Ticket { ticket, progress } => match &mut self.tickets {
+                Some((_, last, same)) if Arc::ptr_eq(same, &progress) => *last = ticket,
+                Some(_) => {
+                    // A second writer cannot happen in one daemon; refuse
+                    // to pretend otherwise.
+                    self.failed.get_or_insert(AuditError::Commit(
+                        "events of one stream went to two audit writers".into(),
+                    ));
+                }
+                None => self.tickets = Some((ticket, ticket, progress)),
+            },
+            AckInner::Done(Some(Err(e))) => {
+                self.failed.get_or_insert(e);
+            }
+            AckInner::Done(_) => {}
+        }
+    }
+
+    /// Waits until every pushed event is durable; the first failure is the
+    /// error. Failures are known per commit batch, so an error means a batch
+    /// overlapping this stream's events was lost.
+    pub async fn durable(self) -> Result<(), AuditError> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
+        match self.tickets {
+            Some((first, last, progress)) => progress.durable(first, last).await,
+            None => Ok(()),
         }
     }
 }

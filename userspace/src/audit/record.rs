@@ -143,8 +143,20 @@ fn checkpoint_message(number: u64, seq: u64, hash: &Hash, at_us: u64) -> Vec<u8>
 pub mod hex_bytes {
     use serde::{de::Error, Deserialize, Deserializer, Serializer};
 
+    /// Hex into a stack buffer: three hashes per record are encoded on the
+    /// writer's hot path, where `hex::encode`'s char iterator showed up.
     pub fn serialize<S: Serializer, const N: usize>(v: &[u8; N], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&hex::encode(v))
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut text = [0u8; 128];
+        let text = text
+            .get_mut(..2 * N)
+            .ok_or_else(|| serde::ser::Error::custom("hex field longer than 64 bytes"))?;
+        for (pair, byte) in text.chunks_exact_mut(2).zip(v) {
+            pair[0] = DIGITS[usize::from(byte >> 4)];
+            pair[1] = DIGITS[usize::from(byte & 0xf)];
+        }
+        // Only ASCII digits were written.
+        s.serialize_str(std::str::from_utf8(text).map_err(serde::ser::Error::custom)?)
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(

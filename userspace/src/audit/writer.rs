@@ -9,10 +9,7 @@
 //! ever writes the chain.
 
 use std::{
-    sync::{
-        mpsc::{self, RecvTimeoutError},
-        Mutex,
-    },
+    sync::{mpsc, Arc, Mutex},
     thread::JoinHandle,
     time::{Duration, Instant, SystemTime},
 };
@@ -22,6 +19,7 @@ use tokio::sync::oneshot;
 use tracing::{error, info};
 
 use super::{
+    commit::{Inbox, Progress, Settle},
     event::RetentionPurge,
     keys::Keys,
     record::{Checkpoint, Hash, Record, GENESIS},
@@ -31,16 +29,18 @@ use super::{
     Ack, AuditError, AuditEvent, Recorder,
 };
 
-/// Most events committed in one batch.
-const MAX_BATCH: usize = 4096;
-
-/// When to sign checkpoints.
+/// When to commit and when to sign checkpoints.
 #[derive(Debug, Clone, Copy)]
 pub struct CheckpointPolicy {
-    /// After this many new records.
+    /// Sign after this many new records.
     pub every: u64,
-    /// After this long with new records.
+    /// Sign after this long with new records.
     pub interval: Duration,
+    /// Longest a record waits for its group commit when nobody awaits it
+    /// (statements; a login or session start is committed at once). The
+    /// longer, the fewer flushes under load; it bounds what a power cut
+    /// can take from records the pipeline has not yet been told are safe.
+    pub commit_interval: Duration,
 }
 
 impl Default for CheckpointPolicy {
@@ -48,6 +48,7 @@ impl Default for CheckpointPolicy {
         Self {
             every: 1000,
             interval: Duration::from_secs(60),
+            commit_interval: Duration::from_millis(10),
         }
     }
 }
@@ -65,14 +66,14 @@ type Reply<T> = oneshot::Sender<Result<T, AuditError>>;
 
 enum Msg {
     Append {
+        ticket: u64,
         at_us: u64,
         payload: Box<RawValue>,
-        ack: Reply<()>,
     },
     Subject {
+        ticket: u64,
         hit: SubjectHit,
         hash: Hash,
-        ack: Reply<()>,
     },
     Purge {
         as_of_us: u64,
@@ -90,7 +91,8 @@ enum Msg {
 
 /// The durable, tamper-evident [`Recorder`].
 pub struct SledRecorder {
-    tx: mpsc::Sender<Msg>,
+    inbox: Arc<Inbox<Msg>>,
+    progress: Arc<Progress>,
     subject_key: [u8; 32],
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -118,8 +120,12 @@ impl SledRecorder {
                 )));
             }
         }
-        let (tx, rx) = mpsc::channel();
+        let inbox = Arc::new(Inbox::new(policy.commit_interval));
+        let hurried = Arc::clone(&inbox);
+        let (progress, settle) = Progress::new(move || hurried.hurry());
         let writer = Writer {
+            inbox: Arc::clone(&inbox),
+            settle,
             subject_key: keys.subject,
             keys,
             policy,
@@ -133,10 +139,11 @@ impl SledRecorder {
         let subject_key = writer.subject_key;
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run())
             .map_err(|e| AuditError::Corrupt(format!("cannot start the audit writer: {e}")))?;
         Ok(Self {
-            tx,
+            inbox,
+            progress,
             subject_key,
             thread: Mutex::new(Some(thread)),
         })
@@ -178,10 +185,17 @@ impl SledRecorder {
         result
     }
 
-    /// A failed send drops the message and with it its reply sender, so
-    /// the waiting side sees `WriterGone`.
+    /// A refused message is dropped and with it its reply sender, so the
+    /// waiting side sees `WriterGone`.
     fn send(&self, msg: Msg) {
-        let _ = self.tx.send(msg);
+        let _ = self.inbox.push_control(msg);
+    }
+
+    fn ack(&self, ticket: Option<u64>) -> Ack {
+        match ticket {
+            Some(ticket) => Ack::ticket(ticket, Arc::clone(&self.progress)),
+            None => Ack::done(Err(AuditError::WriterGone)),
+        }
     }
 }
 
@@ -191,45 +205,42 @@ impl Recorder for SledRecorder {
             Ok(p) => p,
             Err(e) => return Ack::done(Err(e.into())),
         };
-        let (ack, pending) = Ack::pending();
-        self.send(Msg::Append {
-            at_us: micros(SystemTime::now()),
+        let at_us = micros(SystemTime::now());
+        let ticket = self.inbox.push_event(|ticket| Msg::Append {
+            ticket,
+            at_us,
             payload,
-            ack,
         });
-        pending
+        self.ack(ticket)
     }
 
     fn subject_index(&self, session: &str, statement_seq: u64, value: &str) -> Ack {
-        let (ack, pending) = Ack::pending();
-        self.send(Msg::Subject {
-            hash: subject_hash(&self.subject_key, value),
-            hit: SubjectHit {
-                session: Some(session.to_owned()),
-                statement_seq: Some(statement_seq),
-                seq: 0,
-                at_us: micros(SystemTime::now()),
-                source: "reported".into(),
-            },
-            ack,
-        });
-        pending
+        let hash = subject_hash(&self.subject_key, value);
+        let hit = SubjectHit {
+            session: Some(session.to_owned()),
+            statement_seq: Some(statement_seq),
+            seq: 0,
+            at_us: micros(SystemTime::now()),
+            source: "reported".into(),
+        };
+        let ticket = self
+            .inbox
+            .push_event(|ticket| Msg::Subject { ticket, hit, hash });
+        self.ack(ticket)
     }
 
     fn subject_index_hash(&self, session: &str, statement_seq: u64, hash: Hash) -> Ack {
-        let (ack, pending) = Ack::pending();
-        self.send(Msg::Subject {
-            hash,
-            hit: SubjectHit {
-                session: Some(session.to_owned()),
-                statement_seq: Some(statement_seq),
-                seq: 0,
-                at_us: micros(SystemTime::now()),
-                source: "masked".into(),
-            },
-            ack,
-        });
-        pending
+        let hit = SubjectHit {
+            session: Some(session.to_owned()),
+            statement_seq: Some(statement_seq),
+            seq: 0,
+            at_us: micros(SystemTime::now()),
+            source: "masked".into(),
+        };
+        let ticket = self
+            .inbox
+            .push_event(|ticket| Msg::Subject { ticket, hit, hash });
+        self.ack(ticket)
     }
 }
 
@@ -239,6 +250,8 @@ pub(super) fn micros(t: SystemTime) -> u64 {
 }
 
 struct Writer {
+    inbox: Arc<Inbox<Msg>>,
+    settle: Settle,
     store: Store,
     keys: Keys,
     subject_key: [u8; 32],
@@ -251,35 +264,22 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+    fn run(mut self) {
         loop {
-            let wait = if self.head_seq > self.checkpoint_seq {
+            let idle = if self.head_seq > self.checkpoint_seq {
                 self.policy
                     .interval
                     .saturating_sub(self.checkpoint_time.elapsed())
             } else {
                 Duration::from_secs(3600)
             };
-            let first = match rx.recv_timeout(wait) {
-                Ok(msg) => msg,
-                Err(RecvTimeoutError::Timeout) => {
-                    self.checkpoint_logged();
-                    continue;
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.checkpoint_logged();
-                    return;
-                }
-            };
-            let mut queued = vec![first];
-            while queued.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(msg) => queued.push(msg),
-                    Err(_) => break,
-                }
+            let taken = self.inbox.take(idle);
+            if taken.idle {
+                self.checkpoint_logged();
+                continue;
             }
             let mut batch = Vec::new();
-            for msg in queued {
+            for msg in taken.messages {
                 match msg {
                     Msg::Append { .. } | Msg::Subject { .. } => batch.push(msg),
                     Msg::Purge {
@@ -299,6 +299,9 @@ impl Writer {
                     }
                     Msg::Close { reply } => {
                         self.commit(std::mem::take(&mut batch));
+                        // Whatever arrived meanwhile is committed too: the
+                        // inbox refuses more from now on.
+                        self.commit(self.inbox.close());
                         let _ = reply.send(self.checkpoint());
                         return;
                     }
@@ -311,22 +314,26 @@ impl Writer {
         }
     }
 
-    /// Appends and indexes a batch, flushes, then resolves its acks.
+    /// Appends and indexes a batch, flushes, then settles its tickets.
     fn commit(&mut self, batch: Vec<Msg>) {
         if batch.is_empty() {
             return;
         }
         let (mut seq, mut prev) = (self.head_seq, self.head_hash);
         let mut chain = sled::Batch::default();
-        let mut acks = Vec::with_capacity(batch.len());
+        let mut tickets: Option<(u64, u64)> = None;
+        let mut settle = |ticket: u64| {
+            let (first, _) = tickets.get_or_insert((ticket, ticket));
+            tickets = Some((*first, ticket));
+        };
         let mut subjects: Vec<(Hash, SubjectHit)> = Vec::new();
         let mut encode_error = None;
         for msg in batch {
             match msg {
                 Msg::Append {
+                    ticket,
                     at_us,
                     payload,
-                    ack,
                 } => {
                     seq += 1;
                     for found in detect(payload.get()) {
@@ -347,16 +354,23 @@ impl Writer {
                         Ok(bytes) => chain.insert(&seq.to_be_bytes(), bytes),
                         Err(e) => encode_error = Some(e.to_string()),
                     }
-                    acks.push(ack);
+                    settle(ticket);
                 }
-                Msg::Subject { mut hit, hash, ack } => {
+                Msg::Subject {
+                    ticket,
+                    mut hit,
+                    hash,
+                } => {
                     hit.seq = seq;
                     subjects.push((hash, hit));
-                    acks.push(ack);
+                    settle(ticket);
                 }
                 _ => {}
             }
         }
+        let Some((first, last)) = tickets else {
+            return;
+        };
         let result = match encode_error {
             Some(e) => Err(AuditError::Commit(format!("encoding a record: {e}"))),
             None => self.write(chain, subjects),
@@ -365,16 +379,11 @@ impl Writer {
             Ok(()) => {
                 self.head_seq = seq;
                 self.head_hash = prev;
-                for ack in acks {
-                    let _ = ack.send(Ok(()));
-                }
+                self.settle.committed(last);
             }
             Err(e) => {
-                error!("audit batch of {} not stored: {e}", acks.len());
-                let message = e.to_string();
-                for ack in acks {
-                    let _ = ack.send(Err(AuditError::Commit(message.clone())));
-                }
+                error!("audit batch of {} not stored: {e}", last - first + 1);
+                self.settle.failed(first, last, e.to_string());
                 // What reached the disk is the truth to continue from.
                 if let Ok(head) = self.store.head() {
                     (self.head_seq, self.head_hash) =

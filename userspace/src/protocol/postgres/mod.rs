@@ -285,25 +285,13 @@ async fn session(
         "database session open"
     );
 
-    let (requests, responses, mut acks) = statements::tracker(
+    // Statement records are confirmed off the hot path: the session end
+    // waits for all of them.
+    let (requests, responses, acks) = statements::tracker(
         ctx.id.clone(),
         resource.config.name.clone(),
         Arc::clone(&ctx.gateway.recorder),
     );
-    // Statement records are confirmed off the hot path; the session end
-    // waits for all of them.
-    let confirmations = tokio::spawn(async move {
-        let mut lost = 0u64;
-        while let Some(batch) = acks.recv().await {
-            for ack in batch {
-                if let Err(e) = ack.durable().await {
-                    tracing::error!("statement record lost: {e}");
-                    lost += 1;
-                }
-            }
-        }
-        lost
-    });
     // With a policy: judge statements and mask results on the way.
     let policy = ctx.gateway.policy.as_ref().map(|runtime| inspect::Guard {
         runtime: Arc::clone(runtime),
@@ -322,12 +310,11 @@ async fn session(
     )
     .await;
     drop(key);
-    let lost = confirmations.await.unwrap_or(0);
+    let recorded = match acks.await {
+        Ok(acks) => acks.durable().await,
+        Err(_) => Ok(()),
+    };
     relayed?;
-    if lost > 0 {
-        return Err(PgError::Config(format!(
-            "{lost} statement records were not stored"
-        )));
-    }
+    recorded.map_err(|e| PgError::Config(format!("statement records were not stored: {e}")))?;
     Ok(())
 }

@@ -13,17 +13,13 @@ use std::{
     time::Instant,
 };
 
-use tokio::sync::mpsc;
+use tokio::sync::oneshot;
 
 use super::wire::{self, Reader};
-use crate::audit::{Ack, AuditEvent, Recorder, Statement, StatementError};
+use crate::audit::{Acks, AuditEvent, Recorder, Statement, StatementError};
 
 /// Longest parameter value kept in a record; longer ones are cut.
 const MAX_PARAMETER: usize = 4096;
-
-/// Acknowledgements handed over together: whoever awaits them wakes once
-/// per batch, not once per statement.
-const ACK_BATCH: usize = 128;
 
 /// What the client is waiting for, in order.
 enum Expect {
@@ -61,8 +57,9 @@ pub struct Responses {
     session: String,
     resource: String,
     recorder: Arc<dyn Recorder>,
-    acks: mpsc::UnboundedSender<Vec<Ack>>,
-    pending_acks: Vec<Ack>,
+    /// Every record's acknowledgement, handed over when the session ends.
+    acks: Acks,
+    ledger: Option<oneshot::Sender<Acks>>,
     /// Statements completed but not yet handed to the recorder, when the
     /// caller records after forwarding (see [`Responses::defer_records`]).
     finished: Vec<AuditEvent>,
@@ -83,16 +80,16 @@ pub fn upstream_inspects(kind: u8) -> bool {
     matches!(kind, b'C' | b'E')
 }
 
-/// The two halves of one session's tracking, and the receiver of record
-/// acknowledgements (in batches, awaited off the hot path; the last batch
-/// arrives when the upstream half is dropped).
+/// The two halves of one session's tracking, and where the record
+/// acknowledgements arrive when the upstream half is dropped (awaited then,
+/// off the hot path).
 pub fn tracker(
     session: String,
     resource: String,
     recorder: Arc<dyn Recorder>,
-) -> (Requests, Responses, mpsc::UnboundedReceiver<Vec<Ack>>) {
+) -> (Requests, Responses, oneshot::Receiver<Acks>) {
     let queue: Queue = Arc::default();
-    let (acks, acks_rx) = mpsc::unbounded_channel();
+    let (ledger, acks_rx) = oneshot::channel();
     (
         Requests {
             queue: Arc::clone(&queue),
@@ -105,8 +102,8 @@ pub fn tracker(
             session,
             resource,
             recorder,
-            acks,
-            pending_acks: Vec::with_capacity(ACK_BATCH),
+            acks: Acks::default(),
+            ledger: Some(ledger),
             finished: Vec::new(),
             deferred: false,
             rows: 0,
@@ -243,12 +240,8 @@ impl Responses {
 
     /// Hands the completed statements to the recorder.
     pub fn flush_records(&mut self) {
-        for event in std::mem::take(&mut self.finished) {
-            self.pending_acks.push(self.recorder.record(event));
-        }
-        if self.pending_acks.len() >= ACK_BATCH {
-            let batch = std::mem::replace(&mut self.pending_acks, Vec::with_capacity(ACK_BATCH));
-            let _ = self.acks.send(batch);
+        for event in self.finished.drain(..) {
+            self.acks.push(self.recorder.record(event));
         }
     }
 
@@ -385,8 +378,8 @@ impl Responses {
 impl Drop for Responses {
     fn drop(&mut self) {
         self.flush_records();
-        if !self.pending_acks.is_empty() {
-            let _ = self.acks.send(std::mem::take(&mut self.pending_acks));
+        if let Some(ledger) = self.ledger.take() {
+            let _ = ledger.send(std::mem::take(&mut self.acks));
         }
     }
 }
@@ -394,7 +387,7 @@ impl Drop for Responses {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::AuditError;
+    use crate::audit::{Ack, AuditError};
 
     #[derive(Default)]
     struct Collect(Mutex<Vec<AuditEvent>>);
