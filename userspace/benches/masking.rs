@@ -83,20 +83,30 @@ fn main() {
     let mut direct = Vec::new();
     let mut unmasked = Vec::new();
     let mut masked = Vec::new();
+    // The gateway's own CPU time per query: steadier than wall-clock on a
+    // shared machine.
+    let (mut cpu_unmasked, mut cpu_masked) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         direct.push(timed(|| cluster.psql_direct()));
         gateway.set_policy(UNMASKED);
+        let cpu = gateway.cpu_secs();
         unmasked.push(timed(|| gateway.psql(&cgroup.path, cluster.port, false)));
+        cpu_unmasked.push(gateway.cpu_secs() - cpu);
         gateway.set_policy(MASKED);
+        let cpu = gateway.cpu_secs();
         masked.push(timed(|| gateway.psql(&cgroup.path, cluster.port, true)));
+        cpu_masked.push(gateway.cpu_secs() - cpu);
         eprintln!(
-            "round {}: direct {:.2}s, unmasked {:.2}s, masked {:.2}s",
+            "round {}: direct {:.2}s, unmasked {:.2}s (gateway cpu {:.2}s), masked {:.2}s (gateway cpu {:.2}s)",
             round + 1,
             direct[round],
             unmasked[round],
-            masked[round]
+            cpu_unmasked[round],
+            masked[round],
+            cpu_masked[round]
         );
     }
+    let (cu, cm) = (median(&mut cpu_unmasked), median(&mut cpu_masked));
     let rate = |v: &mut Vec<f64>| ROWS as f64 / median(v);
     let (d, u, m) = (rate(&mut direct), rate(&mut unmasked), rate(&mut masked));
     println!("rows per second (median of {ROUNDS}, {ROWS} rows of 4 columns):");
@@ -109,6 +119,11 @@ fn main() {
         "  gateway, 3 detectors     {m:>12.0}   {:.2} of direct, {:.2} of unmasked (target >= 0.70)",
         m / d,
         m / u
+    );
+    println!(
+        "gateway cpu per query (median): no masks {cu:.2}s, 3 detectors {cm:.2}s ({:.2}x; masking adds {:.0} ns/row)",
+        cm / cu,
+        (cm - cu) * 1e9 / ROWS as f64
     );
 }
 
@@ -443,6 +458,21 @@ password_file = "{secret}"
             thread::sleep(Duration::from_millis(50));
         }
         daemon
+    }
+
+    /// CPU time the daemon's threads have used so far (schedstat).
+    fn cpu_secs(&self) -> f64 {
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let ns: u64 = std::fs::read_dir(tasks)
+            .map(|dir| {
+                dir.filter_map(|t| {
+                    let stat = std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok()?;
+                    stat.split_whitespace().next()?.parse::<u64>().ok()
+                })
+                .sum()
+            })
+            .unwrap_or(0);
+        ns as f64 / 1e9
     }
 
     fn log_text(&self) -> String {
