@@ -791,3 +791,52 @@ print(minor, count, option, b"negotiated" in reply)
     assert_eq!(s.cgroup.python(&script), "0 1 _pq_.made_up True");
     s.assert_no_panic();
 }
+
+/// A local client's bytes go through the kernel fast path (socket map,
+/// past the TCP stack) both ways, and arrive complete and in order: a large
+/// COPY and pipelined pgbench come out exactly as the server sent them.
+#[test]
+fn local_clients_take_the_kernel_fast_path_with_identical_bytes() {
+    let s = Setup::new();
+    let counter = |name: &str| -> u64 {
+        s.gateway.status_json()["counters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c[0] == name)
+            .and_then(|c| c[1].as_u64())
+            .unwrap_or(0)
+    };
+    let before = counter("fast_path_messages");
+
+    let rows = 200_000u64;
+    let out = s.psql(&[
+        "-Atc",
+        &format!("copy (select g, g * 7 from generate_series(1, {rows}) g) to stdout"),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let mut expected = 1u64;
+    for line in text.lines() {
+        let (g, times7) = line.split_once('\t').expect("two columns");
+        let g: u64 = g.parse().unwrap();
+        assert_eq!(g, expected, "rows out of order or missing");
+        assert_eq!(times7.parse::<u64>().unwrap(), g * 7);
+        expected += 1;
+    }
+    assert_eq!(expected - 1, rows);
+
+    let init = s.pgbench(&["-i", "-s", "1", "-q"]);
+    assert!(init.status.success(), "{}", stderr(&init));
+    let bench = s.pgbench(&["-S", "-M", "extended", "-c", "4", "-t", "200", "-n"]);
+    assert!(bench.status.success(), "{}", stderr(&bench));
+    assert!(stdout(&bench).contains("number of failed transactions: 0"));
+
+    assert!(counter("fast_path_sockets") >= 1);
+    let messages = counter("fast_path_messages") - before;
+    assert!(
+        messages > 800,
+        "only {messages} messages took the fast path"
+    );
+    s.assert_no_panic();
+}

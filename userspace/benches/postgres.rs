@@ -76,20 +76,23 @@ fn main() {
         String::from_utf8_lossy(&init.stderr)
     );
 
-    let targets: [(&str, u16, Option<&Cgroup>); 3] = [
-        ("direct", pg.port, None),
-        ("gateway", pg.port, Some(&cgroup)),
-        ("pgbouncer", bouncer.port, None),
+    // (name, port, cgroup, the proxy process whose CPU is measured)
+    let targets: [(&str, u16, Option<&Cgroup>, Option<u32>); 3] = [
+        ("direct", pg.port, None, None),
+        ("gateway", pg.port, Some(&cgroup), Some(gateway.child.id())),
+        ("pgbouncer", bouncer.port, None, Some(bouncer.pid())),
     ];
     let modes = ["simple", "extended"];
-    // results[mode][target] = (tps, latency ms) per round
+    // results[mode][target] = (tps, latency ms, proxy CPU µs per
+    // transaction) per round
     let mut results = vec![vec![Vec::new(); targets.len()]; modes.len()];
     let mut copies = vec![Vec::new(); targets.len()];
     for round in 0..ROUNDS {
         for (m, mode) in modes.iter().enumerate() {
             for k in 0..targets.len() {
                 let t = (k + round) % targets.len();
-                let (_, port, cg) = targets[t];
+                let (_, port, cg, proxy) = targets[t];
+                let cpu_before = proxy.map(cpu_seconds);
                 let (tps, latency, text) = pgbench(
                     cg,
                     port,
@@ -99,12 +102,17 @@ fn main() {
                     &direct_env,
                 );
                 assert!(tps > 0.0, "{} {mode}: {text}", targets[t].0);
-                results[m][t].push((tps, latency));
+                let transactions = tps * SECONDS.parse::<f64>().unwrap();
+                let cpu_us = match (proxy, cpu_before) {
+                    (Some(pid), Some(before)) => (cpu_seconds(pid) - before) * 1e6 / transactions,
+                    _ => 0.0,
+                };
+                results[m][t].push((tps, latency, cpu_us));
             }
         }
         for k in 0..targets.len() {
             let t = (k + round) % targets.len();
-            let (_, port, cg) = targets[t];
+            let (_, port, cg, _) = targets[t];
             copies[t].push(copy_rate(cg, port));
         }
     }
@@ -113,23 +121,30 @@ fn main() {
         "\npgbench -S, {CLIENTS} clients, {SECONDS} s x {ROUNDS} rounds (median); gateway records every statement"
     );
     println!(
-        "{:<10} {:<10} {:>10} {:>12} {:>10}",
-        "protocol", "target", "tps", "latency ms", "vs direct"
+        "{:<10} {:<10} {:>10} {:>12} {:>10} {:>14}",
+        "protocol", "target", "tps", "latency ms", "vs direct", "proxy CPU/txn"
     );
     for (m, mode) in modes.iter().enumerate() {
         let direct = median(results[m][0].iter().map(|r| r.0).collect());
-        for (t, (name, _, _)) in targets.iter().enumerate() {
+        for (t, (name, _, _, proxy)) in targets.iter().enumerate() {
             let tps = median(results[m][t].iter().map(|r| r.0).collect());
             let latency = median(results[m][t].iter().map(|r| r.1).collect());
+            let cpu = match proxy {
+                Some(_) => format!(
+                    "{:.1} µs",
+                    median(results[m][t].iter().map(|r| r.2).collect())
+                ),
+                None => "-".into(),
+            };
             println!(
-                "{mode:<10} {name:<10} {tps:>10.0} {latency:>12.3} {:>10.2}",
+                "{mode:<10} {name:<10} {tps:>10.0} {latency:>12.3} {:>10.2} {cpu:>14}",
                 tps / direct
             );
         }
     }
     println!("\nlarge result: {COPY_SQL} (median MB/s)");
     let direct = median(copies[0].clone());
-    for (t, (name, _, _)) in targets.iter().enumerate() {
+    for (t, (name, _, _, _)) in targets.iter().enumerate() {
         let rate = median(copies[t].clone());
         println!(
             "{name:<10} {rate:>10.1} MB/s {:>10.2} vs direct",
@@ -138,6 +153,25 @@ fn main() {
     }
     drop(bouncer);
     drop(gateway);
+}
+
+/// CPU time (user and system) process `pid` has used, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which may contain spaces: utime and
+    // stime are the 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map_or(Vec::new(), |(_, rest)| rest.split(' ').collect());
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // SAFETY: sysconf only reads a constant.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / per_second
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -474,6 +508,17 @@ impl Bouncer {
             thread::sleep(Duration::from_millis(50));
         }
         Self { port, child }
+    }
+}
+
+impl Bouncer {
+    /// pgbouncer's own pid: runuser starts it as its child.
+    fn pid(&self) -> u32 {
+        let runuser = self.child.id();
+        std::fs::read_to_string(format!("/proc/{runuser}/task/{runuser}/children"))
+            .ok()
+            .and_then(|c| c.split_whitespace().next()?.parse().ok())
+            .unwrap_or(runuser)
     }
 }
 

@@ -83,6 +83,11 @@ pub struct KernelConfig {
     /// SO_MARK value on the gateway's own upstream sockets.
     #[serde(default = "default_exempt_mark")]
     pub exempt_mark: u32,
+    /// Bytes between a local client and a PostgreSQL listener skip the
+    /// TCP/IP stack (a socket map in the kernel hands each message to the
+    /// other end). Same bytes, same order, less CPU.
+    #[serde(default = "default_true")]
+    pub fast_path: bool,
 }
 
 impl Default for KernelConfig {
@@ -91,8 +96,13 @@ impl Default for KernelConfig {
             cgroup: None,
             pin_dir: default_pin_dir(),
             exempt_mark: default_exempt_mark(),
+            fast_path: true,
         }
     }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// A gateway listener: where redirected (and later, direct) clients arrive.

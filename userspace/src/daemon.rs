@@ -74,6 +74,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let gateway = Arc::new(Gateway {
         recorder,
         connections: enforcement.connections(),
+        fast_path: enforcement.fast_path().filter(|_| config.kernel.fast_path),
         identity,
         exempt_mark: config.kernel.exempt_mark,
         postgres,

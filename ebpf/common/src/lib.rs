@@ -20,6 +20,8 @@ pub mod map_names {
     pub const EVENTS: &str = "PORTCULLIS_EVENTS";
     pub const COUNTERS: &str = "PORTCULLIS_COUNTERS";
     pub const SETTINGS: &str = "PORTCULLIS_SETTINGS";
+    /// Sockets of redirected connections whose bytes skip the TCP stack.
+    pub const FAST_PATH: &str = "PORTCULLIS_FAST_PATH";
 }
 
 /// Names of the programs in the eBPF object (also their link pin names).
@@ -30,6 +32,9 @@ pub mod program_names {
     pub const SENDMSG6: &str = "sendmsg6";
     pub const SOCK_OPS: &str = "sock_ops";
     pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, SOCK_OPS];
+    /// Attached to the fast-path socket map, not to the cgroup: it has no
+    /// link to pin and lives as long as the map.
+    pub const FAST_PATH: &str = "fast_path";
 }
 
 /// Number of bits of [`DestKey`] before the address: the port.
@@ -82,6 +87,30 @@ pub struct ClientKey {
     pub _pad: [u8; 2],
 }
 
+/// Key of the fast-path socket map: one TCP socket as seen from its own
+/// end. The peer of a socket has the same key with local and remote
+/// swapped, which is how a message finds the socket to land in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketKey {
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+
+impl SocketKey {
+    /// The key of the socket at the other end.
+    pub const fn peer(&self) -> Self {
+        Self {
+            local_addr: self.remote_addr,
+            remote_addr: self.local_addr,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
 /// What the kernel saw when a process called connect(): the evidence the
 /// gateway trusts instead of anything the client says.
 #[repr(C)]
@@ -132,7 +161,11 @@ pub mod counter {
     pub const EVENTS_LOST: u32 = 4;
     /// Redirected sockets whose pending record had vanished at TCP connect.
     pub const RECORDS_LOST: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// Redirected client sockets put on the fast path.
+    pub const FAST_PATH_SOCKETS: u32 = 6;
+    /// Messages handed straight to the peer socket, past the TCP stack.
+    pub const FAST_PATH_MESSAGES: u32 = 7;
+    pub const COUNT: u32 = 8;
     pub const NAMES: [&str; COUNT as usize] = [
         "redirected",
         "blocked",
@@ -140,6 +173,8 @@ pub mod counter {
         "exempt",
         "events_lost",
         "records_lost",
+        "fast_path_sockets",
+        "fast_path_messages",
     ];
 }
 
@@ -162,6 +197,8 @@ pub struct Settings {
 pub const MAX_DESTINATIONS: u32 = 4096;
 /// Maximum redirected connections awaiting accept() by the gateway.
 pub const MAX_CONNECTIONS: u32 = 65536;
+/// Maximum sockets on the fast path (both ends of each connection).
+pub const MAX_FAST_PATH_SOCKETS: u32 = 131072;
 /// Ring buffer size in bytes (a power of two, multiple of the page size).
 pub const EVENTS_BYTES: u32 = 1 << 20;
 
@@ -193,4 +230,6 @@ mod pod {
     unsafe impl aya::Pod for ConnectEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Settings {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SocketKey {}
 }

@@ -8,7 +8,13 @@
 //!   which never passes through connect().
 //! * `sock_ops`: when a redirected socket sends its SYN its local port is
 //!   known, so the connect-time record is re-keyed by (local address, local
-//!   port): the peer address the gateway sees on accept().
+//!   port): the peer address the gateway sees on accept(). Once it is
+//!   established, the socket joins the fast-path map.
+//! * `fast_path` (sk_msg, on the fast-path map): a message sent on a socket
+//!   whose peer is also in the map (the gateway adds its end on accept) is
+//!   put straight into the peer's receive queue, past the TCP/IP stack. Both
+//!   ends are local, so loopback TCP only costs CPU; the bytes and their
+//!   order are the same.
 //!
 //! The gateway's own upstream sockets carry an SO_MARK (setting one needs
 //! CAP_NET_ADMIN) and are left alone, but only in the gateway's own network
@@ -18,22 +24,25 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, BPF_SOCK_OPS_TCP_CONNECT_CB},
+    bindings::{
+        bpf_sock_addr, sk_action::SK_PASS, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_TCP_CONNECT_CB,
+    },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid,
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, map, sk_msg, sock_ops},
+    maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
     EbpfContext,
 };
 use aya_log_ebpf::warn;
 use portcullis_common::{
     action, counter, event_kind, is_v4_mapped, v4_mapped, ClientKey, ConnectEvent, ConnectRecord,
-    DestAction, DestKey, Settings, EVENTS_BYTES, MAX_CONNECTIONS, MAX_DESTINATIONS,
-    PORT_PREFIX_BITS,
+    DestAction, DestKey, Settings, SocketKey, EVENTS_BYTES, MAX_CONNECTIONS, MAX_DESTINATIONS,
+    MAX_FAST_PATH_SOCKETS, PORT_PREFIX_BITS,
 };
 
 /// cgroup sock_addr verdicts.
@@ -71,6 +80,10 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
 
 #[map(name = "PORTCULLIS_SETTINGS")]
 static SETTINGS: Array<Settings> = Array::pinned(1, 0);
+
+/// Both ends of redirected connections, for the `fast_path` program.
+#[map(name = "PORTCULLIS_FAST_PATH")]
+static FAST_PATH: SockHash<SocketKey> = SockHash::pinned(MAX_FAST_PATH_SOCKETS, 0);
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
@@ -139,10 +152,133 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[sock_ops]
 pub fn sock_ops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
         rekey_redirected(&ctx);
+    } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        join_fast_path(&ctx);
     }
     1
+}
+
+#[sk_msg]
+pub fn fast_path(ctx: SkMsgContext) -> u32 {
+    let msg = ctx.msg;
+    // SAFETY: msg points at the kernel's sk_msg_md for this call; every
+    // field is read once, volatile, as for sock_ops.
+    let fields = unsafe {
+        SocketFields {
+            family: read(&(*msg).family),
+            local4: read(&(*msg).local_ip4),
+            remote4: read(&(*msg).remote_ip4),
+            local6: [
+                read(&(*msg).local_ip6[0]),
+                read(&(*msg).local_ip6[1]),
+                read(&(*msg).local_ip6[2]),
+                read(&(*msg).local_ip6[3]),
+            ],
+            remote6: [
+                read(&(*msg).remote_ip6[0]),
+                read(&(*msg).remote_ip6[1]),
+                read(&(*msg).remote_ip6[2]),
+                read(&(*msg).remote_ip6[3]),
+            ],
+            local_port: read(&(*msg).local_port),
+            remote_port: read(&(*msg).remote_port),
+        }
+    };
+    let mut peer = fields.key().peer();
+    // Without a peer in the map the helper finds nothing to redirect to and
+    // the message takes the normal path.
+    if FAST_PATH.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
+        bump(counter::FAST_PATH_MESSAGES);
+    }
+    SK_PASS
+}
+
+/// A socket's addresses and ports as sock_ops and sk_msg contexts give
+/// them: IPv4 words in network order, the local port in host order, the
+/// remote port in network order in the upper 16 bits.
+struct SocketFields {
+    family: u32,
+    local4: u32,
+    remote4: u32,
+    local6: [u32; 4],
+    remote6: [u32; 4],
+    local_port: u32,
+    remote_port: u32,
+}
+
+impl SocketFields {
+    #[inline(always)]
+    fn key(&self) -> SocketKey {
+        let (local_addr, remote_addr) = if self.family == AF_INET {
+            (
+                v4_mapped(self.local4.to_ne_bytes()),
+                v4_mapped(self.remote4.to_ne_bytes()),
+            )
+        } else {
+            (words_to_addr(&self.local6), words_to_addr(&self.remote6))
+        };
+        SocketKey {
+            local_addr,
+            remote_addr,
+            local_port: self.local_port as u16,
+            remote_port: u16::from_be((self.remote_port >> 16) as u16),
+        }
+    }
+}
+
+#[inline(always)]
+fn words_to_addr(words: &[u32; 4]) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    for (i, word) in words.iter().enumerate() {
+        a[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    a
+}
+
+/// Puts an established client socket on the fast path, if its connect was
+/// redirected (the connection table knows its local end).
+#[inline(always)]
+fn join_fast_path(ctx: &SockOpsContext) {
+    let ops = ctx.ops;
+    // SAFETY: ops points at the kernel's bpf_sock_ops for this call.
+    let fields = unsafe {
+        SocketFields {
+            family: read(&(*ops).family),
+            local4: read(&(*ops).local_ip4),
+            remote4: read(&(*ops).remote_ip4),
+            local6: [
+                read(&(*ops).local_ip6[0]),
+                read(&(*ops).local_ip6[1]),
+                read(&(*ops).local_ip6[2]),
+                read(&(*ops).local_ip6[3]),
+            ],
+            remote6: [
+                read(&(*ops).remote_ip6[0]),
+                read(&(*ops).remote_ip6[1]),
+                read(&(*ops).remote_ip6[2]),
+                read(&(*ops).remote_ip6[3]),
+            ],
+            local_port: read(&(*ops).local_port),
+            remote_port: read(&(*ops).remote_port),
+        }
+    };
+    let mut key = fields.key();
+    let client = ClientKey {
+        addr: key.local_addr,
+        port: key.local_port,
+        _pad: [0; 2],
+    };
+    // SAFETY: only tested for presence.
+    if unsafe { CONNECTIONS.get(&client) }.is_none() {
+        return;
+    }
+    // SAFETY: ops is the live context; the helper only reads the socket.
+    if FAST_PATH.update(&mut key, unsafe { &mut *ops }, 0).is_ok() {
+        bump(counter::FAST_PATH_SOCKETS);
+    }
 }
 
 /// What a connect hook does after [`handle_connect`].

@@ -20,17 +20,18 @@ use std::{
 };
 
 use aya::{
+    maps::SockHash,
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSockAddr, SockOps,
+        CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps,
     },
     Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
-use portcullis_common::{program_names, Settings};
+use portcullis_common::{map_names, program_names, Settings, SocketKey};
 
 use super::{
-    maps::{self, CompiledRule, ConnectionTable, Destinations},
+    maps::{self, CompiledRule, ConnectionTable, Destinations, FastPath},
     EventReader, KernelError, SyncReport,
 };
 use crate::config::KernelConfig;
@@ -46,6 +47,9 @@ pub struct Enforcement {
     pin_dir: PathBuf,
     destinations: Destinations,
     connections: Arc<ConnectionTable>,
+    /// None when the pinned maps predate the fast path (adopted from an
+    /// older version): connections then simply take the TCP path.
+    fast_path: Option<Arc<FastPath>>,
     /// Programs attached by this run; the others were adopted from pins.
     pub attached: Vec<&'static str>,
     pub adopted: Vec<&'static str>,
@@ -105,16 +109,20 @@ impl Enforcement {
         };
 
         if let Some(ebpf) = ebpf.as_mut() {
-            let attached = File::open(&cgroup_path)
-                .map_err(|source| KernelError::Cgroup {
-                    path: cgroup_path.clone(),
-                    source,
-                })
-                .and_then(|cgroup| {
-                    missing.iter().try_for_each(|name| {
-                        attach_and_pin(ebpf, name, &cgroup, &links_dir.join(name))
+            // Before sock_ops can add any socket: sockets added to the map
+            // earlier would not get the program.
+            let attached = attach_fast_path(ebpf).and_then(|()| {
+                File::open(&cgroup_path)
+                    .map_err(|source| KernelError::Cgroup {
+                        path: cgroup_path.clone(),
+                        source,
                     })
-                });
+                    .and_then(|cgroup| {
+                        missing.iter().try_for_each(|name| {
+                            attach_and_pin(ebpf, name, &cgroup, &links_dir.join(name))
+                        })
+                    })
+            });
             if let Err(e) = attached {
                 if adopted.is_empty() {
                     // Nothing was enforced before us: leave nothing half-done.
@@ -125,10 +133,18 @@ impl Enforcement {
         }
 
         let connections = Arc::new(ConnectionTable::open(&pin_dir)?);
+        let fast_path = match FastPath::open(&pin_dir) {
+            Ok(fast_path) => Some(Arc::new(fast_path)),
+            Err(e) => {
+                tracing::warn!("no kernel fast path for local clients: {e}");
+                None
+            }
+        };
         Ok(Self {
             pin_dir,
             destinations,
             connections,
+            fast_path,
             attached: missing,
             adopted,
             logger,
@@ -142,6 +158,10 @@ impl Enforcement {
 
     pub fn connections(&self) -> Arc<ConnectionTable> {
         Arc::clone(&self.connections)
+    }
+
+    pub fn fast_path(&self) -> Option<Arc<FastPath>> {
+        self.fast_path.clone()
     }
 
     pub fn events(&self) -> Result<EventReader, KernelError> {
@@ -196,6 +216,44 @@ fn attach_and_pin(
         path: pin_path.to_owned(),
         source: Box::new(e),
     })?;
+    Ok(())
+}
+
+/// Attaches the `fast_path` program to the pinned fast-path map. The
+/// attachment belongs to the map, not to this process: it stays while the
+/// map is pinned (the next daemon adopts it) and goes when `detach` unpins
+/// the map. So the link is deliberately not dropped, which would detach it.
+fn attach_fast_path(ebpf: &mut Ebpf) -> Result<(), KernelError> {
+    let name = program_names::FAST_PATH;
+    let program_err = |e| program_error(name, e);
+    // A clone of the map's fd: the map itself stays in the object, whose
+    // other programs are loaded against it.
+    let map = ebpf
+        .map(map_names::FAST_PATH)
+        .ok_or_else(|| KernelError::Program {
+            name,
+            message: "its map is not in the eBPF object (build mismatch?)".into(),
+        })?;
+    let map_err = |e: aya::maps::MapError| KernelError::Map {
+        name: map_names::FAST_PATH,
+        source: Box::new(e),
+    };
+    let map_fd = SockHash::<_, SocketKey>::try_from(map)
+        .map_err(map_err)?
+        .fd()
+        .try_clone()?;
+    let program: &mut SkMsg = ebpf
+        .program_mut(name)
+        .ok_or_else(|| KernelError::Program {
+            name,
+            message: "not found in the eBPF object (build mismatch?)".into(),
+        })?
+        .try_into()
+        .map_err(program_err)?;
+    program.load().map_err(program_err)?;
+    let id = program.attach(&map_fd).map_err(program_err)?;
+    let link = program.take_link(id).map_err(program_err)?;
+    std::mem::forget(link);
     Ok(())
 }
 

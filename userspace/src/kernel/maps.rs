@@ -1,13 +1,15 @@
 //! Typed handles on the pinned maps shared with the kernel programs.
 
-use std::{collections::HashMap as StdHashMap, net::SocketAddr, path::Path, sync::Mutex};
+use std::{
+    collections::HashMap as StdHashMap, net::SocketAddr, os::fd::AsRawFd, path::Path, sync::Mutex,
+};
 
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
-    Array, HashMap, Map, MapData, PerCpuArray,
+    Array, HashMap, Map, MapData, PerCpuArray, SockHash,
 };
 use portcullis_common::{
-    action, counter, map_names, ClientKey, ConnectRecord, DestAction, DestKey, Settings,
+    action, counter, map_names, ClientKey, ConnectRecord, DestAction, DestKey, Settings, SocketKey,
     PORT_PREFIX_BITS, V4_MAPPED_PREFIX_BITS,
 };
 
@@ -207,6 +209,42 @@ impl ConnectionTable {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The gateway's handle on the fast-path socket map (see the `fast_path`
+/// kernel program): the kernel adds the client end of each redirected
+/// connection, the gateway adds its own end on accept.
+pub struct FastPath(Mutex<SockHash<MapData, SocketKey>>);
+
+impl FastPath {
+    pub(super) fn open(pin_dir: &Path) -> Result<Self, KernelError> {
+        let name = map_names::FAST_PATH;
+        let map = SockHash::try_from(open_pinned(pin_dir, name)?).map_err(map_err(name))?;
+        Ok(Self(Mutex::new(map)))
+    }
+
+    /// Puts the gateway's end of a connection on the fast path. Call it
+    /// before reading from the socket, and only for protocols where the
+    /// client waits for an answer before sending more: bytes the client
+    /// sent before this call take the TCP path, later ones the fast path,
+    /// and a client that sent both before the gateway read could see them
+    /// delivered out of order.
+    pub fn join(
+        &self,
+        socket: &impl AsRawFd,
+        local: SocketAddr,
+        peer: SocketAddr,
+    ) -> Result<(), KernelError> {
+        let key = SocketKey {
+            local_addr: addr::to_kernel(local.ip()),
+            remote_addr: addr::to_kernel(peer.ip()),
+            local_port: local.port(),
+            remote_port: peer.port(),
+        };
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(key, socket.as_raw_fd(), 0)
+            .map_err(map_err(map_names::FAST_PATH))
     }
 }
 

@@ -22,7 +22,7 @@ use serde::Serialize;
 pub use addr::normalise as normalise_addr;
 pub use attach::{detach, root_cgroup, Enforcement, KernelLogger};
 pub use events::{forward_log, EventReader, KernelAction, KernelEvent, Transport};
-pub use maps::{compile_rules, CompiledRule, ConnectionTable, SyncReport};
+pub use maps::{compile_rules, CompiledRule, ConnectionTable, FastPath, SyncReport};
 pub use status::{status, KernelStatus};
 
 #[derive(Debug, thiserror::Error)]

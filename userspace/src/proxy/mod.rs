@@ -24,12 +24,18 @@ use std::sync::Arc;
 pub use listener::{bind, BoundListener};
 pub use shutdown::{Shutdown, ShutdownSignal};
 
-use crate::{audit::Recorder, identity::IdentityProvider, kernel::ConnectionTable};
+use crate::{
+    audit::Recorder,
+    identity::IdentityProvider,
+    kernel::{ConnectionTable, FastPath},
+};
 
 /// What every session needs from the gateway.
 pub struct Gateway {
     pub recorder: Arc<dyn Recorder>,
     pub connections: Arc<ConnectionTable>,
+    /// The kernel fast path for local clients, unless turned off.
+    pub fast_path: Option<Arc<FastPath>>,
     pub identity: Arc<dyn IdentityProvider>,
     /// SO_MARK for upstream sockets, so the kernel lets them through.
     pub exempt_mark: u32,

@@ -10,13 +10,13 @@ use std::{
 };
 
 use tokio::net::TcpStream;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::{Gateway, Shutdown};
 use crate::{
     audit::{AuditEvent, SessionEnd, SessionRefused, SessionStart},
     config::Protocol,
-    kernel::{normalise_addr, ConnectOrigin},
+    kernel::{normalise_addr, ConnectOrigin, KernelError},
     protocol::{self, Relayed, SessionContext},
 };
 
@@ -32,6 +32,24 @@ fn next_session_id() -> String {
     format!("{start:x}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
+/// Puts a redirected PostgreSQL client on the kernel fast path, before
+/// anything is read from it (see [`FastPath::join`]: PostgreSQL clients
+/// wait for the server's answer at every step of the start-up, so nothing
+/// they send can overtake earlier bytes).
+fn join_fast_path(gateway: &Gateway, client: &TcpStream, protocol: Protocol, peer: SocketAddr) {
+    let (Some(fast_path), Protocol::Postgres) = (&gateway.fast_path, protocol) else {
+        return;
+    };
+    let joined = client
+        .local_addr()
+        .map_err(KernelError::Io)
+        .and_then(|local| fast_path.join(client, normalise_addr(local), peer));
+    if let Err(e) = joined {
+        // The TCP path still works: only slower.
+        debug!(%peer, "not on the kernel fast path: {e}");
+    }
+}
+
 pub(super) async fn run(
     client: TcpStream,
     peer: SocketAddr,
@@ -43,7 +61,10 @@ pub(super) async fn run(
 ) {
     let peer = normalise_addr(peer);
     let origin = match identify(&gateway, peer) {
-        Ok(origin) => Some(origin),
+        Ok(origin) => {
+            join_fast_path(&gateway, &client, protocol, peer);
+            Some(origin)
+        }
         // A direct listener serves remote clients too: the adapter asks them
         // for a token instead of relying on the kernel's uid.
         Err(Unidentified::NoRecord) if direct => None,
