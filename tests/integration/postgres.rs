@@ -840,3 +840,61 @@ fn local_clients_take_the_kernel_fast_path_with_identical_bytes() {
     );
     s.assert_no_panic();
 }
+
+/// SIGHUP puts edited resources and grants in force for new sessions, and
+/// a reload that does not load (a certificate that is not there) changes
+/// nothing.
+#[test]
+fn reload_applies_resource_changes_and_keeps_them_when_invalid() {
+    let s = Setup::with(Options {
+        password: "wrong-password",
+        ..Options::default()
+    });
+    let out = s.psql(&["-Atc", "select 1"]);
+    assert!(
+        stderr(&out).contains("the database refused the gateway's login"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The operator points the grants at a secret file with the right
+    // password and reloads.
+    let config = std::fs::read_to_string(&s.gateway.config_path).unwrap();
+    let old_secret = s.cluster.dir.path().join("secret-main");
+    let new_secret = s.cluster.secret_file("fixed", PG_PASSWORD);
+    let fixed = config.replace(
+        &old_secret.display().to_string(),
+        &new_secret.display().to_string(),
+    );
+    assert_ne!(fixed, config, "the config names the secret file");
+    let write = |text: &str| {
+        let tmp = s.gateway.config_path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &s.gateway.config_path).unwrap();
+    };
+    let reloads = || s.gateway.log().matches("protected set reloaded").count();
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < deadline, "no {what}: {}", s.gateway.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let before = reloads();
+    write(&fixed);
+    s.gateway.signal("HUP");
+    wait_for("reload", &|| reloads() > before);
+    assert_eq!(s.query("select 41 + 1"), "42");
+
+    // A reload whose listener certificate is missing is rejected whole:
+    // the working grants stay.
+    let broken = fixed.replace("cert.pem", "missing-cert.pem");
+    write(&broken);
+    let rejected = || s.gateway.log().matches("config reload rejected").count();
+    let before = rejected();
+    s.gateway.signal("HUP");
+    wait_for("rejection", &|| rejected() > before);
+    assert!(s.gateway.log().contains("missing-cert.pem"));
+    assert_eq!(s.query("select 2"), "2");
+    s.assert_no_panic();
+}

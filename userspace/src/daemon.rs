@@ -3,11 +3,15 @@
 //! Start-up order matters: listeners are bound first, then the kernel
 //! programs attached with the protected set already in their maps, and only
 //! then is systemd told we are ready. SIGHUP reloads the protected set,
-//! SIGTERM/SIGINT stop the proxy. Enforcement deliberately stays attached
+//! the PostgreSQL resources, grants and listener certificates (for new
+//! sessions) and the policy; SIGTERM/SIGINT stop the proxy. Enforcement deliberately stays attached
 //! when the daemon exits: protected destinations fail closed until it is back
 //! or an operator runs `portcullis kernel detach`.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    path::PathBuf,
+    sync::{Arc, RwLock},
+};
 
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
@@ -31,10 +35,8 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let audit = AuditService::start(&config).context("opening the audit store")?;
     let recorder: Arc<dyn Recorder> = audit.recorder();
 
-    let postgres = Arc::new(
-        PostgresGateway::from_config(&config)
-            .context("loading the PostgreSQL listeners and resources")?,
-    );
+    let postgres = PostgresGateway::from_config(&config)
+        .context("loading the PostgreSQL listeners and resources")?;
     let listeners = proxy::bind(&config.listeners).await?;
     let mut enforcement = Enforcement::start(&config.kernel, &rules)
         .context("attaching kernel enforcement (run as root, or with CAP_BPF and CAP_NET_ADMIN)")?;
@@ -77,14 +79,14 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         fast_path: enforcement.fast_path().filter(|_| config.kernel.fast_path),
         identity,
         exempt_mark: config.kernel.exempt_mark,
-        postgres,
+        postgres: RwLock::new(Arc::new(postgres)),
         policy: policy.clone(),
     });
     let (signal_shutdown, shutdown) = ShutdownSignal::new();
     if let Some((socket, oidc)) = control_socket {
         tokio::spawn(control::serve(socket, oidc, shutdown.clone()));
     }
-    let server = tokio::spawn(proxy::serve(listeners, gateway, shutdown));
+    let server = tokio::spawn(proxy::serve(listeners, Arc::clone(&gateway), shutdown));
 
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     info!(config = %config_path.display(), "portcullis ready");
@@ -95,7 +97,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = hangup.recv() => {
-                reload(&config_path, &config, &mut enforcement);
+                reload(&config_path, &config, &mut enforcement, &gateway);
                 if let Some(policy) = &policy {
                     if let Err(e) = policy.reload() {
                         error!("policy reload rejected, the previous policy stays in force: {e}");
@@ -134,9 +136,15 @@ fn load_policy(
     Ok(Some(policy))
 }
 
-/// Re-reads the config and swaps the protected set. An invalid file changes
-/// nothing: the running set stays in force.
-fn reload(path: &std::path::Path, running: &Config, enforcement: &mut Enforcement) {
+/// Re-reads the config and swaps the protected set and the PostgreSQL
+/// resources. An invalid file (or a certificate that does not load) changes
+/// nothing: everything running stays in force.
+fn reload(
+    path: &std::path::Path,
+    running: &Config,
+    enforcement: &mut Enforcement,
+    gateway: &Gateway,
+) {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
     let result = Config::load(path)
         .map_err(anyhow::Error::from)
@@ -150,15 +158,21 @@ fn reload(path: &std::path::Path, running: &Config, enforcement: &mut Enforcemen
                 );
             }
             let rules = kernel::compile_rules(&config)?;
-            Ok(enforcement.update_rules(&rules)?)
+            let postgres = gateway
+                .postgres()
+                .reloaded(&config)
+                .context("loading the PostgreSQL listeners and resources")?;
+            let report = enforcement.update_rules(&rules)?;
+            gateway.set_postgres(postgres);
+            Ok(report)
         });
     match result {
         Ok(report) => info!(
             rules = report.written,
             active_set = report.active_set,
-            "protected set reloaded"
+            "protected set reloaded; PostgreSQL resources and certificates too"
         ),
-        Err(e) => error!("config reload rejected, previous protected set stays: {e:#}"),
+        Err(e) => error!("config reload rejected, the running configuration stays: {e:#}"),
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
 }

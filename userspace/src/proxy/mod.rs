@@ -19,7 +19,7 @@ mod session;
 mod shutdown;
 pub mod upstream;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 pub use listener::{bind, BoundListener};
 pub use shutdown::{Shutdown, ShutdownSignal};
@@ -28,6 +28,7 @@ use crate::{
     audit::Recorder,
     identity::IdentityProvider,
     kernel::{ConnectionTable, FastPath},
+    protocol::postgres::PostgresGateway,
 };
 
 /// What every session needs from the gateway.
@@ -40,10 +41,22 @@ pub struct Gateway {
     /// SO_MARK for upstream sockets, so the kernel lets them through.
     pub exempt_mark: u32,
     /// Resources, listener certificates and cancel keys of the PostgreSQL
-    /// adapter.
-    pub postgres: Arc<crate::protocol::postgres::PostgresGateway>,
+    /// adapter; replaced as a whole on reload.
+    pub postgres: RwLock<Arc<PostgresGateway>>,
     /// The policy in force, when a policy file is configured.
     pub policy: Option<Arc<crate::policy::PolicyRuntime>>,
+}
+
+impl Gateway {
+    /// The PostgreSQL configuration in force now.
+    pub fn postgres(&self) -> Arc<PostgresGateway> {
+        Arc::clone(&self.postgres.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Puts a reloaded PostgreSQL configuration in force for new sessions.
+    pub fn set_postgres(&self, postgres: PostgresGateway) {
+        *self.postgres.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(postgres);
+    }
 }
 
 /// Serves `listeners` until `shutdown` fires, then waits for the sessions to

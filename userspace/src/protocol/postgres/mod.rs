@@ -105,6 +105,17 @@ pub struct PostgresGateway {
 impl PostgresGateway {
     /// Loads certificates and CA files now, so a bad path fails start-up.
     pub fn from_config(config: &Config) -> Result<Self, PgError> {
+        Self::with_cancels(config, Arc::default())
+    }
+
+    /// The gateway for a reloaded configuration: new resources, grants and
+    /// certificates for new sessions; the cancel keys of running sessions
+    /// are kept, so their cancel requests still find them.
+    pub fn reloaded(&self, config: &Config) -> Result<Self, PgError> {
+        Self::with_cancels(config, Arc::clone(&self.cancels))
+    }
+
+    fn with_cancels(config: &Config, cancels: Arc<CancelRegistry>) -> Result<Self, PgError> {
         let mut tls = HashMap::new();
         for l in &config.listeners {
             if let (Protocol::Postgres, Some(cert), Some(key)) =
@@ -128,7 +139,7 @@ impl PostgresGateway {
         Ok(Self {
             resources,
             tls,
-            cancels: Arc::default(),
+            cancels,
         })
     }
 
@@ -160,7 +171,8 @@ async fn session(
     client: TcpStream,
     counters: &Counters,
 ) -> Result<(), PgError> {
-    let pg = &ctx.gateway.postgres;
+    // This session keeps the configuration it started with.
+    let pg = &*ctx.gateway.postgres();
     let mark = ctx.gateway.exempt_mark;
     // Responses go out as soon as they are read: never wait for Nagle.
     client.set_nodelay(true)?;
