@@ -23,9 +23,12 @@ const MAX_PARAMETER: usize = 4096;
 
 /// What the client is waiting for, in order.
 enum Expect {
-    /// A simple Query (or FunctionCall): ends at ReadyForQuery.
+    /// A simple Query (or FunctionCall): one record per statement in it,
+    /// each completed by its CommandComplete; ends at ReadyForQuery.
     Query {
-        text: Arc<str>,
+        statements: Vec<Arc<str>>,
+        /// Statements recorded so far.
+        done: usize,
         protocol: &'static str,
         started: Instant,
     },
@@ -131,13 +134,15 @@ impl Requests {
             b'Q' => {
                 let text = Reader::new(body, "Query").cstr().unwrap_or_default();
                 self.push(Expect::Query {
-                    text: text.into(),
+                    statements: split_statements(&text),
+                    done: 0,
                     protocol: "simple",
                     started: now,
                 });
             }
             b'F' => self.push(Expect::Query {
-                text: "<function call>".into(),
+                statements: vec!["<function call>".into()],
+                done: 0,
                 protocol: "function",
                 started: now,
             }),
@@ -180,6 +185,21 @@ impl Requests {
             b'X' => self.terminated = true,
             _ => {}
         }
+    }
+}
+
+/// The statements of a simple Query, split as PostgreSQL's scanner splits
+/// them (quotes, comments and dollar quoting respected). Nearly every query
+/// is one statement, at most with a trailing semicolon: those skip the
+/// scanner. Text the scanner cannot split stays one statement.
+fn split_statements(text: &str) -> Vec<Arc<str>> {
+    let body = text.trim_end().trim_end_matches(';');
+    if !body.contains(';') {
+        return vec![text.into()];
+    }
+    match std::panic::catch_unwind(|| pg_query::split_with_scanner(text)) {
+        Ok(Ok(parts)) if parts.len() > 1 => parts.into_iter().map(|p| p.trim().into()).collect(),
+        _ => vec![text.into()],
     }
 }
 
@@ -258,9 +278,9 @@ impl Responses {
                     *self.rows_by_tag.get_or_insert(0) += rows;
                 }
                 self.tag = Some(tag);
-                self.finish_execute();
+                self.finish_statement();
             }
-            b'I' | b's' => self.finish_execute(),
+            b'I' | b's' => self.finish_statement(),
             b'E' => {
                 let fields = wire::error_fields(body).unwrap_or_default();
                 self.error = Some(StatementError {
@@ -269,6 +289,8 @@ impl Responses {
                 });
                 if self.front_is_execute() {
                     self.finish_execute();
+                } else if self.front_is_query() {
+                    self.fail_query();
                 } else if self.front_is_sync() {
                     // An error for Parse/Bind/Describe with no Execute.
                     self.error = None;
@@ -283,12 +305,83 @@ impl Responses {
         matches!(self.lock().front(), Some(Expect::Execute { .. }))
     }
 
+    fn front_is_query(&self) -> bool {
+        matches!(self.lock().front(), Some(Expect::Query { .. }))
+    }
+
     fn front_is_sync(&self) -> bool {
         matches!(self.lock().front(), Some(Expect::Sync))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Expect>> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A statement's end (CommandComplete, EmptyQueryResponse,
+    /// PortalSuspended): the front Execute, or the next statement of the
+    /// front Query.
+    fn finish_statement(&mut self) {
+        let next = {
+            let mut queue = self.lock();
+            match queue.front_mut() {
+                Some(Expect::Query {
+                    statements,
+                    done,
+                    protocol,
+                    started,
+                }) => {
+                    // More completions than statements (a statement the
+                    // scanner could not split): charged to the last one.
+                    let text = statements.get(*done).or(statements.last()).cloned();
+                    *done += 1;
+                    let began = *started;
+                    // The next statement's time starts now.
+                    *started = Instant::now();
+                    text.map(|text| (text, *protocol, began))
+                }
+                _ => None,
+            }
+        };
+        match next {
+            Some((text, protocol, started)) => self.record(protocol, &text, Vec::new(), started),
+            None => self.finish_execute(),
+        }
+    }
+
+    /// An error in a simple Query: PostgreSQL runs none of the statements
+    /// after the failing one. A syntax error fails the whole text before
+    /// anything runs, so it is recorded against the whole text.
+    fn fail_query(&mut self) {
+        let pending = {
+            let mut queue = self.lock();
+            let Some(Expect::Query {
+                statements,
+                done,
+                protocol,
+                started,
+            }) = queue.front_mut()
+            else {
+                return;
+            };
+            let syntax = self.error.as_ref().is_some_and(|e| e.sqlstate == "42601");
+            let failed: Vec<Arc<str>> = if syntax && *done == 0 && statements.len() > 1 {
+                vec![statements.join("; ").into()]
+            } else {
+                statements.get(*done..).unwrap_or_default().to_vec()
+            };
+            *done = statements.len();
+            (failed, *protocol, *started)
+        };
+        let (failed, protocol, started) = pending;
+        for (i, text) in failed.iter().enumerate() {
+            if i > 0 {
+                self.error = Some(StatementError {
+                    sqlstate: String::new(),
+                    message: "not executed: an earlier statement of the same query failed".into(),
+                });
+            }
+            self.record(protocol, text, Vec::new(), started);
+        }
     }
 
     /// Completes the front Execute, if the front is one.
@@ -318,11 +411,17 @@ impl Responses {
             match front {
                 None | Some(Expect::Sync) => break,
                 Some(Expect::Query {
-                    text,
+                    statements,
+                    done,
                     protocol,
                     started,
                 }) => {
-                    self.record(protocol, &text, Vec::new(), started);
+                    // A query that completed no statement (a function
+                    // call, or an error) is still one record.
+                    if done == 0 {
+                        let text = statements.join("; ");
+                        self.record(protocol, &text, Vec::new(), started);
+                    }
                     break;
                 }
                 Some(Expect::Execute {
@@ -467,18 +566,58 @@ mod tests {
     }
 
     #[test]
-    fn simple_query_sums_rows_and_keeps_the_error() {
+    fn multi_statement_query_is_recorded_statement_by_statement() {
         let recorder = Arc::new(Collect::default());
         let (mut req, mut resp, _acks) =
             tracker("s".into(), "r".into(), Arc::clone(&recorder) as _);
-        req.on_message(b'Q', b"insert into t values (1); select 1/0\0");
+        req.on_message(
+            b'Q',
+            b"insert into t values (1); select ';' from t; select 1/0; select 2\0",
+        );
         resp.on_message(b'C', b"INSERT 0 1\0");
+        resp.on_message(b'D', b"");
+        resp.on_message(b'D', b"");
+        resp.on_message(b'C', b"SELECT 2\0");
         resp.on_message(b'E', b"SERROR\0C22012\0Mdivision by zero\0\0");
         resp.on_message(b'Z', b"I");
         let s = statements(&recorder);
-        assert_eq!(s.len(), 1);
+        let texts: Vec<&str> = s.iter().map(|s| s.text.as_str()).collect();
+        assert_eq!(
+            texts,
+            [
+                "insert into t values (1)",
+                "select ';' from t",
+                "select 1/0",
+                "select 2"
+            ]
+        );
         assert_eq!(s[0].rows, Some(1));
-        assert_eq!(s[0].error.as_ref().unwrap().sqlstate, "22012");
+        assert_eq!(s[1].rows_returned, 2);
+        assert_eq!(s[2].error.as_ref().unwrap().sqlstate, "22012");
+        assert!(s[3]
+            .error
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("not executed"));
+    }
+
+    #[test]
+    fn a_syntax_error_is_recorded_against_the_whole_query() {
+        let recorder = Arc::new(Collect::default());
+        let (mut req, mut resp, _acks) =
+            tracker("s".into(), "r".into(), Arc::clone(&recorder) as _);
+        req.on_message(b'Q', b"select 1; selec 2\0");
+        resp.on_message(b'E', b"SERROR\0C42601\0Msyntax error\0\0");
+        resp.on_message(b'Z', b"I");
+        req.on_message(b'Q', b"select 'a;b';\0");
+        resp.on_message(b'C', b"SELECT 1\0");
+        resp.on_message(b'Z', b"I");
+        let s = statements(&recorder);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].text, "select 1; selec 2");
+        assert_eq!(s[0].error.as_ref().unwrap().sqlstate, "42601");
+        assert_eq!(s[1].text, "select 'a;b';");
     }
 
     #[test]
