@@ -934,23 +934,10 @@ const STRANGER: &str = "61003";
 /// installed host, where the config is root's), reaching the daemon through
 /// the control and auditor sockets named by environment.
 fn as_uid(uid: &str, control: &Path, audit: &Path, args: &[&str]) -> Command {
-    let mut cmd = if uid == "0" {
-        Command::new(PORTCULLIS)
-    } else {
-        let mut c = Command::new("setpriv");
-        c.args([
-            &format!("--reuid={uid}"),
-            &format!("--regid={uid}"),
-            "--clear-groups",
-            PORTCULLIS,
-        ]);
-        c
-    };
+    let mut cmd = portcullis_as(uid);
     cmd.args(args)
-        .env("PORTCULLIS_CONFIG", "/nonexistent/portcullis.toml")
         .env("PORTCULLIS_CONTROL_SOCKET", control)
-        .env("PORTCULLIS_AUDIT_SOCKET", audit)
-        .env("NO_COLOR", "1");
+        .env("PORTCULLIS_AUDIT_SOCKET", audit);
     cmd
 }
 

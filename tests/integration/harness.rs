@@ -160,6 +160,26 @@ impl Drop for TestCgroup {
     }
 }
 
+/// `portcullis` as `uid` ("0": as root) with no readable config, as a
+/// non-root user on an installed host runs it (the config is root's).
+pub fn portcullis_as(uid: &str) -> Command {
+    let mut cmd = if uid == "0" {
+        Command::new(PORTCULLIS)
+    } else {
+        let mut c = Command::new("setpriv");
+        c.args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            PORTCULLIS,
+        ]);
+        c
+    };
+    cmd.env("PORTCULLIS_CONFIG", "/nonexistent/portcullis.toml")
+        .env("NO_COLOR", "1");
+    cmd
+}
+
 /// Waits for `child`, killing it after `timeout`. Its piped output is read
 /// while it runs, so a child writing more than a pipe holds cannot block.
 pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> Output {

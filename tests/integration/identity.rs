@@ -64,23 +64,8 @@ auditors = ["audit"]
 
 /// `portcullis <args>` as `uid` (0: as root), with the control socket.
 fn cli_as(uid: &str, socket: &Path, args: &[&str]) -> Command {
-    let mut cmd = if uid == "0" {
-        Command::new(PORTCULLIS)
-    } else {
-        let mut c = Command::new("setpriv");
-        c.args([
-            &format!("--reuid={uid}"),
-            &format!("--regid={uid}"),
-            "--clear-groups",
-            PORTCULLIS,
-        ]);
-        c
-    };
-    cmd.args(args)
-        .arg("--socket")
-        .arg(socket)
-        .env("PORTCULLIS_CONFIG", "/nonexistent/portcullis.toml")
-        .env("NO_COLOR", "1");
+    let mut cmd = portcullis_as(uid);
+    cmd.args(args).arg("--socket").arg(socket);
     cmd
 }
 

@@ -85,6 +85,34 @@ static SETTINGS: Array<Settings> = Array::pinned(1, 0);
 #[map(name = "PORTCULLIS_FAST_PATH")]
 static FAST_PATH: SockHash<SocketKey> = SockHash::pinned(MAX_FAST_PATH_SOCKETS, 0);
 
+/// Reads [`SocketFields`] from a `bpf_sock_ops` or `sk_msg_md` pointer:
+/// two context types with the same field names. Each field is read once,
+/// volatile (see `rekey_redirected`). Use inside `unsafe`, with a pointer
+/// to the live context.
+macro_rules! socket_fields {
+    ($ctx:expr) => {
+        SocketFields {
+            family: read(&(*$ctx).family),
+            local4: read(&(*$ctx).local_ip4),
+            remote4: read(&(*$ctx).remote_ip4),
+            local6: [
+                read(&(*$ctx).local_ip6[0]),
+                read(&(*$ctx).local_ip6[1]),
+                read(&(*$ctx).local_ip6[2]),
+                read(&(*$ctx).local_ip6[3]),
+            ],
+            remote6: [
+                read(&(*$ctx).remote_ip6[0]),
+                read(&(*$ctx).remote_ip6[1]),
+                read(&(*$ctx).remote_ip6[2]),
+                read(&(*$ctx).remote_ip6[3]),
+            ],
+            local_port: read(&(*$ctx).local_port),
+            remote_port: read(&(*$ctx).remote_port),
+        }
+    };
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
@@ -166,27 +194,7 @@ pub fn fast_path(ctx: SkMsgContext) -> u32 {
     let msg = ctx.msg;
     // SAFETY: msg points at the kernel's sk_msg_md for this call; every
     // field is read once, volatile, as for sock_ops.
-    let fields = unsafe {
-        SocketFields {
-            family: read(&(*msg).family),
-            local4: read(&(*msg).local_ip4),
-            remote4: read(&(*msg).remote_ip4),
-            local6: [
-                read(&(*msg).local_ip6[0]),
-                read(&(*msg).local_ip6[1]),
-                read(&(*msg).local_ip6[2]),
-                read(&(*msg).local_ip6[3]),
-            ],
-            remote6: [
-                read(&(*msg).remote_ip6[0]),
-                read(&(*msg).remote_ip6[1]),
-                read(&(*msg).remote_ip6[2]),
-                read(&(*msg).remote_ip6[3]),
-            ],
-            local_port: read(&(*msg).local_port),
-            remote_port: read(&(*msg).remote_port),
-        }
-    };
+    let fields = unsafe { socket_fields!(msg) };
     let mut peer = fields.key().peer();
     // Without a peer in the map the helper finds nothing to redirect to and
     // the message takes the normal path.
@@ -244,27 +252,7 @@ fn words_to_addr(words: &[u32; 4]) -> [u8; 16] {
 fn join_fast_path(ctx: &SockOpsContext) {
     let ops = ctx.ops;
     // SAFETY: ops points at the kernel's bpf_sock_ops for this call.
-    let fields = unsafe {
-        SocketFields {
-            family: read(&(*ops).family),
-            local4: read(&(*ops).local_ip4),
-            remote4: read(&(*ops).remote_ip4),
-            local6: [
-                read(&(*ops).local_ip6[0]),
-                read(&(*ops).local_ip6[1]),
-                read(&(*ops).local_ip6[2]),
-                read(&(*ops).local_ip6[3]),
-            ],
-            remote6: [
-                read(&(*ops).remote_ip6[0]),
-                read(&(*ops).remote_ip6[1]),
-                read(&(*ops).remote_ip6[2]),
-                read(&(*ops).remote_ip6[3]),
-            ],
-            local_port: read(&(*ops).local_port),
-            remote_port: read(&(*ops).remote_port),
-        }
-    };
+    let fields = unsafe { socket_fields!(ops) };
     let mut key = fields.key();
     let client = ClientKey {
         addr: key.local_addr,

@@ -216,26 +216,22 @@ impl Recorder for SledRecorder {
 
     fn subject_index(&self, session: &str, statement_seq: u64, value: &str) -> Ack {
         let hash = subject_hash(&self.subject_key, value);
-        let hit = SubjectHit {
-            session: Some(session.to_owned()),
-            statement_seq: Some(statement_seq),
-            seq: 0,
-            at_us: micros(SystemTime::now()),
-            source: "reported".into(),
-        };
-        let ticket = self
-            .inbox
-            .push_event(|ticket| Msg::Subject { ticket, hit, hash });
-        self.ack(ticket)
+        self.index_subject(session, statement_seq, hash, "reported")
     }
 
     fn subject_index_hash(&self, session: &str, statement_seq: u64, hash: Hash) -> Ack {
+        self.index_subject(session, statement_seq, hash, "masked")
+    }
+}
+
+impl SledRecorder {
+    fn index_subject(&self, session: &str, statement_seq: u64, hash: Hash, source: &str) -> Ack {
         let hit = SubjectHit {
             session: Some(session.to_owned()),
             statement_seq: Some(statement_seq),
             seq: 0,
             at_us: micros(SystemTime::now()),
-            source: "masked".into(),
+            source: source.into(),
         };
         let ticket = self
             .inbox
