@@ -679,9 +679,14 @@ fn psql_session_is_found_by_subject_replayed_and_filtered() {
         text(&out),
         gateway.log()
     );
+    // The address is taken out of the recorded text; its keyed hash stays.
     let statement = gateway.wait_for_event("statement", |e| {
-        e["event"] == "statement" && e["text"] == sql
+        e["event"] == "statement"
+            && e["text"].as_str().is_some_and(|t| {
+                t.starts_with("select '[email:") && t.ends_with("' as email, 7 as n")
+            })
     });
+    assert!(!statement.to_string().contains("Dana"), "{statement}");
     let session = statement["session"].as_str().unwrap().to_string();
     gateway.wait_for_event("session end", |e| {
         e["event"] == "session_end" && e["session"] == session.as_str()
@@ -746,7 +751,12 @@ fn psql_session_is_found_by_subject_replayed_and_filtered() {
         replay.contains(&format!("session {session}: root on orders (postgres)")),
         "{replay}"
     );
-    assert!(replay.contains(&format!("{sql} -> 1 rows")), "{replay}");
+    let recorded = statement["text"].as_str().unwrap();
+    assert!(
+        replay.contains(&format!("{recorded} -> 1 rows")),
+        "{replay}"
+    );
+    assert!(!replay.contains("Dana"), "{replay}");
     assert!(replay.contains("command_tag: \"SELECT 1\""), "{replay}");
 
     let out = gateway.cli(&["audit", "verify"]);

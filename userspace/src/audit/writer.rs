@@ -25,7 +25,7 @@ use super::{
     record::{Checkpoint, Hash, Record, GENESIS},
     retention::{self, Retention},
     store::{Store, SubjectHit},
-    subject::{detect, subject_hash},
+    subject::{detect, redact, subject_hash},
     Ack, AuditError, AuditEvent, Recorder,
 };
 
@@ -69,6 +69,9 @@ enum Msg {
         ticket: u64,
         at_us: u64,
         payload: Box<RawValue>,
+        /// The session and keyed hashes of personal values taken out of
+        /// the payload, indexed under this record.
+        redacted: Option<(String, Vec<Hash>)>,
     },
     Subject {
         ticket: u64,
@@ -200,7 +203,24 @@ impl SledRecorder {
 }
 
 impl Recorder for SledRecorder {
-    fn record(&self, event: AuditEvent) -> Ack {
+    fn record(&self, mut event: AuditEvent) -> Ack {
+        // What a client sent can hold personal data (a WHERE on an e-mail
+        // address): stored as keyed hashes only, like masked results.
+        let redacted = match &mut event {
+            AuditEvent::Statement(statement) => {
+                let mut hashes = Vec::new();
+                let key = &self.subject_key;
+                redact(key, &mut statement.text, &mut hashes);
+                for parameter in statement.parameters.iter_mut().flatten() {
+                    redact(key, parameter, &mut hashes);
+                }
+                if let Some(error) = &mut statement.error {
+                    redact(key, &mut error.message, &mut hashes);
+                }
+                (!hashes.is_empty()).then(|| (statement.session.clone(), hashes))
+            }
+            _ => None,
+        };
         let payload = match serde_json::value::to_raw_value(&event) {
             Ok(p) => p,
             Err(e) => return Ack::done(Err(e.into())),
@@ -210,6 +230,7 @@ impl Recorder for SledRecorder {
             ticket,
             at_us,
             payload,
+            redacted,
         });
         self.ack(ticket)
     }
@@ -330,8 +351,23 @@ impl Writer {
                     ticket,
                     at_us,
                     payload,
+                    redacted,
                 } => {
                     seq += 1;
+                    if let Some((session, hashes)) = redacted {
+                        for hash in hashes {
+                            subjects.push((
+                                hash,
+                                SubjectHit {
+                                    session: Some(session.clone()),
+                                    statement_seq: None,
+                                    seq,
+                                    at_us,
+                                    source: "statement".into(),
+                                },
+                            ));
+                        }
+                    }
                     for found in detect(payload.get()) {
                         subjects.push((
                             subject_hash(&self.subject_key, &found.value),
