@@ -3,7 +3,6 @@
 //! look-up, retention purge and the GDPR report.
 
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
@@ -953,31 +952,13 @@ fn as_uid(uid: &str, control: &Path, audit: &Path, args: &[&str]) -> Command {
 
 /// `portcullis login` as `uid`, approved in the provider's pages.
 fn login_as(uid: &str, control: &Path, audit: &Path, login: &str, password: &str) {
-    let mut child = as_uid(uid, control, audit, &["login"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let uri = words
-        .iter()
-        .find(|w| w.starts_with("http"))
-        .unwrap_or_else(|| panic!("no verification URI in {line:?}"));
-    let code = words.last().unwrap();
-    provider::approve_device(
-        uri,
-        &[
-            ("user_code", code),
-            ("login", login),
-            ("password", password),
-        ],
+    let (out, stderr) = provider::device_login_with(
+        as_uid(uid, control, audit, &["login"]),
+        login,
+        password,
         None,
     );
-    let out = wait_with_timeout(child, Duration::from_secs(30));
-    assert!(out.status.success(), "login as uid {uid}: {line}");
+    assert!(out.status.success(), "login as uid {uid}: {stderr}");
 }
 
 /// A daemon with OIDC sign-in (`audit` group = `auditors` role) whose

@@ -8,7 +8,6 @@
 //! when missing (the setup step runs it too).
 
 use std::{
-    io::{BufRead, BufReader},
     os::unix::fs::PermissionsExt,
     path::Path,
     process::{Command, Output, Stdio},
@@ -97,37 +96,8 @@ fn device_login_ca(
     password: &str,
     ca: Option<&Path>,
 ) -> String {
-    let mut child = cli_as(uid, socket, &["login"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    // "To sign in, open URL and enter the code CODE"
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let uri = words
-        .iter()
-        .find(|w| w.starts_with("http"))
-        .unwrap_or_else(|| panic!("no verification URI in {line:?}"));
-    let code = words.last().unwrap();
-    approve_device(
-        uri,
-        &[
-            ("user_code", code),
-            ("login", login),
-            ("password", password),
-        ],
-        ca,
-    );
-    let out = wait_with_timeout(child, Duration::from_secs(30));
-    let mut rest = String::new();
-    let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
-    assert!(
-        out.status.success(),
-        "login as uid {uid} failed: {line}{rest}"
-    );
+    let (out, stderr) = device_login_with(cli_as(uid, socket, &["login"]), login, password, ca);
+    assert!(out.status.success(), "login as uid {uid} failed: {stderr}");
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 

@@ -2,8 +2,9 @@
 //! browser that approves device logins through the provider's own pages.
 
 use std::{
+    io::{BufRead, BufReader, Read},
     path::{Path, PathBuf},
-    process::{Child, Command, Output},
+    process::{Child, Command, Output, Stdio},
     sync::Mutex,
     thread,
     time::{Duration, Instant, SystemTime},
@@ -11,7 +12,7 @@ use std::{
 
 use serde_json::{json, Value};
 
-use crate::harness::free_port;
+use crate::harness::{free_port, wait_with_timeout};
 
 pub(crate) fn oidc_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/oidc")
@@ -279,4 +280,44 @@ pub(crate) fn attribute(tag: &str, name: &str) -> Option<String> {
         + needle.len();
     let end = tag[start..].find('"')? + start;
     Some(tag[start..end].replace("&amp;", "&"))
+}
+
+/// Runs `portcullis ... login` (the device flow) and approves it in the
+/// provider's pages as `login`/`password`. Returns the CLI's output and
+/// everything it wrote to stderr (its first line names the verification
+/// URI and the code).
+pub(crate) fn device_login_with(
+    mut login_command: Command,
+    login: &str,
+    password: &str,
+    ca: Option<&Path>,
+) -> (Output, String) {
+    let mut child = login_command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    // "To sign in, open URL and enter the code CODE"
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let uri = words
+        .iter()
+        .find(|w| w.starts_with("http"))
+        .unwrap_or_else(|| panic!("no verification URI in {line:?}"));
+    let code = words.last().unwrap();
+    approve_device(
+        uri,
+        &[
+            ("user_code", code),
+            ("login", login),
+            ("password", password),
+        ],
+        ca,
+    );
+    let out = wait_with_timeout(child, Duration::from_secs(30));
+    let mut rest = String::new();
+    let _ = stderr.read_to_string(&mut rest);
+    (out, line + &rest)
 }
