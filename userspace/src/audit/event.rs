@@ -50,7 +50,7 @@ pub enum AuditEvent {
     /// Masks changed what a session returned (which rules, how often).
     MaskingApplied(MaskingApplied),
     /// A step of a just-in-time approval: requested, approved, denied,
-    /// timed out.
+    /// timed out, cancelled (by the client), abandoned (the session ended).
     Approval(ApprovalStep),
     /// A policy file was loaded, or rejected (the previous one stays).
     PolicyLoad(PolicyLoad),
@@ -192,7 +192,8 @@ pub struct MaskingApplied {
 /// One step of a just-in-time approval.
 #[derive(Debug, Clone, Serialize)]
 pub struct ApprovalStep {
-    /// `requested`, `approved`, `denied` or `timed_out`.
+    /// `requested`, `approved`, `denied`, `timed_out`, `cancelled` or
+    /// `abandoned`.
     pub step: &'static str,
     pub id: String,
     pub session: String,

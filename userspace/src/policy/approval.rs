@@ -123,6 +123,17 @@ impl Waiter {
     }
 }
 
+/// A session that goes away while its statement is held (the client hung
+/// up, the upstream died, the daemon stops) drops its waiter: the request
+/// is withdrawn then, recorded as `abandoned`, so approvers never see a
+/// request nobody waits for. After a decision, timeout or cancel the
+/// request is already gone and this does nothing.
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        self.store.close(&self.info.id, "abandoned");
+    }
+}
+
 struct Pending {
     info: PendingApproval,
     approvers: Approvers,
@@ -316,7 +327,8 @@ impl ApprovalStore {
         }
     }
 
-    /// Ends a request nobody decided (`timed_out`, `cancelled`); false if
+    /// Ends a request nobody decided (`timed_out`, `cancelled`,
+    /// `abandoned`); false if
     /// it was no longer pending.
     fn close(&self, id: &str, how: &'static str) -> bool {
         let removed = self.lock().pending.remove(id);
@@ -594,6 +606,27 @@ mod tests {
             waiter.outcome_unless(async {}).await,
             Some(ApprovalOutcome::Approved { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_session_went_away_is_abandoned() {
+        let memory = Arc::new(Memory(Mutex::new(Vec::new())));
+        let store = ApprovalStore::new(memory.clone());
+        let carol = person("unix:carol", &[]);
+        let waiter = hold(&store, Duration::from_secs(10));
+        let id = waiter.info.id.clone();
+        assert_eq!(store.list(&carol).len(), 1);
+        drop(waiter);
+        assert!(store.list(&carol).is_empty());
+        assert!(store.decide(&id, &carol, true, None, None).is_err());
+        let log = memory.0.lock().unwrap().join("\n");
+        assert_eq!(log.matches("\"step\":\"abandoned\"").count(), 1);
+
+        // A request that ended normally records no extra step.
+        let waiter = hold(&store, Duration::from_secs(10));
+        assert_eq!(waiter.outcome_unless(async {}).await, None);
+        let log = memory.0.lock().unwrap().join("\n");
+        assert_eq!(log.matches("\"step\":\"abandoned\"").count(), 1);
     }
 
     #[tokio::test]
