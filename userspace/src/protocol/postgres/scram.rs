@@ -3,8 +3,13 @@
 //! and checks the server's signature so a fake upstream cannot pretend the
 //! login succeeded.
 //!
-//! No channel binding (`n,,`): the upstream's TLS, when used, is verified by
-//! rustls itself.
+//! Over TLS the exchange is bound to the upstream's certificate
+//! (`SCRAM-SHA-256-PLUS` with `tls-server-end-point`, RFC 5929): a man in the
+//! middle holding another certificate cannot relay the login, even where
+//! the resource's TLS is `require` (encrypted, certificate not verified).
+//! When the upstream does not offer `-PLUS` on TLS the client says so
+//! (`y,,`), which a server that does support binding refuses: a downgrade
+//! is caught.
 
 use base64::{engine::general_purpose::STANDARD as B64, Engine};
 use hmac::{Hmac, Mac};
@@ -29,25 +34,99 @@ pub struct Scram {
     password: Vec<u8>,
     client_nonce: String,
     client_first_bare: String,
+    binding: Binding,
     server_signature: Option<[u8; 32]>,
 }
 
 pub const MECHANISM: &str = "SCRAM-SHA-256";
+pub const MECHANISM_PLUS: &str = "SCRAM-SHA-256-PLUS";
+
+/// What the exchange says about channel binding (the GS2 header).
+pub enum Binding {
+    /// Plain TCP: `n,,`.
+    None,
+    /// TLS, but the server offered no `-PLUS`: `y,,`.
+    Unused,
+    /// TLS with `tls-server-end-point`: the hash of the server's
+    /// certificate (see [`certificate_hash`]).
+    ServerEndPoint(Vec<u8>),
+}
+
+impl Binding {
+    fn gs2_header(&self) -> &'static str {
+        match self {
+            Binding::None => "n,,",
+            Binding::Unused => "y,,",
+            Binding::ServerEndPoint(_) => "p=tls-server-end-point,,",
+        }
+    }
+
+    /// The mechanism to name in SASLInitialResponse.
+    pub fn mechanism(&self) -> &'static str {
+        match self {
+            Binding::ServerEndPoint(_) => MECHANISM_PLUS,
+            _ => MECHANISM,
+        }
+    }
+}
+
+/// RFC 5929 `tls-server-end-point` data: the certificate hashed with its
+/// signature's hash, SHA-256 for MD5, SHA-1 and SHA-256. `None` for
+/// signatures without a single hash (Ed25519) or unknown ones, which cannot
+/// be bound.
+pub fn certificate_hash(der: &[u8]) -> Option<Vec<u8>> {
+    use sha2::{Sha384, Sha512};
+    // DER of the signature algorithm OIDs, looked for in the certificate.
+    const SHA384: [&[u8]; 2] = [
+        &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0c], // sha384WithRSAEncryption
+        &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03],       // ecdsa-with-SHA384
+    ];
+    const SHA512: [&[u8]; 2] = [
+        &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0d], // sha512WithRSAEncryption
+        &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x04],       // ecdsa-with-SHA512
+    ];
+    const SHA256_OR_WEAKER: [&[u8]; 5] = [
+        &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b], // sha256WithRSAEncryption
+        &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02],       // ecdsa-with-SHA256
+        &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x05], // sha1WithRSAEncryption
+        &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x04], // md5WithRSAEncryption
+        &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x01],             // ecdsa-with-SHA1
+    ];
+    let has = |oids: &[&[u8]]| {
+        oids.iter()
+            .any(|oid| der.windows(oid.len()).any(|w| w == *oid))
+    };
+    if has(&SHA512) {
+        Some(Sha512::digest(der).to_vec())
+    } else if has(&SHA384) {
+        Some(Sha384::digest(der).to_vec())
+    } else if has(&SHA256_OR_WEAKER) {
+        Some(Sha256::digest(der).to_vec())
+    } else {
+        None
+    }
+}
 
 impl Scram {
     /// Starts an exchange; `nonce` must be fresh random printable text.
-    pub fn new(password: &str, nonce: String) -> Self {
+    pub fn new(password: &str, nonce: String, binding: Binding) -> Self {
         Self {
             password: password.as_bytes().to_vec(),
             client_first_bare: format!("n=,r={nonce}"),
             client_nonce: nonce,
+            binding,
             server_signature: None,
         }
     }
 
+    /// The mechanism this exchange uses.
+    pub fn mechanism(&self) -> &'static str {
+        self.binding.mechanism()
+    }
+
     /// The client-first-message (SASLInitialResponse data).
     pub fn client_first(&self) -> String {
-        format!("n,,{}", self.client_first_bare)
+        format!("{}{}", self.binding.gs2_header(), self.client_first_bare)
     }
 
     /// Answers server-first-message with client-final-message.
@@ -85,7 +164,12 @@ impl Scram {
         let salted = hi(&self.password, &salt, iterations);
         let client_key = hmac(&salted, b"Client Key");
         let stored_key: [u8; 32] = Sha256::digest(client_key).into();
-        let without_proof = format!("c=biws,r={nonce}");
+        // c= is the GS2 header, followed by the binding data if any.
+        let mut channel = self.binding.gs2_header().as_bytes().to_vec();
+        if let Binding::ServerEndPoint(hash) = &self.binding {
+            channel.extend_from_slice(hash);
+        }
+        let without_proof = format!("c={},r={nonce}", B64.encode(channel));
         let auth_message = format!("{},{server_first},{without_proof}", self.client_first_bare);
         let client_signature = hmac(&stored_key, auth_message.as_bytes());
         let proof: Vec<u8> = client_key
@@ -148,7 +232,7 @@ mod tests {
     /// RFC 7677's SCRAM-SHA-256 example (user "user", password "pencil").
     #[test]
     fn rfc7677_vector() {
-        let mut s = Scram::new("pencil", "rOprNGfwEbeRWgbNEkqO".into());
+        let mut s = Scram::new("pencil", "rOprNGfwEbeRWgbNEkqO".into(), Binding::None);
         // RFC 7677 uses n=user; PostgreSQL's n= is empty, so rebuild the
         // bare message the RFC signs.
         s.client_first_bare = "n=user,r=rOprNGfwEbeRWgbNEkqO".into();
@@ -164,8 +248,35 @@ mod tests {
     }
 
     #[test]
+    fn bound_exchanges_carry_the_certificate_hash() {
+        let hash = vec![7u8; 32];
+        let s = Scram::new("pw", "abc".into(), Binding::ServerEndPoint(hash.clone()));
+        assert_eq!(s.mechanism(), MECHANISM_PLUS);
+        assert_eq!(s.client_first(), "p=tls-server-end-point,,n=,r=abc");
+        let mut s = s;
+        let reply = s.client_final(b"r=abcdef,s=c2FsdA==,i=4096").unwrap();
+        let mut expected = b"p=tls-server-end-point,,".to_vec();
+        expected.extend_from_slice(&hash);
+        assert!(reply.starts_with(&format!("c={},r=abcdef,p=", B64.encode(expected))));
+
+        let mut s = Scram::new("pw", "abc".into(), Binding::Unused);
+        assert_eq!(s.client_first(), "y,,n=,r=abc");
+        let reply = s.client_final(b"r=abcdef,s=c2FsdA==,i=4096").unwrap();
+        assert!(reply.starts_with("c=eSws,"), "{reply}");
+    }
+
+    #[test]
+    fn certificate_hash_follows_the_signature_hash() {
+        let ecdsa_sha256 = [0x30, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02, 0x00];
+        assert_eq!(certificate_hash(&ecdsa_sha256).unwrap().len(), 32);
+        let rsa_sha384 = [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0c];
+        assert_eq!(certificate_hash(&rsa_sha384).unwrap().len(), 48);
+        assert_eq!(certificate_hash(b"ed25519 has no single hash"), None);
+    }
+
+    #[test]
     fn foreign_nonce_is_refused() {
-        let mut s = Scram::new("pw", "abc".into());
+        let mut s = Scram::new("pw", "abc".into(), Binding::None);
         assert!(matches!(
             s.client_final(b"r=xyz123,s=AAAA,i=4096"),
             Err(ScramError::Nonce)

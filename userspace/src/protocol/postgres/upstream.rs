@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
 
 use super::{
-    scram::{self, Scram},
+    scram::{self, Binding, Scram},
     tls,
     wire::{self, Reader},
     PgError, PgStream, Resource,
@@ -53,8 +53,12 @@ pub async fn open(
         ))
     })?;
     let mut stream: PgStream = Box::new(tcp);
+    // Over TLS: the certificate hash SCRAM binds to, if it can.
+    let mut server_certificate: Option<Option<Vec<u8>>> = None;
     if let Some(config) = &resource.tls {
-        stream = start_tls(stream, Arc::clone(config), resource).await?;
+        let (tls, hash) = start_tls(stream, Arc::clone(config), resource).await?;
+        stream = tls;
+        server_certificate = Some(hash);
     }
 
     let mut startup = BytesMut::new();
@@ -111,10 +115,21 @@ pub async fn open(
                                 "upstream offers SASL mechanisms {mechanisms:?}, none of which the gateway speaks (SCRAM-SHA-256)"
                             )));
                         }
-                        let s = Scram::new(&password, nonce()?);
+                        let plus = mechanisms.iter().any(|m| m == scram::MECHANISM_PLUS);
+                        let binding = match server_certificate.clone() {
+                            Some(Some(hash)) if plus => Binding::ServerEndPoint(hash),
+                            // Bindable, yet not offered: say so, so that a
+                            // server that does offer it (a stripped list)
+                            // refuses.
+                            Some(Some(_)) => Binding::Unused,
+                            // Plain TCP, or a certificate whose signature
+                            // has no single hash: nothing to bind to.
+                            None | Some(None) => Binding::None,
+                        };
+                        let s = Scram::new(&password, nonce()?, binding);
                         wire::encode(
                             &SASLInitialResponse::new(
-                                scram::MECHANISM.into(),
+                                s.mechanism().into(),
                                 Some(s.client_first().into_bytes().into()),
                             ),
                             &mut out,
@@ -181,11 +196,13 @@ pub async fn open(
     }
 }
 
+/// TLS with the upstream; also returns the `tls-server-end-point` hash of
+/// its certificate (None when its signature has no single hash).
 async fn start_tls(
     mut stream: PgStream,
     config: Arc<rustls::ClientConfig>,
     resource: &Resource,
-) -> Result<PgStream, PgError> {
+) -> Result<(PgStream, Option<Vec<u8>>), PgError> {
     stream
         .write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
         .await?;
@@ -207,7 +224,13 @@ async fn start_tls(
                 resource.config.name
             ))
         })?;
-    Ok(Box::new(tls))
+    let hash = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| scram::certificate_hash(leaf));
+    Ok((Box::new(tls), hash))
 }
 
 /// One typed message from the upstream during start-up.
