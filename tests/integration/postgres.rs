@@ -187,6 +187,23 @@ password_file = "{secret}"
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// `psql -X <args_and_pipe>` through a shell in the test cgroup, for a
+    /// client whose output is read slowly, partly or not at all.
+    fn psql_piped(&self, args_and_pipe: &str, timeout: Duration) -> Output {
+        let script = format!(
+            "psql -X -h 127.0.0.1 -p {} -U postgres -d postgres {args_and_pipe}",
+            self.port()
+        );
+        let child = self
+            .cgroup
+            .command("sh", &["-c", &script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_with_timeout(child, timeout)
+    }
+
     fn pgbench(&self, args: &[&str]) -> Output {
         let port = self.port();
         let mut full = vec!["-h", "127.0.0.1", "-p", port.as_str(), "-U", "postgres"];
@@ -452,42 +469,16 @@ fn million_rows_stream_with_bounded_memory_and_mid_result_disconnect() {
     let baseline = s.daemon_peak_kib();
     let sql = "copy (select g, repeat('x', 100) from generate_series(1, 1000000) g) to stdout";
     // A slow reader: psql's output pipe is not read for 3 s.
-    let child = s
-        .cgroup
-        .command(
-            "sh",
-            &[
-                "-c",
-                &format!(
-                    "psql -X -h 127.0.0.1 -p {} -U postgres -d postgres -c \"{sql}\" | (sleep 3; wc -l)",
-                    s.port()
-                ),
-            ],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = wait_with_timeout(child, Duration::from_secs(120));
+    let out = s.psql_piped(
+        &format!("-c \"{sql}\" | (sleep 3; wc -l)"),
+        Duration::from_secs(120),
+    );
     assert_eq!(stdout(&out).trim(), "1000000", "{}", stderr(&out));
     // The same as a query result (DataRows rather than CopyData).
-    let child = s
-        .cgroup
-        .command(
-            "sh",
-            &[
-                "-c",
-                &format!(
-                    "psql -X -At -h 127.0.0.1 -p {} -U postgres -d postgres -c \"select g, repeat('y', 100) from generate_series(1, 1000000) g\" | wc -l",
-                    s.port()
-                ),
-            ],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = wait_with_timeout(child, Duration::from_secs(120));
+    let out = s.psql_piped(
+        "-At -c \"select g, repeat('y', 100) from generate_series(1, 1000000) g\" | wc -l",
+        Duration::from_secs(120),
+    );
     assert_eq!(stdout(&out).trim(), "1000000", "{}", stderr(&out));
     let rows = s.wait_statement("big select", |e| {
         e["text"].as_str().unwrap_or("").contains("repeat('y'")
@@ -503,23 +494,10 @@ fn million_rows_stream_with_bounded_memory_and_mid_result_disconnect() {
 
     // A client that goes away mid-result: the session ends, the daemon
     // keeps serving.
-    let child = s
-        .cgroup
-        .command(
-            "sh",
-            &[
-                "-c",
-                &format!(
-                    "psql -X -h 127.0.0.1 -p {} -U postgres -d postgres -c \"{sql}\" | head -c 100000 > /dev/null",
-                    s.port()
-                ),
-            ],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_with_timeout(child, Duration::from_secs(60));
+    s.psql_piped(
+        &format!("-c \"{sql}\" | head -c 100000 > /dev/null"),
+        Duration::from_secs(60),
+    );
     assert_eq!(s.query("select 'still serving'"), "still serving");
     // The upstream backend of the abandoned session goes away too.
     let deadline = Instant::now() + Duration::from_secs(20);
