@@ -84,8 +84,13 @@ impl Setup {
             Some(cert) => format!("ca_file = \"{}\"\n", cert.display()),
             None => String::new(),
         };
+        // Two proxy workers: sessions and their cancel requests may land
+        // on different threads (SO_REUSEPORT), which must not matter.
         let extra = format!(
             r#"
+[proxy]
+workers = 2
+
 [[listener]]
 name = "pg"
 address = "{listener}"

@@ -41,6 +41,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     #[serde(default)]
     pub kernel: KernelConfig,
+    /// `[proxy]`: the threads that carry sessions.
+    #[serde(default)]
+    pub proxy: ProxyConfig,
     #[serde(default, rename = "listener")]
     pub listeners: Vec<ListenerConfig>,
     #[serde(default, rename = "protect")]
@@ -103,6 +106,32 @@ impl Default for KernelConfig {
 
 fn default_true() -> bool {
     true
+}
+
+/// Most proxy worker threads a config may ask for.
+const MAX_WORKERS: usize = 256;
+
+/// `[proxy]`: the data plane's threads.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Threads that carry sessions, each with its own event loop and its
+    /// own socket on every listener; the kernel spreads new connections
+    /// across them and a session stays on the thread that accepted it.
+    /// Unset: half the CPUs, at least one, which leaves the rest to the
+    /// clients and databases that usually share a bastion.
+    #[serde(default)]
+    pub workers: Option<usize>,
+}
+
+impl ProxyConfig {
+    /// The number of worker threads to start.
+    pub fn workers(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cpus / 2).max(1)
+        })
+    }
 }
 
 /// A gateway listener: where redirected (and later, direct) clients arrive.
@@ -257,6 +286,14 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.audit.validate().map_err(ConfigError::Invalid)?;
+        if let Some(workers) = self.proxy.workers {
+            if !(1..=MAX_WORKERS).contains(&workers) {
+                return Err(ConfigError::Invalid(format!(
+                    "[proxy] workers = {workers}: give a number from 1 to {MAX_WORKERS}, \
+                     or leave it out for half the CPUs"
+                )));
+            }
+        }
         if let Some(identity) = &self.identity {
             identity.validate().map_err(ConfigError::Invalid)?;
         }
@@ -388,6 +425,18 @@ mod tests {
             .to_string();
         assert!(err.contains("line 2"), "{err}");
         assert!(err.contains("not an address or network"), "{err}");
+    }
+
+    #[test]
+    fn proxy_workers_default_to_half_the_cpus_and_are_bounded() {
+        let config = Config::parse(SAMPLE).unwrap();
+        assert!(config.proxy.workers() >= 1);
+        let three = Config::parse(&format!("[proxy]\nworkers = 3\n{SAMPLE}")).unwrap();
+        assert_eq!(three.proxy.workers(), 3);
+        let err = Config::parse(&format!("[proxy]\nworkers = 0\n{SAMPLE}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[proxy] workers = 0"), "{err}");
     }
 
     #[test]

@@ -37,7 +37,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
 
     let postgres = PostgresGateway::from_config(&config)
         .context("loading the PostgreSQL listeners and resources")?;
-    let listeners = proxy::bind(&config.listeners).await?;
+    let listeners = proxy::bind(&config.listeners, config.proxy.workers())?;
     let mut enforcement = Enforcement::start(&config.kernel, &rules)
         .context("attaching kernel enforcement (run as root, or with CAP_BPF and CAP_NET_ADMIN)")?;
     info!(
@@ -86,7 +86,8 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     if let Some((socket, oidc)) = control_socket {
         tokio::spawn(control::serve(socket, oidc, shutdown.clone()));
     }
-    let server = tokio::spawn(proxy::serve(listeners, Arc::clone(&gateway), shutdown));
+    let workers = proxy::Workers::start(listeners, Arc::clone(&gateway), shutdown)
+        .context("starting the proxy worker threads")?;
 
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     info!(config = %config_path.display(), "portcullis ready");
@@ -111,7 +112,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     info!("shutting down; kernel enforcement stays attached");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     signal_shutdown.fire();
-    let _ = server.await;
+    workers.finished().await;
     audit.stop().await;
     Ok(())
 }

@@ -2,13 +2,14 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use socket2::{Domain, Socket, Type};
 use tokio::{net::TcpListener, sync::Semaphore};
-use tracing::{error, info};
+use tracing::{debug, error, info};
 
 use super::{session, Gateway, Shutdown};
 use crate::config::{ListenerConfig, Protocol};
 
-/// Concurrent sessions per listener before accept() waits.
+/// Concurrent sessions per listener and worker before accept() waits.
 const MAX_SESSIONS: usize = 4096;
 
 /// A listener bound to its address, ready to serve.
@@ -18,15 +19,49 @@ pub struct BoundListener {
     /// Accepts clients the kernel did not redirect (see ListenerConfig).
     pub direct: bool,
     pub local_addr: SocketAddr,
-    socket: TcpListener,
+    /// One socket per proxy worker, all on `local_addr` (SO_REUSEPORT when
+    /// there are several): the kernel spreads connections across them.
+    sockets: Vec<std::net::TcpListener>,
 }
 
-/// Binds every listener before anything is announced ready, so a bad address
-/// fails start-up instead of the first client.
-pub async fn bind(configs: &[ListenerConfig]) -> std::io::Result<Vec<BoundListener>> {
+/// One worker's share of a listener: its own socket.
+pub(super) struct Share {
+    name: Arc<str>,
+    protocol: Protocol,
+    direct: bool,
+    local_addr: SocketAddr,
+    socket: std::net::TcpListener,
+}
+
+impl BoundListener {
+    /// How many workers share this listener.
+    pub fn workers(&self) -> usize {
+        self.sockets.len()
+    }
+
+    /// Splits the listener into one share per worker.
+    pub(super) fn into_shares(self) -> Vec<Share> {
+        let name: Arc<str> = self.name.into();
+        self.sockets
+            .into_iter()
+            .map(|socket| Share {
+                name: Arc::clone(&name),
+                protocol: self.protocol,
+                direct: self.direct,
+                local_addr: self.local_addr,
+                socket,
+            })
+            .collect()
+    }
+}
+
+/// Binds every listener, `workers` sockets each, before anything is
+/// announced ready, so a bad address fails start-up instead of the first
+/// client.
+pub fn bind(configs: &[ListenerConfig], workers: usize) -> std::io::Result<Vec<BoundListener>> {
     let mut bound = Vec::with_capacity(configs.len());
     for config in configs {
-        let socket = TcpListener::bind(config.address).await.map_err(|e| {
+        let failed = |e: std::io::Error| {
             std::io::Error::new(
                 e.kind(),
                 format!(
@@ -34,22 +69,51 @@ pub async fn bind(configs: &[ListenerConfig]) -> std::io::Result<Vec<BoundListen
                     config.name, config.address
                 ),
             )
-        })?;
+        };
+        let first = listen(config.address, workers > 1).map_err(failed)?;
+        // Port 0 picks a port: the other workers join the one it got.
+        let local_addr = first.local_addr()?;
+        let mut sockets = vec![first];
+        for _ in 1..workers {
+            sockets.push(listen(local_addr, true).map_err(failed)?);
+        }
         bound.push(BoundListener {
             name: config.name.clone(),
             protocol: config.protocol,
             direct: config.direct,
-            local_addr: socket.local_addr()?,
-            socket,
+            local_addr,
+            sockets,
         });
     }
     Ok(bound)
 }
 
-pub(super) async fn run(listener: BoundListener, gateway: Arc<Gateway>, mut shutdown: Shutdown) {
+/// A non-blocking listening socket, ready for any worker's runtime.
+fn listen(address: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// A worker's accept loop on its share of a listener; runs on that
+/// worker's runtime, which the socket is registered with here.
+pub(super) async fn run(share: Share, gateway: Arc<Gateway>, mut shutdown: Shutdown) {
+    let socket = match TcpListener::from_std(share.socket) {
+        Ok(socket) => socket,
+        Err(e) => {
+            error!(listener = %share.name, "cannot serve {}: {e}", share.local_addr);
+            return;
+        }
+    };
     let limit = Arc::new(Semaphore::new(MAX_SESSIONS));
-    let name: Arc<str> = listener.name.clone().into();
-    info!(listener = %name, address = %listener.local_addr, "listening");
+    let name = share.name;
+    debug!(listener = %name, address = %share.local_addr, "accepting");
     let mut sessions = tokio::task::JoinSet::new();
     let mut backoff = Duration::from_millis(10);
     loop {
@@ -58,7 +122,7 @@ pub(super) async fn run(listener: BoundListener, gateway: Arc<Gateway>, mut shut
             _ = shutdown.requested() => break,
         };
         let accepted = tokio::select! {
-            accepted = listener.socket.accept() => accepted,
+            accepted = socket.accept() => accepted,
             _ = shutdown.requested() => break,
         };
         match accepted {
@@ -67,7 +131,7 @@ pub(super) async fn run(listener: BoundListener, gateway: Arc<Gateway>, mut shut
                 let gateway = Arc::clone(&gateway);
                 let name = Arc::clone(&name);
                 let shutdown = shutdown.clone();
-                let (protocol, direct) = (listener.protocol, listener.direct);
+                let (protocol, direct) = (share.protocol, share.direct);
                 sessions.spawn(async move {
                     session::run(stream, peer, name, protocol, direct, gateway, shutdown).await;
                     drop(permit);

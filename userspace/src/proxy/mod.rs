@@ -2,7 +2,8 @@
 //!
 //! A connection goes through the same steps whatever it speaks:
 //!
-//! 1. **accept** ([`listener`]): a bounded number of concurrent sessions.
+//! 1. **accept** ([`listener`]): a bounded number of concurrent sessions,
+//!    on the [`workers`]' threads.
 //! 2. **identify** ([`session`]): the kernel's record of the connect() gives
 //!    the original destination and the uid/pid/command behind it; a
 //!    connection without one is refused.
@@ -18,11 +19,13 @@ mod listener;
 mod session;
 mod shutdown;
 pub mod upstream;
+mod workers;
 
 use std::sync::{Arc, RwLock};
 
 pub use listener::{bind, BoundListener};
 pub use shutdown::{Shutdown, ShutdownSignal};
+pub use workers::Workers;
 
 use crate::{
     audit::Recorder,
@@ -57,16 +60,4 @@ impl Gateway {
     pub fn set_postgres(&self, postgres: PostgresGateway) {
         *self.postgres.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(postgres);
     }
-}
-
-/// Serves `listeners` until `shutdown` fires, then waits for the sessions to
-/// finish.
-pub async fn serve(listeners: Vec<BoundListener>, gateway: Arc<Gateway>, shutdown: Shutdown) {
-    let mut tasks = tokio::task::JoinSet::new();
-    for bound in listeners {
-        let gateway = Arc::clone(&gateway);
-        let shutdown = shutdown.clone();
-        tasks.spawn(listener::run(bound, gateway, shutdown));
-    }
-    while tasks.join_next().await.is_some() {}
 }
