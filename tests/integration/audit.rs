@@ -121,8 +121,95 @@ fn key(seq: u64) -> [u8; 8] {
     seq.to_be_bytes()
 }
 
+/// The block holding `seq` (the last one keyed at or before it): its key
+/// and its lines, one record each.
+fn block_of(chain: &sled::Tree, seq: u64) -> (u64, Vec<Vec<u8>>) {
+    let (k, v) = chain.range(..=key(seq)).next_back().unwrap().unwrap();
+    let first = u64::from_be_bytes(k.as_ref().try_into().unwrap());
+    (
+        first,
+        v.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect(),
+    )
+}
+
+fn put_block(chain: &sled::Tree, first: u64, lines: &[Vec<u8>]) {
+    chain.insert(key(first), lines.join(&b'\n')).unwrap();
+}
+
+/// Every block's key and number of records.
+fn blocks(chain: &sled::Tree) -> Vec<(u64, usize)> {
+    chain
+        .iter()
+        .map(|item| {
+            let (k, v) = item.unwrap();
+            let first = u64::from_be_bytes(k.as_ref().try_into().unwrap());
+            (first, v.split(|&b| b == b'\n').count())
+        })
+        .collect()
+}
+
 fn get(chain: &sled::Tree, seq: u64) -> Record {
-    Record::decode(&chain.get(key(seq)).unwrap().unwrap()).unwrap()
+    let (first, lines) = block_of(chain, seq);
+    Record::decode(&lines[(seq - first) as usize]).unwrap()
+}
+
+/// Replaces record `seq`'s line in its block.
+fn put(chain: &sled::Tree, seq: u64, record: &Record) {
+    let (first, mut lines) = block_of(chain, seq);
+    lines[(seq - first) as usize] = record.encode().unwrap();
+    put_block(chain, first, &lines);
+}
+
+/// Deletes record `seq`'s line (and its block once empty).
+fn remove_line(chain: &sled::Tree, seq: u64) {
+    let (first, mut lines) = block_of(chain, seq);
+    lines.remove((seq - first) as usize);
+    if lines.is_empty() {
+        chain.remove(key(first)).unwrap();
+    } else {
+        put_block(chain, first, &lines);
+    }
+}
+
+/// Appends `sessions` sessions (start and end each) to a stopped store in
+/// one commit, so that they share blocks.
+fn append_in_one_commit(state: &Path, sessions: usize) {
+    let recorder = SledRecorder::start(
+        Store::open(state).unwrap(),
+        Keys::load_or_create(state).unwrap(),
+        CheckpointPolicy {
+            commit_interval: Duration::from_secs(1),
+            ..CheckpointPolicy::default()
+        },
+    )
+    .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut acks = Vec::new();
+        for i in 0..sessions {
+            acks.push(recorder.record(AuditEvent::SessionStart(SessionStart {
+                session: format!("direct-{i}"),
+                listener: "tcp".into(),
+                protocol: "tcp",
+                peer: "127.0.0.1:40000".parse().unwrap(),
+                principal: None,
+                origin: None,
+            })));
+            acks.push(recorder.record(AuditEvent::SessionEnd(SessionEnd {
+                session: format!("direct-{i}"),
+                bytes_from_client: 1,
+                bytes_from_server: 2,
+                duration_ms: 3,
+                error: None,
+            })));
+        }
+        for ack in acks {
+            ack.durable().await.unwrap();
+        }
+    });
+    recorder.close().unwrap();
 }
 
 /// Verifies and expects failure at `seq` with `words` in the message.
@@ -139,13 +226,17 @@ fn expect_tampered(config: &Path, seq: u64, words: &str) {
 
 #[test]
 fn tampering_with_the_sled_files_is_pinpointed() {
+    // The daemon's records (commits of one or two: small blocks), then 40
+    // records in one commit (blocks of several).
     let (dir, pristine) = recorded_by_daemon(4);
+    let daemon_head = Store::open(&pristine).unwrap().head().unwrap().unwrap().seq;
+    append_in_one_commit(&pristine, 20);
     let fresh = |name: &str| {
         let state = dir.path().join(name);
         copy_state(&pristine, &state);
         (config_for(dir.path(), &state, ""), state)
     };
-    let (config, _) = fresh("untouched");
+    let (config, state) = fresh("untouched");
     let out = portcullis(&config, &["audit", "verify"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("OK: the chain and every signed checkpoint verify"));
@@ -156,71 +247,138 @@ fn tampering_with_the_sled_files_is_pinpointed() {
             .unwrap()
     };
     assert!(
-        head >= 12,
-        "4 sessions make at least 12 records, got {head}"
+        head >= daemon_head + 40 && daemon_head >= 12,
+        "4 sessions make at least 12 records, then 40: {daemon_head}, {head}"
     );
+    // The first block of the commit of 40 and the one after it.
+    let mut layout = Vec::new();
+    with_chain(&state, |_, chain| layout = blocks(chain));
+    let at = layout
+        .iter()
+        .position(|&(k, _)| k == daemon_head + 1)
+        .unwrap();
+    let ((k, n), (next, _)) = (layout[at], layout[at + 1]);
+    let n = n as u64;
+    assert!(n >= 6, "records of one commit share blocks: {layout:?}");
 
-    // Edit one event in place (its stored hash no longer matches).
+    // Edit one event in place inside a block (its stored hash no longer
+    // matches).
     let (config, state) = fresh("edited");
     with_chain(&state, |_, chain| {
-        let mut r = get(chain, 5);
+        let mut r = get(chain, k + 2);
         let edited = r
             .payload
             .unwrap()
             .get()
             .replacen("\"event\":", "\"forged\":1,\"event\":", 1);
         r.payload = Some(serde_json::value::RawValue::from_string(edited).unwrap());
-        chain.insert(key(5), r.encode().unwrap()).unwrap();
+        put(chain, k + 2, &r);
     });
-    expect_tampered(&config, 5, "record 5 was edited");
+    expect_tampered(&config, k + 2, &format!("record {} was edited", k + 2));
 
     // Edit one event and recompute its hashes: the next link breaks.
     let (config, state) = fresh("rehashed");
     with_chain(&state, |_, chain| {
-        let r = get(chain, 6);
+        let r = get(chain, k + 3);
         let edited = r
             .payload
             .unwrap()
             .get()
             .replacen("\"event\":", "\"forged\":1,\"event\":", 1);
         let forged = Record::new(
-            6,
+            k + 3,
             r.at_us,
             r.prev,
             serde_json::value::RawValue::from_string(edited).unwrap(),
         );
-        chain.insert(key(6), forged.encode().unwrap()).unwrap();
+        put(chain, k + 3, &forged);
     });
-    expect_tampered(&config, 6, "record 6 was rewritten");
+    expect_tampered(&config, k + 3, &format!("record {} was rewritten", k + 3));
 
-    // Delete one record.
-    let (config, state) = fresh("deleted");
+    // Bytes that are not UTF-8 in one line.
+    let (config, state) = fresh("not-utf8");
     with_chain(&state, |_, chain| {
-        chain.remove(key(7)).unwrap();
-    });
-    expect_tampered(&config, 7, "record 7 is missing: deleted");
-
-    // Swap two records.
-    let (config, state) = fresh("reordered");
-    with_chain(&state, |_, chain| {
-        let (a, b) = (
-            chain.get(key(3)).unwrap().unwrap(),
-            chain.get(key(4)).unwrap().unwrap(),
-        );
-        chain.insert(key(3), b).unwrap();
-        chain.insert(key(4), a).unwrap();
+        let (first, mut lines) = block_of(chain, k + 4);
+        lines[(k + 4 - first) as usize][30] = 0xff;
+        put_block(chain, first, &lines);
     });
     expect_tampered(
         &config,
-        3,
-        "position 3 holds record 4: records were reordered",
+        k + 4,
+        &format!("record {} is not valid UTF-8", k + 4),
+    );
+
+    // Delete a record in the middle of a block: the lines after it move up.
+    let (config, state) = fresh("deleted-inside");
+    with_chain(&state, |_, chain| remove_line(chain, k + 1));
+    expect_tampered(
+        &config,
+        k + 1,
+        &format!("position {} holds record {}", k + 1, k + 2),
+    );
+
+    // Delete the last record of a block: a gap before the next block.
+    let (config, state) = fresh("deleted-last");
+    with_chain(&state, |_, chain| remove_line(chain, k + n - 1));
+    expect_tampered(
+        &config,
+        k + n - 1,
+        &format!("record {} is missing: deleted", k + n - 1),
+    );
+
+    // Delete a whole block of the daemon's (a record of 7 and its block).
+    let (config, state) = fresh("deleted");
+    let mut gone = (0, 0);
+    with_chain(&state, |_, chain| {
+        let (first, lines) = block_of(chain, 7);
+        chain.remove(key(first)).unwrap();
+        gone = (first, first + lines.len() as u64 - 1);
+    });
+    let missing = if gone.0 == gone.1 {
+        format!("record {} is missing: deleted", gone.0)
+    } else {
+        format!("records {}..{} are missing: deleted", gone.0, gone.1)
+    };
+    expect_tampered(&config, gone.0, &missing);
+
+    // Swap two records inside a block.
+    let (config, state) = fresh("reordered");
+    with_chain(&state, |_, chain| {
+        let (first, mut lines) = block_of(chain, k + 1);
+        lines.swap((k + 1 - first) as usize, (k + 2 - first) as usize);
+        put_block(chain, first, &lines);
+    });
+    expect_tampered(
+        &config,
+        k + 1,
+        &format!(
+            "position {} holds record {}: records were reordered",
+            k + 1,
+            k + 2
+        ),
+    );
+
+    // Swap two blocks.
+    let (config, state) = fresh("blocks-swapped");
+    with_chain(&state, |_, chain| {
+        let (a, b) = (
+            chain.get(key(k)).unwrap().unwrap(),
+            chain.get(key(next)).unwrap().unwrap(),
+        );
+        chain.insert(key(k), b).unwrap();
+        chain.insert(key(next), a).unwrap();
+    });
+    expect_tampered(
+        &config,
+        k,
+        &format!("position {k} holds record {next}: records were reordered"),
     );
 
     // Cut off the end: the last signed checkpoint covers it.
     let (config, state) = fresh("truncated");
     with_chain(&state, |_, chain| {
-        for seq in head - 2..=head {
-            chain.remove(key(seq)).unwrap();
+        for seq in (head - 2..=head).rev() {
+            remove_line(chain, seq);
         }
     });
     expect_tampered(&config, head - 2, "were truncated");
@@ -240,8 +398,8 @@ fn tampering_with_the_sled_files_is_pinpointed() {
     // checkpoint file outside sled still has the signed head.
     let (config, state) = fresh("truncated-and-hidden");
     with_chain(&state, |db, chain| {
-        for seq in head - 2..=head {
-            chain.remove(key(seq)).unwrap();
+        for seq in (head - 2..=head).rev() {
+            remove_line(chain, seq);
         }
         db.open_tree("checkpoints").unwrap().clear().unwrap();
         db.open_tree("meta").unwrap().clear().unwrap();
@@ -549,7 +707,7 @@ fn retention_purge_keeps_the_chain_verifiable() {
         let mut r = get(chain, 3);
         r.payload = None;
         r.purged_by = Some(5);
-        chain.insert(key(3), r.encode().unwrap()).unwrap();
+        put(chain, 3, &r);
     });
     expect_tampered(&config, 3, "removed without a retention purge");
 }

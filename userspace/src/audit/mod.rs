@@ -8,6 +8,7 @@
 //! * [`config`]: the `[audit]` section.
 //! * [`record`]: a chain record and a signed checkpoint, and their hashes.
 //! * [`keys`]: the signing key and the subject-index key.
+//! * [`block`]: consecutive records sharing one sled value.
 //! * [`store`]: the sled trees and reads.
 //! * [`writer`]: the single writer, group commit, checkpoints, purges.
 //! * [`verify`]: walking the chain and checkpoints for tampering.
@@ -20,6 +21,7 @@
 //! * [`report`], [`report_html`]: the GDPR report.
 //! * [`export`]: JSON-lines export for log shippers.
 
+mod block;
 mod commit;
 pub mod config;
 mod event;

@@ -77,9 +77,10 @@ impl ResourceTracker {
 pub fn plan(store: &Store, retention: &Retention, as_of_us: u64) -> Result<PurgePlan, AuditError> {
     let mut plan = PurgePlan::default();
     let mut resources = ResourceTracker::default();
-    for item in store.chain.iter() {
-        let (_, value) = item?;
-        let Ok(record) = Record::decode(&value) else {
+    for line in store.lines(1)? {
+        // A record that does not decode is verify's to report; it has no
+        // payload a purge could empty.
+        let Ok(record) = Record::decode(line?.bytes()) else {
             continue;
         };
         let Some(event) = record.event() else {

@@ -2,6 +2,10 @@
 //! checkpoints, the data-subject index and a little metadata, each its own
 //! tree.
 //!
+//! The chain tree holds blocks of records (see [`super::block`]); the reads
+//! here ([`Store::record`], [`Store::head`], [`Store::raw_records`],
+//! [`Store::lines`]) turn them back into records at their positions.
+//!
 //! sled 0.34.7 rather than the 1.0 alphas: 0.34 is the stable release with
 //! a settled on-disk format; the alphas change both API and format, which an
 //! evidence store that must stay readable for years cannot follow.
@@ -9,10 +13,11 @@
 //! sled makes nothing durable by itself, and its `flush` is not enough for
 //! power loss: on Linux it ends with `sync_file_range`, which neither
 //! flushes the drive's write cache nor the file's metadata, and it never
-//! syncs blob files (values too large for a log segment). [`Store::sync`]
+//! syncs blob files (log items too large for a segment). [`Store::sync`]
 //! therefore follows `flush` with `fdatasync` on the log file and `fsync`
 //! on new blob files and their directory; the writer confirms a batch only
-//! after it.
+//! after it. Blocks are capped so that blobs are rare, and `sync` lists the
+//! blob directory only when its modification time says it may have changed.
 //!
 //! sled allows one process per database, so the daemon owns it; the CLI
 //! asks the daemon over `audit.sock` and opens the files itself only when
@@ -22,14 +27,17 @@ use std::{
     collections::HashSet,
     ffi::OsString,
     fs::{DirBuilder, File},
-    os::unix::fs::{DirBuilderExt, PermissionsExt},
+    ops::Range,
+    os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
 };
 
 use serde::{Deserialize, Serialize};
 
 use super::{
+    block,
     record::{Checkpoint, Hash, Record},
     AuditError,
 };
@@ -45,13 +53,106 @@ pub fn audit_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("audit")
 }
 
-/// One stored value with its key, undecoded: verification must see what
-/// is on disk, including values that no longer decode.
+/// One stored record (a chain block's line) or checkpoint with its
+/// position, undecoded: verification must see what is on disk, including
+/// values that no longer decode.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RawEntry {
+    /// For a record, its block's key plus its line index.
     pub key: u64,
     pub value: String,
+    /// The stored bytes were not UTF-8 (only tampering does that); `value`
+    /// is then a lossy copy.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub not_utf8: bool,
 }
+
+impl RawEntry {
+    fn new(key: u64, bytes: &[u8]) -> Self {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => Self {
+                key,
+                value: text.to_owned(),
+                not_utf8: false,
+            },
+            Err(_) => Self {
+                key,
+                value: String::from_utf8_lossy(bytes).into_owned(),
+                not_utf8: true,
+            },
+        }
+    }
+}
+
+/// One record line of the chain, at its position.
+pub struct Line {
+    /// The block's key plus the line's index in it.
+    pub key: u64,
+    block: sled::IVec,
+    range: Range<usize>,
+}
+
+impl Line {
+    pub fn bytes(&self) -> &[u8] {
+        &self.block[self.range.clone()]
+    }
+}
+
+/// The chain's record lines in order, from a position on.
+pub struct Lines {
+    blocks: sled::Iter,
+    from: u64,
+    /// The block being split: its key, value, next line's index and offset.
+    current: Option<(u64, sled::IVec, u64, usize)>,
+}
+
+impl Iterator for Lines {
+    type Item = Result<Line, AuditError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some((key, block, index, offset)) = &mut self.current {
+                if *offset <= block.len() {
+                    let rest = &block[*offset..];
+                    let len = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+                    let range = *offset..*offset + len;
+                    let line_key = key.saturating_add(*index);
+                    // Past the end: the last line has no separator after it.
+                    *offset += len + 1;
+                    *index += 1;
+                    if line_key < self.from {
+                        continue;
+                    }
+                    return Some(Ok(Line {
+                        key: line_key,
+                        block: block.clone(),
+                        range,
+                    }));
+                }
+            }
+            match self.blocks.next()? {
+                Ok((key, value)) => self.current = Some((key_u64(&key), value, 0, 0)),
+                Err(e) => return Some(Err(e.into())),
+            }
+        }
+    }
+}
+
+/// What the last look at the blob directory found.
+#[derive(Default)]
+struct BlobScan {
+    /// Blob files already synced.
+    synced: HashSet<OsString>,
+    /// The directory's inode and modification time when it was listed, if
+    /// that time was old enough to trust (see [`Store::sync_blobs`]).
+    settled: Option<(u64, SystemTime)>,
+}
+
+/// How much older than the listing a directory's modification time must
+/// be for an unchanged time to prove an unchanged directory. File systems
+/// stamp times from a coarse clock (a few milliseconds): a file created
+/// in the same tick after the listing would leave the time unchanged.
+const MTIME_SETTLED: Duration = Duration::from_secs(1);
 
 /// The checkpoint number and seq, kept apart from the checkpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,8 +185,7 @@ pub struct Store {
     dir: PathBuf,
     /// sled's log file, for `fdatasync`.
     log: Arc<File>,
-    /// Blob files already synced.
-    synced_blobs: Arc<Mutex<HashSet<OsString>>>,
+    blobs: Arc<Mutex<BlobScan>>,
 }
 
 impl Store {
@@ -142,7 +242,7 @@ impl Store {
         })?;
         Ok(Self {
             log: Arc::new(log),
-            synced_blobs: Arc::default(),
+            blobs: Arc::default(),
             chain: db.open_tree("chain")?,
             checkpoints: db.open_tree("checkpoints")?,
             subjects: db.open_tree("subjects")?,
@@ -185,16 +285,44 @@ impl Store {
         self.log
             .sync_data()
             .map_err(io(self.dir.join("chain/db")))?;
+        self.sync_blobs()
+    }
+
+    /// `fsync`s blob files written since the last call, and then their
+    /// directory.
+    ///
+    /// Listing the directory on every commit is what it used to cost; now
+    /// it is listed only when its inode or modification time changed since
+    /// a listing that saw a settled time (older than [`MTIME_SETTLED`]
+    /// before the listing). Creating or removing a file sets the time to
+    /// the current clock tick, which is then later than a settled time, so
+    /// no new blob goes unseen. While the time is recent, every call lists.
+    fn sync_blobs(&self) -> Result<(), AuditError> {
+        let io = |path: PathBuf| move |source| AuditError::Io { path, source };
         let blobs = self.dir.join("chain").join("blobs");
-        let Ok(entries) = std::fs::read_dir(&blobs) else {
-            return Ok(());
+        let mut scan = self.blobs.lock().unwrap_or_else(|e| e.into_inner());
+        let listed_at = SystemTime::now();
+        // Taken before listing: a file created during the listing leaves
+        // a time that is not settled, so the next call lists again.
+        let stamp = match std::fs::metadata(&blobs) {
+            Ok(meta) => meta.modified().ok().map(|t| (meta.ino(), t)),
+            // sled creates the directory at open; without it, no blobs.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                scan.settled = None;
+                return Ok(());
+            }
+            Err(source) => return Err(io(blobs)(source)),
         };
-        let mut synced = self.synced_blobs.lock().unwrap_or_else(|e| e.into_inner());
+        if stamp.is_some() && scan.settled == stamp {
+            return Ok(());
+        }
+        let entries = std::fs::read_dir(&blobs).map_err(io(blobs.clone()))?;
         let mut present = HashSet::new();
         let mut new = false;
-        for entry in entries.flatten() {
+        for entry in entries {
+            let entry = entry.map_err(io(blobs.clone()))?;
             let name = entry.file_name();
-            if !synced.contains(&name) {
+            if !scan.synced.contains(&name) {
                 File::open(entry.path())
                     .and_then(|f| f.sync_all())
                     .map_err(io(entry.path()))?;
@@ -207,7 +335,12 @@ impl Store {
                 .and_then(|d| d.sync_all())
                 .map_err(io(blobs.clone()))?;
         }
-        *synced = present;
+        scan.synced = present;
+        scan.settled = stamp.filter(|&(_, modified)| {
+            listed_at
+                .duration_since(modified)
+                .is_ok_and(|age| age > MTIME_SETTLED)
+        });
         Ok(())
     }
 
@@ -215,34 +348,81 @@ impl Store {
         &self.dir
     }
 
-    /// Up to `limit` chain entries from `from` on, in key order.
+    /// Up to `limit` records (block lines) from position `from` on, in
+    /// order, each keyed by its position.
     pub fn raw_records(&self, from: u64, limit: usize) -> Result<Vec<RawEntry>, AuditError> {
-        raw(self.chain.range(from.to_be_bytes()..), limit)
+        let mut out = Vec::new();
+        for line in self.lines(from)?.take(limit) {
+            let line = line?;
+            out.push(RawEntry::new(line.key, line.bytes()));
+        }
+        Ok(out)
+    }
+
+    /// The chain's record lines from position `from` on, starting inside
+    /// the block that holds `from`.
+    pub fn lines(&self, from: u64) -> Result<Lines, AuditError> {
+        // The raw key: a malformed one (tampering) must not move the start.
+        let start = match self.chain.range(..=from.to_be_bytes()).next_back() {
+            Some(item) => item?.0,
+            None => sled::IVec::from(&from.to_be_bytes()),
+        };
+        Ok(Lines {
+            blocks: self.chain.range(start..),
+            from,
+            current: None,
+        })
+    }
+
+    /// The block that would hold position `seq`: the last one whose key is
+    /// not above it.
+    pub(super) fn block_at(&self, seq: u64) -> Result<Option<(u64, sled::IVec)>, AuditError> {
+        match self.chain.range(..=seq.to_be_bytes()).next_back() {
+            None => Ok(None),
+            Some(item) => {
+                let (key, value) = item?;
+                Ok(Some((key_u64(&key), value)))
+            }
+        }
     }
 
     pub fn raw_checkpoints(&self) -> Result<Vec<RawEntry>, AuditError> {
         raw(self.checkpoints.iter(), usize::MAX)
     }
 
-    /// The last record, as the writer continues from it.
+    /// The last record (the last line of the last block), as the writer
+    /// continues from it.
     pub fn head(&self) -> Result<Option<Record>, AuditError> {
-        match self.chain.last()? {
-            None => Ok(None),
-            Some((key, value)) => Record::decode(&value).map(Some).map_err(|e| {
-                AuditError::Corrupt(format!(
-                    "the last chain record (key {}) does not decode: {e}",
-                    key_u64(&key)
-                ))
-            }),
-        }
+        let Some((key, value)) = self.chain.last()? else {
+            return Ok(None);
+        };
+        let (index, line) = block::last_line(&value);
+        Record::decode(line).map(Some).map_err(|e| {
+            AuditError::Corrupt(format!(
+                "the last chain record (position {}) does not decode: {e}; run `portcullis audit verify`",
+                key_u64(&key).saturating_add(index)
+            ))
+        })
     }
 
+    /// The record at position `seq`, if the chain reaches it.
     pub fn record(&self, seq: u64) -> Result<Option<Record>, AuditError> {
-        match self.chain.get(seq.to_be_bytes())? {
+        let Some((key, value)) = self.block_at(seq)? else {
+            return Ok(None);
+        };
+        let Some(index) = seq.checked_sub(key) else {
+            return Err(AuditError::Corrupt(format!(
+                "a chain key that is not a seq stands where record {seq} should be; \
+                 run `portcullis audit verify`"
+            )));
+        };
+        match block::line(&value, index) {
             None => Ok(None),
-            Some(v) => Record::decode(&v)
-                .map(Some)
-                .map_err(|e| AuditError::Corrupt(format!("record {seq} does not decode: {e}"))),
+            Some(line) => Record::decode(line).map(Some).map_err(|e| {
+                AuditError::Corrupt(format!(
+                    "record {seq} does not decode: {e}; run `portcullis audit verify`"
+                ))
+            }),
         }
     }
 
@@ -323,10 +503,7 @@ fn raw(
     let mut out = Vec::new();
     for item in iter.take(limit) {
         let (key, value) = item?;
-        out.push(RawEntry {
-            key: key_u64(&key),
-            value: String::from_utf8_lossy(&value).into_owned(),
-        });
+        out.push(RawEntry::new(key_u64(&key), &value));
     }
     Ok(out)
 }
@@ -336,3 +513,6 @@ fn raw(
 pub(super) fn key_u64(key: &[u8]) -> u64 {
     key.try_into().map_or(u64::MAX, u64::from_be_bytes)
 }
+
+#[cfg(test)]
+mod tests;

@@ -6,8 +6,11 @@
 //! * a payload that no longer matches its `payload_hash`: the event was
 //!   edited;
 //! * a header that no longer matches its `hash`: seq, time or hashes edited;
-//! * a gap in the keys: records deleted;
-//! * a record whose seq differs from its key: records reordered or moved;
+//! * a gap in the positions: records (block ends or whole blocks) deleted;
+//! * a record whose seq differs from its position (its block's key plus
+//!   its line in the block): records reordered or moved, or lines deleted
+//!   or inserted inside a block (the lines after them shift);
+//! * bytes that are not UTF-8 or a line that does not decode: edited;
 //! * a `prev` that is not the previous record's hash: a record was
 //!   rewritten with recomputed hashes (or inserted);
 //! * a signed checkpoint whose seq is beyond the end of the chain: the
@@ -241,6 +244,10 @@ struct Walk {
     empty: Vec<(u64, Option<u64>)>,
     /// Ranges each retention_purge record claims.
     purges: HashMap<u64, Vec<[u64; 2]>>,
+    /// How far the previous record's seq was from its position, if it was:
+    /// the lines after a line deleted or inserted inside a block are all
+    /// shifted alike, and one problem says it.
+    shift: Option<i128>,
     problems: Vec<Problem>,
 }
 
@@ -249,7 +256,7 @@ impl Walk {
         let key = entry.key;
         let expected = self.expected.max(1);
         self.records += 1;
-        self.head = key;
+        self.head = self.head.max(key);
         if key > expected {
             let what = if key - 1 == expected {
                 format!("record {expected} is")
@@ -263,7 +270,31 @@ impl Walk {
             ));
             self.prev = None;
         }
+        let shift = self.shift.take();
+        if key < self.expected {
+            // Only blocks do this: one holds more lines than there are
+            // positions before the next block's key.
+            self.problems.push(problem(
+                key,
+                ProblemKind::Reordered,
+                format!(
+                    "position {key} is stored twice (a block overlaps the next): lines were \
+                     inserted or blocks moved"
+                ),
+            ));
+            self.prev = None;
+            return;
+        }
         self.expected = key.saturating_add(1);
+        if entry.not_utf8 {
+            self.problems.push(problem(
+                key,
+                ProblemKind::Edited,
+                format!("record {key} is not valid UTF-8: it was edited on disk"),
+            ));
+            self.prev = None;
+            return;
+        }
         let record = match Record::decode(entry.value.as_bytes()) {
             Ok(r) => r,
             Err(e) => {
@@ -280,14 +311,19 @@ impl Walk {
             *slot = Some(record.hash);
         }
         if record.seq != key {
-            self.problems.push(problem(
-                key,
-                ProblemKind::Reordered,
-                format!(
-                    "position {key} holds record {}: records were reordered or moved",
-                    record.seq
-                ),
-            ));
+            let offset = i128::from(record.seq) - i128::from(key);
+            if shift != Some(offset) {
+                self.problems.push(problem(
+                    key,
+                    ProblemKind::Reordered,
+                    format!(
+                        "position {key} holds record {}: records were reordered or moved, or \
+                         deleted or inserted inside a block",
+                        record.seq
+                    ),
+                ));
+            }
+            self.shift = Some(offset);
             self.prev = None;
             return;
         }

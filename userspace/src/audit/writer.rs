@@ -2,7 +2,8 @@
 //!
 //! `record` only enqueues (so events keep their call order) and returns an
 //! [`Ack`]. One thread takes everything queued, chains it, writes it as one
-//! sled batch, flushes (fsync) and only then resolves the acks of the whole
+//! sled batch (the records as [`block`]s: one insert per block, not per
+//! record), flushes (fsync) and only then resolves the acks of the whole
 //! batch: the more producers, the more events share one flush. The same
 //! thread signs checkpoints (every N records, every T seconds when there is
 //! something new, and at close) and runs retention purges, so nothing else
@@ -19,6 +20,7 @@ use tokio::sync::oneshot;
 use tracing::{error, info};
 
 use super::{
+    block::{self, Blocks},
     commit::{Inbox, Progress, Settle},
     event::RetentionPurge,
     keys::Keys,
@@ -337,7 +339,7 @@ impl Writer {
             return;
         }
         let (mut seq, mut prev) = (self.head_seq, self.head_hash);
-        let mut chain = sled::Batch::default();
+        let mut blocks = Blocks::default();
         let mut tickets: Option<(u64, u64)> = None;
         let mut settle = |ticket: u64| {
             let (first, _) = tickets.get_or_insert((ticket, ticket));
@@ -382,9 +384,12 @@ impl Writer {
                     }
                     let record = Record::new(seq, at_us, prev, payload);
                     prev = record.hash;
-                    match record.encode() {
-                        Ok(bytes) => chain.insert(&seq.to_be_bytes(), bytes),
-                        Err(e) => encode_error = Some(e.to_string()),
+                    if encode_error.is_none() {
+                        encode_error = record
+                            .encode()
+                            .map_err(AuditError::from)
+                            .and_then(|bytes| blocks.push(seq, &bytes))
+                            .err();
                     }
                     settle(ticket);
                 }
@@ -404,8 +409,12 @@ impl Writer {
             return;
         };
         let result = match encode_error {
-            Some(e) => Err(AuditError::Commit(format!("encoding a record: {e}"))),
-            None => self.write(chain, subjects),
+            Some(e) => Err(e),
+            None => {
+                let mut chain = sled::Batch::default();
+                blocks.into_batch(&mut chain);
+                self.write(chain, subjects)
+            }
         };
         match result {
             Ok(()) => {
@@ -471,6 +480,50 @@ impl Writer {
         Ok(())
     }
 
+    /// Adds to `chain` the blocks holding `seqs` (sorted), rewritten with
+    /// those records' payloads removed and `purged_by` set; every other
+    /// line stays byte for byte.
+    fn rewrite_purged(
+        &self,
+        seqs: &[u64],
+        purge_seq: u64,
+        chain: &mut sled::Batch,
+    ) -> Result<(), AuditError> {
+        let mut rest = seqs;
+        while let Some(&first) = rest.first() {
+            let Some((key, value)) = self.store.block_at(first)? else {
+                rest = &rest[1..];
+                continue;
+            };
+            let (last, _) = block::last_line(&value);
+            let end = key.saturating_add(last);
+            // A gap, or a key that is not a seq (tampering): nothing to
+            // rewrite for this seq, as before blocks.
+            if key > first || end < first {
+                rest = &rest[1..];
+                continue;
+            }
+            let mine = rest.partition_point(|&s| s <= end);
+            let (these, later) = rest.split_at(mine);
+            rest = later;
+            let rewritten = block::rewrite(key, &value, |seq, line| {
+                if these.binary_search(&seq).is_err() {
+                    return Ok(None);
+                }
+                let mut old = Record::decode(line).map_err(|e| {
+                    AuditError::Corrupt(format!(
+                        "record {seq}, due for purging, does not decode: {e}; run `portcullis audit verify`"
+                    ))
+                })?;
+                old.payload = None;
+                old.purged_by = Some(purge_seq);
+                Ok(Some(old.encode()?))
+            })?;
+            chain.insert(&key.to_be_bytes(), rewritten);
+        }
+        Ok(())
+    }
+
     /// Empties expired payloads and records the purge, in one atomic batch.
     fn purge(&mut self, retention: &Retention, as_of_us: u64) -> Result<PurgeSummary, AuditError> {
         let plan = retention::plan(&self.store, retention, as_of_us)?;
@@ -500,14 +553,10 @@ impl Writer {
             payload,
         );
         let mut chain = sled::Batch::default();
-        chain.insert(&purge_seq.to_be_bytes(), record.encode()?);
-        for &seq in &plan.seqs {
-            if let Some(mut old) = self.store.record(seq)? {
-                old.payload = None;
-                old.purged_by = Some(purge_seq);
-                chain.insert(&seq.to_be_bytes(), old.encode()?);
-            }
-        }
+        let mut blocks = Blocks::default();
+        blocks.push(purge_seq, &record.encode()?)?;
+        blocks.into_batch(&mut chain);
+        self.rewrite_purged(&plan.seqs, purge_seq, &mut chain)?;
         let mut index = sled::Batch::default();
         for item in self.store.subjects.iter() {
             let (key, value) = item?;

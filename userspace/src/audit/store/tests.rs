@@ -1,0 +1,397 @@
+//! The block-aware reads, old single-record values, purges inside blocks
+//! and damaged blocks, against a real sled store in a temp dir.
+
+use std::{collections::BTreeMap, time::SystemTime};
+
+use serde_json::value::RawValue;
+
+use super::*;
+use crate::audit::{
+    block::Blocks,
+    keys::{self, Keys},
+    record::GENESIS,
+    retention::Retention,
+    source::LocalSource,
+    verify::{verify, Verification},
+    AuditEvent, CheckpointPolicy, Recorder, SessionEnd, SessionStart, SledRecorder,
+};
+
+/// `n` chained records with payloads of varied length.
+fn chain(n: u64) -> Vec<Record> {
+    let mut prev = GENESIS;
+    (1..=n)
+        .map(|seq| {
+            let payload = format!(
+                r#"{{"event":"test","n":{seq},"pad":"{}"}}"#,
+                "x".repeat((seq % 7) as usize * 10)
+            );
+            let r = Record::new(
+                seq,
+                seq * 1000,
+                prev,
+                RawValue::from_string(payload).unwrap(),
+            );
+            prev = r.hash;
+            r
+        })
+        .collect()
+}
+
+/// Stores `records` as blocks of at most `cap` bytes (`cap` 0: one record
+/// per value, as stores before blocks were written).
+fn store_with(records: &[Record], cap: usize) -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("state")).unwrap();
+    let mut blocks = Blocks::with_cap(cap);
+    for r in records {
+        blocks.push(r.seq, &r.encode().unwrap()).unwrap();
+    }
+    let mut batch = sled::Batch::default();
+    blocks.into_batch(&mut batch);
+    store.apply(batch, None).unwrap();
+    store.sync().unwrap();
+    (dir, store)
+}
+
+/// (key, number of lines) of every block.
+fn layout(store: &Store) -> Vec<(u64, usize)> {
+    store
+        .chain
+        .iter()
+        .map(|item| {
+            let (k, v) = item.unwrap();
+            (key_u64(&k), block::lines(&v).count())
+        })
+        .collect()
+}
+
+fn verified(dir: &Path, store: &Store) -> Verification {
+    let state = dir.join("state");
+    Keys::load_or_create(&state).unwrap();
+    let key = keys::public_key(&state).unwrap();
+    verify(&LocalSource::new(store.clone()), &key).unwrap()
+}
+
+#[test]
+fn records_are_found_across_block_boundaries() {
+    let records = chain(40);
+    let (_dir, store) = store_with(&records, 1200);
+    let blocks = layout(&store);
+    assert!(blocks.len() > 4, "several blocks: {blocks:?}");
+    assert!(
+        blocks[..blocks.len() - 1].iter().all(|&(_, n)| n > 1),
+        "{blocks:?}"
+    );
+    for r in &records {
+        let found = store.record(r.seq).unwrap().unwrap();
+        assert_eq!((found.seq, found.hash), (r.seq, r.hash));
+    }
+    assert!(store.record(41).unwrap().is_none());
+    assert!(store.record(u64::MAX).unwrap().is_none());
+    assert!(store.record(0).unwrap().is_none());
+    assert_eq!(store.head().unwrap().unwrap().seq, 40);
+}
+
+#[test]
+fn raw_records_key_each_line_by_its_position() {
+    let records = chain(40);
+    let (_dir, store) = store_with(&records, 1200);
+    let all = store.raw_records(1, usize::MAX).unwrap();
+    assert_eq!(all.len(), 40);
+    for (entry, r) in all.iter().zip(&records) {
+        assert_eq!(entry.key, r.seq);
+        assert_eq!(entry.value.as_bytes(), r.encode().unwrap());
+        assert!(!entry.not_utf8);
+    }
+    // From inside a block, pages that end inside blocks.
+    let (second, _) = layout(&store)[1];
+    let from = second + 1;
+    let mut keys = Vec::new();
+    let mut next = from;
+    loop {
+        let page = store.raw_records(next, 3).unwrap();
+        keys.extend(page.iter().map(|e| e.key));
+        match page.last() {
+            Some(last) if page.len() == 3 => next = last.key + 1,
+            _ => break,
+        }
+    }
+    assert_eq!(keys, (from..=40).collect::<Vec<_>>());
+    assert!(store.raw_records(41, 10).unwrap().is_empty());
+}
+
+#[test]
+fn old_single_record_values_read_and_the_writer_continues_them() {
+    let records = chain(12);
+    let (dir, store) = store_with(&records, 0);
+    assert_eq!(layout(&store), (1..=12).map(|k| (k, 1)).collect::<Vec<_>>());
+    assert_eq!(store.record(7).unwrap().unwrap().hash, records[6].hash);
+    assert_eq!(store.head().unwrap().unwrap().seq, 12);
+    assert_eq!(store.raw_records(5, 2).unwrap()[1].key, 6);
+
+    let state = dir.path().join("state");
+    let recorder = SledRecorder::start(
+        store.clone(),
+        Keys::load_or_create(&state).unwrap(),
+        policy(),
+    )
+    .unwrap();
+    record_sessions(&recorder, &[("s-1", "crm"), ("s-2", "crm")]);
+    recorder.close().unwrap();
+    let blocks = layout(&store);
+    assert_eq!(blocks[12].0, 13, "{blocks:?}");
+    assert!(
+        blocks[12].1 > 1,
+        "the new records share a block: {blocks:?}"
+    );
+    let result = verified(dir.path(), &store);
+    assert!(result.ok, "{:?}", result.problems);
+    assert_eq!(result.records, 16);
+}
+
+/// A commit interval long enough that events recorded together without
+/// awaiting them are one commit.
+fn policy() -> CheckpointPolicy {
+    CheckpointPolicy {
+        commit_interval: std::time::Duration::from_secs(1),
+        ..CheckpointPolicy::default()
+    }
+}
+
+/// Records a start and an end per session, all in one commit.
+fn record_sessions(recorder: &SledRecorder, sessions: &[(&str, &str)]) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut acks = Vec::new();
+        for (session, listener) in sessions {
+            acks.push(recorder.record(AuditEvent::SessionStart(SessionStart {
+                session: session.to_string(),
+                listener: listener.to_string(),
+                protocol: "tcp",
+                peer: "127.0.0.1:40000".parse().unwrap(),
+                principal: None,
+                origin: None,
+            })));
+        }
+        for (session, _) in sessions {
+            acks.push(recorder.record(AuditEvent::SessionEnd(SessionEnd {
+                session: session.to_string(),
+                bytes_from_client: 1,
+                bytes_from_server: 2,
+                duration_ms: 3,
+                error: None,
+            })));
+        }
+        for ack in acks {
+            ack.durable().await.unwrap();
+        }
+    });
+}
+
+#[test]
+fn a_purge_rewrites_lines_inside_blocks_and_keeps_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let store = Store::open(&state).unwrap();
+    let recorder = SledRecorder::start(
+        store.clone(),
+        Keys::load_or_create(&state).unwrap(),
+        policy(),
+    )
+    .unwrap();
+    // Alternating resources inside the same blocks.
+    let sessions: Vec<(String, &str)> = (0..20)
+        .map(|i| (format!("s-{i}"), if i % 2 == 0 { "old" } else { "kept" }))
+        .collect();
+    let sessions: Vec<(&str, &str)> = sessions.iter().map(|(s, l)| (s.as_str(), *l)).collect();
+    record_sessions(&recorder, &sessions);
+    let before = layout(&store);
+    assert!(before.iter().any(|&(_, n)| n > 4), "{before:?}");
+    let untouched: Vec<String> = store
+        .raw_records(1, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.value)
+        .collect();
+
+    let retention = Retention {
+        default_days: 10_000,
+        per_resource: BTreeMap::from([("old".to_string(), 0)]),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let summary = runtime
+        .block_on(recorder.purge(retention, SystemTime::now()))
+        .unwrap();
+    recorder.close().unwrap();
+    assert_eq!(summary.records, 20);
+    let purge_seq = summary.purge_seq.unwrap();
+    assert_eq!(purge_seq, 41);
+
+    let after = layout(&store);
+    assert_eq!(
+        &after[..before.len()],
+        &before[..],
+        "same blocks, same lines"
+    );
+    assert_eq!(after.last(), Some(&(41, 1)));
+    for (entry, old) in store.raw_records(1, 40).unwrap().iter().zip(&untouched) {
+        let record = Record::decode(entry.value.as_bytes()).unwrap();
+        let event = Record::decode(old.as_bytes()).unwrap().event().unwrap();
+        let session = event["session"].as_str().unwrap();
+        let n: usize = session[2..].parse().unwrap();
+        if n % 2 == 0 {
+            assert!(record.payload.is_none(), "{}", entry.value);
+            assert_eq!(record.purged_by, Some(purge_seq));
+        } else {
+            assert_eq!(&entry.value, old, "kept byte for byte");
+        }
+    }
+    let result = verified(dir.path(), &store);
+    assert!(result.ok, "{:?}", result.problems);
+    assert_eq!(result.purged, 20);
+}
+
+#[test]
+fn damaged_lines_are_reported_at_their_seq() {
+    let records = chain(30);
+    let (dir, store) = store_with(&records, 1500);
+    let (key, lines) = layout(&store)[1];
+    assert!(lines >= 3);
+    let block = store.chain.get(key.to_be_bytes()).unwrap().unwrap();
+
+    // A byte that is not UTF-8 in the second line of the second block.
+    let mut bad = block.to_vec();
+    let second = bad.iter().position(|&b| b == b'\n').unwrap() + 1;
+    bad[second + 20] = 0xff;
+    store.chain.insert(key.to_be_bytes(), bad).unwrap();
+    let result = verified(dir.path(), &store);
+    let first = result.first_problem().unwrap();
+    assert_eq!(first.seq, key + 1, "{:?}", result.problems);
+    assert!(first.message.contains("not valid UTF-8"), "{first:?}");
+    assert!(store.raw_records(key + 1, 1).unwrap()[0].not_utf8);
+
+    // An undecodable line, then an empty value.
+    let mut bad = block.to_vec();
+    bad.insert(second, b'{');
+    store.chain.insert(key.to_be_bytes(), bad).unwrap();
+    let result = verified(dir.path(), &store);
+    let first = result.first_problem().unwrap();
+    assert_eq!(first.seq, key + 1, "{:?}", result.problems);
+    assert!(first.message.contains("does not decode"), "{first:?}");
+    assert!(store.record(key + 1).is_err());
+    store.chain.insert(key.to_be_bytes(), block).unwrap();
+    store.chain.insert(31u64.to_be_bytes(), b"").unwrap();
+    let result = verified(dir.path(), &store);
+    assert_eq!(result.first_problem().unwrap().seq, 31);
+    let err = store.head().unwrap_err().to_string();
+    assert!(
+        err.contains("the last chain record (position 31) does not decode"),
+        "{err}"
+    );
+}
+
+#[test]
+fn lines_moved_inside_blocks_are_reported_once_at_their_position() {
+    let records = chain(30);
+    let (dir, store) = store_with(&records, 1500);
+    let (key, lines) = layout(&store)[1];
+    assert!(lines >= 4);
+    let block = store.chain.get(key.to_be_bytes()).unwrap().unwrap();
+    let mut parts: Vec<&[u8]> = block::lines(&block).collect();
+    // Delete the second line: every line after it shifts.
+    parts.remove(1);
+    store
+        .chain
+        .insert(key.to_be_bytes(), parts.join(&b'\n'))
+        .unwrap();
+    let result = verified(dir.path(), &store);
+    let first = result.first_problem().unwrap();
+    assert_eq!(first.seq, key + 1, "{:?}", result.problems);
+    assert!(
+        first
+            .message
+            .contains(&format!("position {} holds record {}", key + 1, key + 2)),
+        "{first:?}"
+    );
+    let shifted = result
+        .problems
+        .iter()
+        .filter(|p| p.kind == crate::audit::verify::ProblemKind::Reordered)
+        .count();
+    assert_eq!(shifted, 1, "{:?}", result.problems);
+
+    // Insert a copy of the block's last line: positions overlap the next
+    // block's.
+    let mut parts: Vec<&[u8]> = block::lines(&block).collect();
+    parts.push(parts[parts.len() - 1]);
+    store
+        .chain
+        .insert(key.to_be_bytes(), parts.join(&b'\n'))
+        .unwrap();
+    let result = verified(dir.path(), &store);
+    let first = result.first_problem().unwrap();
+    let last = key + lines as u64 - 1;
+    assert_eq!(first.seq, last + 1, "{:?}", result.problems);
+}
+
+/// The block cap keeps sled from writing blob files: heavy commits of
+/// statement-sized records (the worst case, a leaf of full blocks) leave
+/// none. (8 KiB blocks left 20 per 100,000 records, 12 KiB 70.)
+#[test]
+fn heavy_recording_writes_no_blob_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("state")).unwrap();
+    let blob_dir = dir.path().join("state/audit/chain/blobs");
+    let mut prev = GENESIS;
+    let mut seq = 0u64;
+    let mut commit = 0usize;
+    while seq < 30_000 {
+        commit += 1;
+        let mut blocks = Blocks::default();
+        for _ in 0..[1, 3, 17, 64, 200, 1024][commit % 6] {
+            seq += 1;
+            let payload = format!(
+                r#"{{"event":"statement","session":"3f1c2a9e-{seq:08}","resource":"pgbench","protocol":"extended","text":"SELECT abalance FROM pgbench_accounts WHERE aid = $1;","parameters":["{}"],"duration_us":{},"rows_returned":1,"rows":1,"command_tag":"SELECT 1","error":null}}"#,
+                seq * 7919 % 100_000,
+                seq % 997,
+            );
+            let r = Record::new(seq, seq, prev, RawValue::from_string(payload).unwrap());
+            prev = r.hash;
+            blocks.push(seq, &r.encode().unwrap()).unwrap();
+        }
+        let mut batch = sled::Batch::default();
+        blocks.into_batch(&mut batch);
+        store.apply(batch, None).unwrap();
+        store.sync().unwrap();
+        let blobs: Vec<_> = std::fs::read_dir(&blob_dir).unwrap().collect();
+        assert!(blobs.is_empty(), "after {seq} records: {blobs:?}");
+    }
+    assert!(store.chain.len() > 2_000);
+}
+
+#[test]
+fn sync_lists_the_blob_directory_only_when_it_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("state")).unwrap();
+    let settled = |store: &Store| store.blobs.lock().unwrap().settled.is_some();
+    store.sync().unwrap();
+    // Just created: too recent to trust an unchanged time.
+    assert!(!settled(&store));
+    std::thread::sleep(MTIME_SETTLED + std::time::Duration::from_millis(200));
+    store.sync().unwrap();
+    assert!(settled(&store));
+    // A value past the blob threshold: sled writes a blob file, the
+    // directory's time moves, and the next sync finds and syncs the file.
+    store
+        .chain
+        .insert(1u64.to_be_bytes(), vec![b'x'; 300 * 1024])
+        .unwrap();
+    store.sync().unwrap();
+    let scan = store.blobs.lock().unwrap();
+    assert_eq!(scan.synced.len(), 1, "{:?}", scan.synced);
+    assert!(scan.settled.is_none());
+}
