@@ -4,6 +4,9 @@
 //!   before the next event: one flush per event), and with N concurrent
 //!   producers (group commit: one flush per batch), against a plain file
 //!   with one `fdatasync` per event (the floor any durable log pays);
+//! * CPU per statement record (all threads, user and system): what the
+//!   gateway pays per statement it records, with pgbench-like statements
+//!   arriving at about 20,000 a second and nobody waiting for their acks;
 //! * verification throughput (records per second) over the chain built.
 //!
 //! Run: `cargo bench --bench audit` (any user; it writes to a temp dir).
@@ -20,11 +23,12 @@ use portcullis::audit::{
     keys::{self, Keys},
     source::LocalSource,
     verify::verify,
-    AuditEvent, CheckpointPolicy, Recorder, SessionEnd, SledRecorder, Store,
+    AuditEvent, CheckpointPolicy, Recorder, SessionEnd, SledRecorder, Statement, Store,
 };
 
 const EVENTS_PER_PHASE: usize = 4_000;
 const PRODUCERS: [usize; 3] = [4, 16, 64];
+const STATEMENTS: usize = 100_000;
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -66,6 +70,8 @@ fn main() {
             rate / single
         );
     }
+    let cpu = runtime.block_on(cpu_per_statement(&recorder, STATEMENTS));
+    println!("CPU per statement record: {cpu:.1} µs ({STATEMENTS} statements at ~20,000/s)");
     // A longer chain for verification.
     runtime.block_on(appends(&recorder, 256, 50_000));
     recorder.close().expect("close");
@@ -93,6 +99,54 @@ fn event(n: usize) -> AuditEvent {
         duration_ms: 12,
         error: None,
     })
+}
+
+/// A statement as pgbench -S sends it, recorded as the gateway records it.
+fn statement(n: usize) -> AuditEvent {
+    AuditEvent::Statement(Statement {
+        session: format!("0193a1c2-{n:08x}-7d2e-9f00-5a1b2c3d4e5f"),
+        resource: "orders".into(),
+        protocol: "extended",
+        text: "SELECT abalance FROM pgbench_accounts WHERE aid = $1;".into(),
+        parameters: vec![Some((n % 1_000_000).to_string())],
+        duration_us: 85,
+        rows_returned: 1,
+        rows: Some(1),
+        command_tag: Some("SELECT 1".into()),
+        error: None,
+    })
+}
+
+/// Records `count` statements in bursts of 100 every 5 ms, waits for the
+/// last to be durable, and returns the process's CPU time per statement in
+/// microseconds.
+async fn cpu_per_statement(recorder: &Arc<SledRecorder>, count: usize) -> f64 {
+    let before = process_cpu();
+    let mut last = None;
+    for n in 0..count {
+        last = Some(recorder.record(statement(n)));
+        if n % 100 == 99 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    if let Some(ack) = last {
+        ack.durable().await.expect("durable");
+    }
+    (process_cpu() - before).as_secs_f64() * 1e6 / count as f64
+}
+
+/// User and system CPU time of this process, all threads.
+fn process_cpu() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let time = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    time(usage.ru_utime) + time(usage.ru_stime)
 }
 
 /// `producers` tasks each append `total / producers` events, each waiting

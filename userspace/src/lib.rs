@@ -16,6 +16,14 @@
 //! * [`daemon`]: `portcullis run`, start-up, reload and shutdown.
 //! * [`cli`]: the command-line interface.
 
+/// mimalloc rather than glibc's malloc, for the daemon and everything built
+/// on this crate (benches, tests): the audit writer and sled allocate and
+/// free many short-lived buffers per commit, where glibc spends its time
+/// consolidating free lists (`cargo bench --bench audit`: about a quarter
+/// less CPU per statement record).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod audit;
 pub mod cli;
 pub mod config;
