@@ -5,7 +5,7 @@
 //! retention_days = 365            # default for every resource
 //! checkpoint_every = 1000         # sign a checkpoint after this many records
 //! checkpoint_interval = "60s"     # ... or after this long with new records
-//! commit_interval = "10ms"        # longest a statement record waits to be flushed
+//! commit_interval = "50ms"        # longest a statement record waits to be flushed
 //! export = "unix:/run/vector/portcullis.sock"   # or a file path; optional
 //! auditors_role = "auditors"      # the role allowed the auditor tools besides root
 //! socket = "/run/portcullis/audit.sock"          # default: <state_dir>/audit.sock

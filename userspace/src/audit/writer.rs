@@ -50,7 +50,7 @@ impl Default for CheckpointPolicy {
         Self {
             every: 1000,
             interval: Duration::from_secs(60),
-            commit_interval: Duration::from_millis(10),
+            commit_interval: Duration::from_millis(50),
         }
     }
 }
