@@ -85,7 +85,7 @@ impl Setup {
             None => String::new(),
         };
         // Two proxy workers: sessions and their cancel requests may land
-        // on different threads (SO_REUSEPORT), which must not matter.
+        // on different threads, which must not matter.
         let extra = format!(
             r#"
 [proxy]

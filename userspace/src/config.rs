@@ -115,9 +115,9 @@ const MAX_WORKERS: usize = 256;
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
-    /// Threads that carry sessions, each with its own event loop and its
-    /// own socket on every listener; the kernel spreads new connections
-    /// across them and a session stays on the thread that accepted it.
+    /// Threads that carry sessions, each with its own event loop; whichever
+    /// is free accepts the next connection, and a session stays on the
+    /// thread that accepted it.
     /// Unset: half the CPUs, at least one, which leaves the rest to the
     /// clients and databases that usually share a bastion.
     #[serde(default)]

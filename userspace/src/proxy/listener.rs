@@ -19,12 +19,11 @@ pub struct BoundListener {
     /// Accepts clients the kernel did not redirect (see ListenerConfig).
     pub direct: bool,
     pub local_addr: SocketAddr,
-    /// One socket per proxy worker, all on `local_addr` (SO_REUSEPORT when
-    /// there are several): the kernel spreads connections across them.
+    /// One handle on the listening socket per proxy worker.
     sockets: Vec<std::net::TcpListener>,
 }
 
-/// One worker's share of a listener: its own socket.
+/// One worker's share of a listener: its own handle on the socket.
 pub(super) struct Share {
     name: Arc<str>,
     protocol: Protocol,
@@ -55,13 +54,19 @@ impl BoundListener {
     }
 }
 
-/// Binds every listener, `workers` sockets each, before anything is
-/// announced ready, so a bad address fails start-up instead of the first
-/// client.
+/// Binds every listener once, before anything is announced ready, so a bad
+/// address fails start-up instead of the first client; each of the
+/// `workers` gets its own handle on the socket.
+///
+/// Handles on one socket rather than SO_REUSEPORT: another process of the
+/// same user could join a reuse-port group and take a share of the
+/// connections, while a second bind of a bound address simply fails. The
+/// workers share one accept queue and whichever is free takes the next
+/// connection.
 pub fn bind(configs: &[ListenerConfig], workers: usize) -> std::io::Result<Vec<BoundListener>> {
     let mut bound = Vec::with_capacity(configs.len());
     for config in configs {
-        let failed = |e: std::io::Error| {
+        let socket = listen(config.address).map_err(|e| {
             std::io::Error::new(
                 e.kind(),
                 format!(
@@ -69,14 +74,13 @@ pub fn bind(configs: &[ListenerConfig], workers: usize) -> std::io::Result<Vec<B
                     config.name, config.address
                 ),
             )
-        };
-        let first = listen(config.address, workers > 1).map_err(failed)?;
-        // Port 0 picks a port: the other workers join the one it got.
-        let local_addr = first.local_addr()?;
-        let mut sockets = vec![first];
+        })?;
+        let local_addr = socket.local_addr()?;
+        let mut sockets = Vec::with_capacity(workers);
         for _ in 1..workers {
-            sockets.push(listen(local_addr, true).map_err(failed)?);
+            sockets.push(socket.try_clone()?);
         }
+        sockets.push(socket);
         bound.push(BoundListener {
             name: config.name.clone(),
             protocol: config.protocol,
@@ -89,12 +93,11 @@ pub fn bind(configs: &[ListenerConfig], workers: usize) -> std::io::Result<Vec<B
 }
 
 /// A non-blocking listening socket, ready for any worker's runtime.
-fn listen(address: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
+fn listen(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+    // As tokio's bind: a restarted daemon can bind while old connections
+    // linger in TIME_WAIT.
     socket.set_reuse_address(true)?;
-    if reuse_port {
-        socket.set_reuse_port(true)?;
-    }
     socket.set_nonblocking(true)?;
     socket.bind(&address.into())?;
     socket.listen(1024)?;

@@ -1,9 +1,9 @@
 //! The data plane's threads.
 //!
 //! Sessions run on a few worker threads, each with its own single-threaded
-//! event loop and its own socket on every listener (SO_REUSEPORT): the
-//! kernel spreads new connections across the sockets, and a session lives
-//! on the thread that accepted it. Nothing a session does wakes another
+//! event loop and its own handle on every listening socket: whichever
+//! worker is free accepts the next connection, and a session lives on the
+//! thread that accepted it. Nothing a session does wakes another
 //! thread: the relay's reads, writes and timers all complete where they
 //! started, which on a proxy for small statements is most of the cost a
 //! work-stealing scheduler adds (cross-thread wake-ups, futex calls,
@@ -26,7 +26,7 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts one thread per socket of the listeners (see
+    /// Starts one thread per handle of the listeners (see
     /// [`bind`](super::bind)), each serving its share of every listener
     /// until `shutdown`, then waiting for its sessions.
     pub fn start(
