@@ -64,9 +64,23 @@ pub struct AuditServer {
     /// Set once the daemon's OIDC identity is up; until then, and without
     /// an `[identity]` section, only root is served.
     pub identity: OnceLock<Arc<dyn IdentityProvider>>,
+    /// Whether the config has an `[identity]` section, so that a caller
+    /// served before it is up is told to wait rather than that there is
+    /// none.
+    identity_configured: bool,
     /// (uid, pid, query) -> when its access was last recorded; refusals
     /// as (uid, u32::MAX, "").
     recorded: Mutex<HashMap<(u32, u32, String), Instant>>,
+}
+
+/// Where auditors' sign-ins come from, as far as the daemon has got.
+#[derive(Clone, Copy)]
+pub enum SignIn<'a> {
+    /// No `[identity]` section: the auditor tools are root only.
+    NotConfigured,
+    /// Configured, but the daemon is still starting it.
+    Starting,
+    Ready(&'a dyn IdentityProvider),
 }
 
 /// Who may use the auditor tools: root, or a uid bound (`portcullis
@@ -77,20 +91,32 @@ pub struct AuditServer {
 /// A message for the caller saying why and what to do.
 pub async fn authorize(
     uid: u32,
-    identity: Option<&dyn IdentityProvider>,
+    sign_in: SignIn<'_>,
     role: &str,
 ) -> Result<Option<Principal>, (Option<Principal>, String)> {
     if uid == 0 {
         return Ok(None);
     }
-    let Some(identity) = identity else {
-        return Err((
-            None,
-            format!(
-                "uid {uid} may not read the audit store: this gateway has no [identity] section, \
-                 so the auditor tools are root only"
-            ),
-        ));
+    let identity = match sign_in {
+        SignIn::Ready(identity) => identity,
+        SignIn::NotConfigured => {
+            return Err((
+                None,
+                format!(
+                    "uid {uid} may not read the audit store: this gateway has no [identity] \
+                     section, so the auditor tools are root only"
+                ),
+            ))
+        }
+        SignIn::Starting => {
+            return Err((
+                None,
+                format!(
+                    "uid {uid} may not read the audit store yet: the gateway is still starting \
+                     its sign-in service; try again in a few seconds"
+                ),
+            ))
+        }
     };
     match identity.principal_for_uid(uid).await {
         None => Err((
@@ -153,6 +179,7 @@ impl AuditServer {
         retention: Retention,
         state_dir: PathBuf,
         auditors_role: String,
+        identity_configured: bool,
     ) -> Self {
         Self {
             store,
@@ -161,6 +188,7 @@ impl AuditServer {
             state_dir,
             auditors_role,
             identity: OnceLock::new(),
+            identity_configured,
             recorded: Mutex::new(HashMap::new()),
         }
     }
@@ -217,8 +245,12 @@ impl AuditServer {
     /// Authorizes the caller and, unless root, records the access (once
     /// per command) before anything is read; a refusal is recorded too.
     async fn admit(&self, uid: u32, pid: u32, envelope: &Envelope) -> Result<(), String> {
-        let identity = self.identity.get().map(|i| i.as_ref());
-        let decision = authorize(uid, identity, &self.auditors_role).await;
+        let sign_in = match (self.identity.get(), self.identity_configured) {
+            (Some(identity), _) => SignIn::Ready(identity.as_ref()),
+            (None, true) => SignIn::Starting,
+            (None, false) => SignIn::NotConfigured,
+        };
+        let decision = authorize(uid, sign_in, &self.auditors_role).await;
         if uid == 0 {
             return Ok(());
         }
@@ -391,8 +423,13 @@ mod tests {
     #[tokio::test]
     async fn root_and_role_members_only() {
         let ids = Bound(vec![(1000, vec!["auditors"]), (1001, vec!["engineers"])]);
-        let ids: Option<&dyn IdentityProvider> = Some(&ids);
-        assert_eq!(authorize(0, None, "auditors").await.unwrap(), None);
+        let ids = SignIn::Ready(&ids);
+        assert_eq!(
+            authorize(0, SignIn::NotConfigured, "auditors")
+                .await
+                .unwrap(),
+            None
+        );
         let p = authorize(1000, ids, "auditors").await.unwrap().unwrap();
         assert_eq!(p.name, "user1000@example.test");
         let (who, message) = authorize(1001, ids, "auditors").await.unwrap_err();
@@ -404,7 +441,13 @@ mod tests {
         assert!(message.contains("not signed in"), "{message}");
         // The role name is configurable.
         assert!(authorize(1001, ids, "engineers").await.is_ok());
-        let (_, message) = authorize(1000, None, "auditors").await.unwrap_err();
+        let (_, message) = authorize(1000, SignIn::NotConfigured, "auditors")
+            .await
+            .unwrap_err();
         assert!(message.contains("no [identity] section"), "{message}");
+        let (_, message) = authorize(1000, SignIn::Starting, "auditors")
+            .await
+            .unwrap_err();
+        assert!(message.contains("still starting"), "{message}");
     }
 }

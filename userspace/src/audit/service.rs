@@ -69,6 +69,7 @@ impl AuditService {
             retention.clone(),
             config.state_dir.clone(),
             config.audit.auditors_role.clone(),
+            config.identity.is_some(),
         ));
         let mut tasks = vec![tokio::spawn(
             Arc::clone(&server).serve(listener, shutdown.clone()),
