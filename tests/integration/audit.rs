@@ -174,42 +174,62 @@ fn remove_line(chain: &sled::Tree, seq: u64) {
 /// Appends `sessions` sessions (start and end each) to a stopped store in
 /// one commit, so that they share blocks.
 fn append_in_one_commit(state: &Path, sessions: usize) {
-    let recorder = SledRecorder::start(
-        Store::open(state).unwrap(),
-        Keys::load_or_create(state).unwrap(),
-        CheckpointPolicy {
-            commit_interval: Duration::from_secs(1),
-            ..CheckpointPolicy::default()
-        },
-    )
-    .unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let mut acks = Vec::new();
-        for i in 0..sessions {
-            acks.push(recorder.record(AuditEvent::SessionStart(SessionStart {
-                session: format!("direct-{i}"),
+    let events = (0..sessions).flat_map(|i| {
+        let session = format!("direct-{i}");
+        [
+            AuditEvent::SessionStart(SessionStart {
+                session: session.clone(),
                 listener: "tcp".into(),
                 protocol: "tcp",
                 peer: "127.0.0.1:40000".parse().unwrap(),
                 principal: None,
                 origin: None,
-            })));
-            acks.push(recorder.record(AuditEvent::SessionEnd(SessionEnd {
-                session: format!("direct-{i}"),
-                bytes_from_client: 1,
-                bytes_from_server: 2,
-                duration_ms: 3,
-                error: None,
-            })));
-        }
+            }),
+            session_end(session),
+        ]
+    });
+    let one_commit = CheckpointPolicy {
+        commit_interval: Duration::from_secs(1),
+        ..CheckpointPolicy::default()
+    };
+    record_offline(state, one_commit, events);
+}
+
+/// Records `events` into the store under `state` with a writer of its own
+/// (no daemon running), without awaiting each, then waits until all are
+/// durable and closes the writer.
+fn record_offline(
+    state: &Path,
+    policy: CheckpointPolicy,
+    events: impl IntoIterator<Item = AuditEvent>,
+) {
+    let recorder = SledRecorder::start(
+        Store::open(state).unwrap(),
+        Keys::load_or_create(state).unwrap(),
+        policy,
+    )
+    .unwrap();
+    let acks: Vec<_> = events.into_iter().map(|e| recorder.record(e)).collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
         for ack in acks {
             ack.durable().await.unwrap();
         }
     });
     recorder.close().unwrap();
+}
+
+/// The end of `session`, with placeholder counts.
+fn session_end(session: String) -> AuditEvent {
+    AuditEvent::SessionEnd(SessionEnd {
+        session,
+        bytes_from_client: 1,
+        bytes_from_server: 2,
+        duration_ms: 3,
+        error: None,
+    })
 }
 
 /// Verifies and expects failure at `seq` with `words` in the message.
@@ -945,25 +965,11 @@ fn export_streams_the_chain_with_hashes_and_resumes() {
     assert!(first[0]["at"].as_str().unwrap().ends_with('Z'));
 
     // More records; a second export resumes after the last line.
-    {
-        let store = Store::open(&state).unwrap();
-        let keys = Keys::load_or_create(&state).unwrap();
-        let recorder = SledRecorder::start(store, keys, CheckpointPolicy::default()).unwrap();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let end = AuditEvent::SessionEnd(SessionEnd {
-                session: "s-2".into(),
-                bytes_from_client: 1,
-                bytes_from_server: 2,
-                duration_ms: 3,
-                error: None,
-            });
-            recorder.record(end).durable().await.unwrap();
-        });
-        recorder.close().unwrap();
-    }
+    record_offline(
+        &state,
+        CheckpointPolicy::default(),
+        [session_end("s-2".into())],
+    );
     let out = portcullis(&config, &["audit", "export", "--to", to]);
     assert!(out.status.success(), "{}", text(&out));
     let all = lines(&file);
@@ -1369,46 +1375,23 @@ fn queries_walk_many_pages_and_keep_session_context_across_them() {
     const SESSIONS: usize = 10_500;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let recorder = SledRecorder::start(
-        Store::open(&state).unwrap(),
-        Keys::load_or_create(&state).unwrap(),
-        CheckpointPolicy::default(),
-    )
-    .unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let mut acks = Vec::new();
-        for i in 0..SESSIONS {
-            acks.push(recorder.record(AuditEvent::SessionStart(SessionStart {
-                session: format!("s-{i}"),
-                listener: "tcp".into(),
-                protocol: "tcp",
-                peer: "127.0.0.1:40000".parse().unwrap(),
-                principal: Some(Principal {
-                    subject: format!("https://idp.example/p{i}"),
-                    name: format!("person-{i}"),
-                    kind: PrincipalKind::Person,
-                    roles: vec![],
-                }),
-                origin: None,
-            })));
-        }
-        for i in 0..SESSIONS {
-            acks.push(recorder.record(AuditEvent::SessionEnd(SessionEnd {
-                session: format!("s-{i}"),
-                bytes_from_client: 1,
-                bytes_from_server: 2,
-                duration_ms: 3,
-                error: None,
-            })));
-        }
-        for ack in acks {
-            ack.durable().await.unwrap();
-        }
+    let starts = (0..SESSIONS).map(|i| {
+        AuditEvent::SessionStart(SessionStart {
+            session: format!("s-{i}"),
+            listener: "tcp".into(),
+            protocol: "tcp",
+            peer: "127.0.0.1:40000".parse().unwrap(),
+            principal: Some(Principal {
+                subject: format!("https://idp.example/p{i}"),
+                name: format!("person-{i}"),
+                kind: PrincipalKind::Person,
+                roles: vec![],
+            }),
+            origin: None,
+        })
     });
-    recorder.close().unwrap();
+    let ends = (0..SESSIONS).map(|i| session_end(format!("s-{i}")));
+    record_offline(&state, CheckpointPolicy::default(), starts.chain(ends));
     let config = config_for(dir.path(), &state, "");
     let run = |args: &[&str]| {
         let out = portcullis(&config, args);
