@@ -92,11 +92,13 @@ pub fn bind(configs: &[ListenerConfig], workers: usize) -> std::io::Result<Vec<B
     Ok(bound)
 }
 
-/// A non-blocking listening socket, ready for any worker's runtime.
+/// A non-blocking listening socket, not yet registered with any runtime
+/// (each worker registers its handle with its own). Bound as tokio's bind
+/// does it: SO_REUSEADDR, so a restarted daemon can bind while old
+/// connections linger in TIME_WAIT, and a backlog of 1024 (std's bind
+/// would give 128).
 fn listen(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
-    // As tokio's bind: a restarted daemon can bind while old connections
-    // linger in TIME_WAIT.
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&address.into())?;
