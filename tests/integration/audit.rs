@@ -4,7 +4,7 @@
 
 use std::{
     net::SocketAddr,
-    os::unix::fs::PermissionsExt,
+    os::unix::fs::{FileExt, PermissionsExt},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     thread,
@@ -13,8 +13,10 @@ use std::{
 
 use portcullis::{
     audit::{
-        keys::Keys, record::Record, AuditEvent, CheckpointPolicy, Recorder, SessionEnd,
-        SessionStart, SledRecorder, Store,
+        keys::Keys,
+        record::Record,
+        segment::{self, Extent},
+        AuditEvent, CheckpointPolicy, Recorder, SessionEnd, SessionStart, SledRecorder, Store,
     },
     identity::{Principal, PrincipalKind},
     kernel::ConnectOrigin,
@@ -109,65 +111,111 @@ fn copy_state(from: &Path, to: &Path) {
     }
 }
 
-/// Opens the chain tree of a stopped store, as an intruder would.
-fn with_chain(state: &Path, f: impl FnOnce(&sled::Db, &sled::Tree)) {
+/// A stopped store's chain as an intruder sees it: sled's index of blocks
+/// and the segment files that hold them.
+struct Chain {
+    db: sled::Db,
+    tree: sled::Tree,
+    segments: PathBuf,
+}
+
+/// Opens a stopped store's chain, lets `f` tamper with it, and flushes.
+fn with_chain(state: &Path, f: impl FnOnce(&Chain)) {
     let db = sled::open(state.join("audit/chain")).unwrap();
-    let chain = db.open_tree("chain").unwrap();
-    f(&db, &chain);
-    db.flush().unwrap();
+    let chain = Chain {
+        tree: db.open_tree("chain").unwrap(),
+        db,
+        segments: state.join("audit").join(segment::SEGMENT_DIR),
+    };
+    f(&chain);
+    chain.db.flush().unwrap();
 }
 
 fn key(seq: u64) -> [u8; 8] {
     seq.to_be_bytes()
 }
 
-/// The block holding `seq` (the last one keyed at or before it): its key
-/// and its lines, one record each.
-fn block_of(chain: &sled::Tree, seq: u64) -> (u64, Vec<Vec<u8>>) {
-    let (k, v) = chain.range(..=key(seq)).next_back().unwrap().unwrap();
-    let first = u64::from_be_bytes(k.as_ref().try_into().unwrap());
-    (
-        first,
-        v.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect(),
-    )
-}
+impl Chain {
+    fn segment_file(&self, extent: Extent) -> PathBuf {
+        self.segments.join(format!("{:08}.seg", extent.segment))
+    }
 
-fn put_block(chain: &sled::Tree, first: u64, lines: &[Vec<u8>]) {
-    chain.insert(key(first), lines.join(&b'\n')).unwrap();
-}
+    /// A block's bytes, from its segment or from the tree.
+    fn bytes(&self, value: &[u8]) -> Vec<u8> {
+        let Some(extent) = Extent::decode(value) else {
+            return value.to_vec();
+        };
+        let file = std::fs::File::open(self.segment_file(extent)).unwrap();
+        let mut bytes = vec![0; extent.len as usize];
+        file.read_exact_at(&mut bytes, extent.offset).unwrap();
+        bytes
+    }
 
-/// Every block's key and number of records.
-fn blocks(chain: &sled::Tree) -> Vec<(u64, usize)> {
-    chain
-        .iter()
-        .map(|item| {
-            let (k, v) = item.unwrap();
-            let first = u64::from_be_bytes(k.as_ref().try_into().unwrap());
-            (first, v.split(|&b| b == b'\n').count())
-        })
-        .collect()
-}
+    /// The block holding `seq` (the last one keyed at or before it): its
+    /// key and its lines, one record each.
+    fn block_of(&self, seq: u64) -> (u64, Vec<Vec<u8>>) {
+        let (k, v) = self.tree.range(..=key(seq)).next_back().unwrap().unwrap();
+        let first = u64::from_be_bytes(k.as_ref().try_into().unwrap());
+        let bytes = self.bytes(&v);
+        (
+            first,
+            bytes.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect(),
+        )
+    }
 
-fn get(chain: &sled::Tree, seq: u64) -> Record {
-    let (first, lines) = block_of(chain, seq);
-    Record::decode(&lines[(seq - first) as usize]).unwrap()
-}
+    /// Replaces block `first`: in place in its segment file when the bytes
+    /// keep their length, otherwise as a block stored in the tree (the
+    /// format of older stores, which the gateway still reads).
+    fn put_block(&self, first: u64, lines: &[Vec<u8>]) {
+        let bytes = lines.join(&b'\n');
+        let value = self.tree.get(key(first)).unwrap().unwrap();
+        match Extent::decode(&value) {
+            Some(extent) if extent.len as usize == bytes.len() => {
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(self.segment_file(extent))
+                    .unwrap();
+                file.write_all_at(&bytes, extent.offset).unwrap();
+            }
+            _ => {
+                self.tree.insert(key(first), bytes).unwrap();
+            }
+        }
+    }
 
-/// Replaces record `seq`'s line in its block.
-fn put(chain: &sled::Tree, seq: u64, record: &Record) {
-    let (first, mut lines) = block_of(chain, seq);
-    lines[(seq - first) as usize] = record.encode().unwrap();
-    put_block(chain, first, &lines);
-}
+    /// Every block's key and number of records.
+    fn blocks(&self) -> Vec<(u64, usize)> {
+        self.tree
+            .iter()
+            .map(|item| {
+                let (k, v) = item.unwrap();
+                let first = u64::from_be_bytes(k.as_ref().try_into().unwrap());
+                (first, self.bytes(&v).split(|&b| b == b'\n').count())
+            })
+            .collect()
+    }
 
-/// Deletes record `seq`'s line (and its block once empty).
-fn remove_line(chain: &sled::Tree, seq: u64) {
-    let (first, mut lines) = block_of(chain, seq);
-    lines.remove((seq - first) as usize);
-    if lines.is_empty() {
-        chain.remove(key(first)).unwrap();
-    } else {
-        put_block(chain, first, &lines);
+    fn get(&self, seq: u64) -> Record {
+        let (first, lines) = self.block_of(seq);
+        Record::decode(&lines[(seq - first) as usize]).unwrap()
+    }
+
+    /// Replaces record `seq`'s line in its block.
+    fn put(&self, seq: u64, record: &Record) {
+        let (first, mut lines) = self.block_of(seq);
+        lines[(seq - first) as usize] = record.encode().unwrap();
+        self.put_block(first, &lines);
+    }
+
+    /// Deletes record `seq`'s line (and its block once empty).
+    fn remove_line(&self, seq: u64) {
+        let (first, mut lines) = self.block_of(seq);
+        lines.remove((seq - first) as usize);
+        if lines.is_empty() {
+            self.tree.remove(key(first)).unwrap();
+        } else {
+            self.put_block(first, &lines);
+        }
     }
 }
 
@@ -245,12 +293,12 @@ fn expect_tampered(config: &Path, seq: u64, words: &str) {
 }
 
 #[test]
-fn tampering_with_the_sled_files_is_pinpointed() {
-    // The daemon's records (commits of one or two: small blocks), then 40
-    // records in one commit (blocks of several).
+fn tampering_with_the_store_files_is_pinpointed() {
+    // The daemon's records (commits of one or two: small blocks), then 300
+    // records in one commit (several full blocks).
     let (dir, pristine) = recorded_by_daemon(4);
     let daemon_head = Store::open(&pristine).unwrap().head().unwrap().unwrap().seq;
-    append_in_one_commit(&pristine, 20);
+    append_in_one_commit(&pristine, 150);
     let fresh = |name: &str| {
         let state = dir.path().join(name);
         copy_state(&pristine, &state);
@@ -267,12 +315,12 @@ fn tampering_with_the_sled_files_is_pinpointed() {
             .unwrap()
     };
     assert!(
-        head >= daemon_head + 40 && daemon_head >= 12,
-        "4 sessions make at least 12 records, then 40: {daemon_head}, {head}"
+        head >= daemon_head + 300 && daemon_head >= 12,
+        "4 sessions make at least 12 records, then 300: {daemon_head}, {head}"
     );
-    // The first block of the commit of 40 and the one after it.
+    // The first block of the commit of 300 and the one after it.
     let mut layout = Vec::new();
-    with_chain(&state, |_, chain| layout = blocks(chain));
+    with_chain(&state, |chain| layout = chain.blocks());
     let at = layout
         .iter()
         .position(|&(k, _)| k == daemon_head + 1)
@@ -284,22 +332,22 @@ fn tampering_with_the_sled_files_is_pinpointed() {
     // Edit one event in place inside a block (its stored hash no longer
     // matches).
     let (config, state) = fresh("edited");
-    with_chain(&state, |_, chain| {
-        let mut r = get(chain, k + 2);
+    with_chain(&state, |chain| {
+        let mut r = chain.get(k + 2);
         let edited = r
             .payload
             .unwrap()
             .get()
             .replacen("\"event\":", "\"forged\":1,\"event\":", 1);
         r.payload = Some(serde_json::value::RawValue::from_string(edited).unwrap());
-        put(chain, k + 2, &r);
+        chain.put(k + 2, &r);
     });
     expect_tampered(&config, k + 2, &format!("record {} was edited", k + 2));
 
     // Edit one event and recompute its hashes: the next link breaks.
     let (config, state) = fresh("rehashed");
-    with_chain(&state, |_, chain| {
-        let r = get(chain, k + 3);
+    with_chain(&state, |chain| {
+        let r = chain.get(k + 3);
         let edited = r
             .payload
             .unwrap()
@@ -311,16 +359,16 @@ fn tampering_with_the_sled_files_is_pinpointed() {
             r.prev,
             serde_json::value::RawValue::from_string(edited).unwrap(),
         );
-        put(chain, k + 3, &forged);
+        chain.put(k + 3, &forged);
     });
     expect_tampered(&config, k + 3, &format!("record {} was rewritten", k + 3));
 
     // Bytes that are not UTF-8 in one line.
     let (config, state) = fresh("not-utf8");
-    with_chain(&state, |_, chain| {
-        let (first, mut lines) = block_of(chain, k + 4);
+    with_chain(&state, |chain| {
+        let (first, mut lines) = chain.block_of(k + 4);
         lines[(k + 4 - first) as usize][30] = 0xff;
-        put_block(chain, first, &lines);
+        chain.put_block(first, &lines);
     });
     expect_tampered(
         &config,
@@ -330,7 +378,7 @@ fn tampering_with_the_sled_files_is_pinpointed() {
 
     // Delete a record in the middle of a block: the lines after it move up.
     let (config, state) = fresh("deleted-inside");
-    with_chain(&state, |_, chain| remove_line(chain, k + 1));
+    with_chain(&state, |chain| chain.remove_line(k + 1));
     expect_tampered(
         &config,
         k + 1,
@@ -339,7 +387,7 @@ fn tampering_with_the_sled_files_is_pinpointed() {
 
     // Delete the last record of a block: a gap before the next block.
     let (config, state) = fresh("deleted-last");
-    with_chain(&state, |_, chain| remove_line(chain, k + n - 1));
+    with_chain(&state, |chain| chain.remove_line(k + n - 1));
     expect_tampered(
         &config,
         k + n - 1,
@@ -349,9 +397,9 @@ fn tampering_with_the_sled_files_is_pinpointed() {
     // Delete a whole block of the daemon's (a record of 7 and its block).
     let (config, state) = fresh("deleted");
     let mut gone = (0, 0);
-    with_chain(&state, |_, chain| {
-        let (first, lines) = block_of(chain, 7);
-        chain.remove(key(first)).unwrap();
+    with_chain(&state, |chain| {
+        let (first, lines) = chain.block_of(7);
+        chain.tree.remove(key(first)).unwrap();
         gone = (first, first + lines.len() as u64 - 1);
     });
     let missing = if gone.0 == gone.1 {
@@ -363,10 +411,10 @@ fn tampering_with_the_sled_files_is_pinpointed() {
 
     // Swap two records inside a block.
     let (config, state) = fresh("reordered");
-    with_chain(&state, |_, chain| {
-        let (first, mut lines) = block_of(chain, k + 1);
+    with_chain(&state, |chain| {
+        let (first, mut lines) = chain.block_of(k + 1);
         lines.swap((k + 1 - first) as usize, (k + 2 - first) as usize);
-        put_block(chain, first, &lines);
+        chain.put_block(first, &lines);
     });
     expect_tampered(
         &config,
@@ -380,13 +428,13 @@ fn tampering_with_the_sled_files_is_pinpointed() {
 
     // Swap two blocks.
     let (config, state) = fresh("blocks-swapped");
-    with_chain(&state, |_, chain| {
+    with_chain(&state, |chain| {
         let (a, b) = (
-            chain.get(key(k)).unwrap().unwrap(),
-            chain.get(key(next)).unwrap().unwrap(),
+            chain.tree.get(key(k)).unwrap().unwrap(),
+            chain.tree.get(key(next)).unwrap().unwrap(),
         );
-        chain.insert(key(k), b).unwrap();
-        chain.insert(key(next), a).unwrap();
+        chain.tree.insert(key(k), b).unwrap();
+        chain.tree.insert(key(next), a).unwrap();
     });
     expect_tampered(
         &config,
@@ -394,11 +442,22 @@ fn tampering_with_the_sled_files_is_pinpointed() {
         &format!("position {k} holds record {next}: records were reordered"),
     );
 
+    // Delete the segment files: the index still names them.
+    let (config, state) = fresh("segments-deleted");
+    std::fs::remove_dir_all(state.join("audit").join(segment::SEGMENT_DIR)).unwrap();
+    let out = portcullis(&config, &["audit", "verify"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("00000001.seg is missing, but the chain names it"),
+        "{}",
+        text(&out)
+    );
+
     // Cut off the end: the last signed checkpoint covers it.
     let (config, state) = fresh("truncated");
-    with_chain(&state, |_, chain| {
+    with_chain(&state, |chain| {
         for seq in (head - 2..=head).rev() {
-            remove_line(chain, seq);
+            chain.remove_line(seq);
         }
     });
     expect_tampered(&config, head - 2, "were truncated");
@@ -417,12 +476,12 @@ fn tampering_with_the_sled_files_is_pinpointed() {
     // Cut off the end and delete the checkpoints and their count too: the
     // checkpoint file outside sled still has the signed head.
     let (config, state) = fresh("truncated-and-hidden");
-    with_chain(&state, |db, chain| {
+    with_chain(&state, |chain| {
         for seq in (head - 2..=head).rev() {
-            remove_line(chain, seq);
+            chain.remove_line(seq);
         }
-        db.open_tree("checkpoints").unwrap().clear().unwrap();
-        db.open_tree("meta").unwrap().clear().unwrap();
+        chain.db.open_tree("checkpoints").unwrap().clear().unwrap();
+        chain.db.open_tree("meta").unwrap().clear().unwrap();
     });
     expect_tampered(&config, head - 2, "were truncated");
 
@@ -723,11 +782,11 @@ fn retention_purge_keeps_the_chain_verifiable() {
     assert_eq!(hits[0]["session"], "s-crm");
 
     // Emptying a payload without a purge is tampering.
-    with_chain(&state, |_, chain| {
-        let mut r = get(chain, 3);
+    with_chain(&state, |chain| {
+        let mut r = chain.get(3);
         r.payload = None;
         r.purged_by = Some(5);
-        put(chain, 3, &r);
+        chain.put(3, &r);
     });
     expect_tampered(&config, 3, "removed without a retention purge");
 }

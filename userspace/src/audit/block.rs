@@ -1,30 +1,27 @@
-//! Chain blocks: how records of consecutive seqs share one sled value.
+//! Chain blocks: how records of consecutive seqs are stored together.
 //!
-//! The `chain` tree maps the big-endian seq of a block's first record to
-//! the block: the encoded records (compact JSON, one per line) joined by
-//! `\n`. A record's position is its block's key plus its line index, so a
-//! line deleted, inserted or moved inside a block shifts the lines after it
-//! and verification sees a position that holds another record, exactly as
-//! it saw a record moved to another key before blocks. A value holding one
-//! record is a block of one: stores written before blocks read unchanged.
+//! A block is the encoded records (compact JSON, one per line) joined by
+//! `\n`, stored in a segment file (see [`super::segment`]); the `chain`
+//! tree maps the big-endian seq of its first record to where it is. A
+//! record's position is its block's key plus its line index, so a line
+//! deleted, inserted or moved inside a block shifts the lines after it and
+//! verification sees a position that holds another record, exactly as it
+//! saw a record moved to another key before blocks. Stores written before
+//! segments hold blocks inline in the tree, and stores written before
+//! blocks hold one record per value, a block of one: both read unchanged.
 //!
-//! Blocks exist for the writer's sake: one sled insert per block instead of
-//! one per record. They are append-only (a commit never merges into an
-//! earlier block; only a retention purge rewrites a block, in place, with
-//! the same lines) and capped at [`BLOCK_BYTES`], because sled 0.34 writes
-//! any log item larger than a quarter segment (128 KiB by default) to a
-//! separate blob file, and the item may be a whole leaf node holding up to
-//! 17 values.
+//! Blocks exist for the writer's sake: one index entry per block instead
+//! of one per record. They are append-only (a commit never merges into an
+//! earlier block; only a retention purge rewrites a block, with the same
+//! lines) and capped at [`BLOCK_BYTES`].
 
 use super::AuditError;
 
 /// A block is closed before it would exceed this many bytes (a single
-/// larger record is a block of its own). A sled leaf splits past 16
-/// entries, so a leaf of full blocks stays near 17 x 6 KiB = 102 KiB, under
-/// the 128 KiB blob threshold of the default 512 KiB segments. Measured
-/// over 100,000 statement records in commits of 1 to 1,024 records: 4, 6
-/// and 7 KiB blocks made no blob file, 8 KiB made 20, 12 KiB 70.
-pub const BLOCK_BYTES: usize = 6 * 1024;
+/// larger record is a block of its own). Reading one record reads its
+/// whole block, so this bounds the cost of a lookup by seq, while keeping
+/// the index at one 17-byte extent per ~70 statement records.
+pub const BLOCK_BYTES: usize = 32 * 1024;
 
 /// Separates the records of a block. Compact JSON never holds a raw
 /// newline: inside strings it is escaped, and there is no whitespace
@@ -128,13 +125,6 @@ impl Blocks {
     pub fn finish(mut self) -> Vec<(u64, Vec<u8>)> {
         self.close();
         self.done
-    }
-
-    /// The blocks as inserts into a batch.
-    pub fn into_batch(self, batch: &mut sled::Batch) {
-        for (first, bytes) in self.finish() {
-            batch.insert(&first.to_be_bytes(), bytes);
-        }
     }
 }
 

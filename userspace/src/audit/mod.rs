@@ -32,6 +32,7 @@ pub mod record;
 pub mod report;
 pub mod report_html;
 pub mod retention;
+pub mod segment;
 pub mod server;
 pub mod service;
 pub mod source;

@@ -1,10 +1,14 @@
-//! The sled database under `<state_dir>/audit/`: the chain, the signed
-//! checkpoints, the data-subject index and a little metadata, each its own
-//! tree.
+//! The audit store under `<state_dir>/audit/`: a sled database with the
+//! chain's index, the signed checkpoints, the data-subject index and a
+//! little metadata, each its own tree, and the segment files that hold the
+//! chain's records.
 //!
-//! The chain tree holds blocks of records (see [`super::block`]); the reads
-//! here ([`Store::record`], [`Store::head`], [`Store::raw_records`],
-//! [`Store::lines`]) turn them back into records at their positions.
+//! The chain tree maps each block's first seq to where the block is (see
+//! [`super::block`] and [`super::segment`]); the reads here
+//! ([`Store::record`], [`Store::head`], [`Store::raw_records`],
+//! [`Store::lines`]) turn blocks back into records at their positions.
+//! Stores written before segments hold the blocks themselves in the tree;
+//! they read unchanged.
 //!
 //! sled 0.34.7 rather than the 1.0 alphas: 0.34 is the stable release with
 //! a settled on-disk format; the alphas change both API and format, which an
@@ -16,8 +20,8 @@
 //! syncs blob files (log items too large for a segment). [`Store::sync`]
 //! therefore follows `flush` with `fdatasync` on the log file and `fsync`
 //! on new blob files and their directory; the writer confirms a batch only
-//! after it. Blocks are capped so that blobs are rare, and `sync` lists the
-//! blob directory only when its modification time says it may have changed.
+//! after it. `sync` lists the blob directory only when its modification
+//! time says it may have changed.
 //!
 //! sled allows one process per database, so the daemon owns it; the CLI
 //! asks the daemon over `audit.sock` and opens the files itself only when
@@ -39,6 +43,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     block,
     record::{Checkpoint, Hash, Record},
+    segment::{Extent, Segments},
     AuditError,
 };
 
@@ -88,7 +93,7 @@ impl RawEntry {
 pub struct Line {
     /// The block's key plus the line's index in it.
     pub key: u64,
-    block: sled::IVec,
+    block: Arc<[u8]>,
     range: Range<usize>,
 }
 
@@ -101,9 +106,10 @@ impl Line {
 /// The chain's record lines in order, from a position on.
 pub struct Lines {
     blocks: sled::Iter,
+    segments: Arc<Segments>,
     from: u64,
-    /// The block being split: its key, value, next line's index and offset.
-    current: Option<(u64, sled::IVec, u64, usize)>,
+    /// The block being split: its key, bytes, next line's index and offset.
+    current: Option<(u64, Arc<[u8]>, u64, usize)>,
 }
 
 impl Iterator for Lines {
@@ -125,16 +131,37 @@ impl Iterator for Lines {
                     }
                     return Some(Ok(Line {
                         key: line_key,
-                        block: block.clone(),
+                        block: Arc::clone(block),
                         range,
                     }));
                 }
             }
-            match self.blocks.next()? {
-                Ok((key, value)) => self.current = Some((key_u64(&key), value, 0, 0)),
-                Err(e) => return Some(Err(e.into())),
+            let block = self
+                .blocks
+                .next()?
+                .map_err(AuditError::from)
+                .and_then(|(key, value)| Ok((key_u64(&key), load(&self.segments, &value)?)));
+            match block {
+                Ok((key, bytes)) => self.current = Some((key, bytes, 0, 0)),
+                Err(e) => return Some(Err(e)),
             }
         }
+    }
+}
+
+/// A block as stored: its key, its bytes and, unless it is stored inline
+/// (stores written before segments), where they are.
+pub(super) struct Block {
+    pub key: u64,
+    pub bytes: Arc<[u8]>,
+    pub extent: Option<Extent>,
+}
+
+/// A chain value's block bytes: read from its segment, or the value itself.
+fn load(segments: &Segments, value: &[u8]) -> Result<Arc<[u8]>, AuditError> {
+    match Extent::decode(value) {
+        Some(extent) => Ok(segments.read(extent)?.into()),
+        None => Ok(value.into()),
     }
 }
 
@@ -182,6 +209,7 @@ pub struct Store {
     pub(super) checkpoints: sled::Tree,
     pub(super) subjects: sled::Tree,
     pub(super) meta: sled::Tree,
+    segments: Arc<Segments>,
     dir: PathBuf,
     /// sled's log file, for `fdatasync`.
     log: Arc<File>,
@@ -243,6 +271,7 @@ impl Store {
         Ok(Self {
             log: Arc::new(log),
             blobs: Arc::default(),
+            segments: Arc::new(Segments::open(&dir)?),
             chain: db.open_tree("chain")?,
             checkpoints: db.open_tree("checkpoints")?,
             subjects: db.open_tree("subjects")?,
@@ -250,6 +279,28 @@ impl Store {
             db,
             dir,
         })
+    }
+
+    /// Appends blocks to the segment files and makes them durable, then
+    /// adds their extents to `chain`, for [`Store::apply`].
+    pub(super) fn append_blocks(
+        &self,
+        blocks: &[(u64, Vec<u8>)],
+        chain: &mut sled::Batch,
+    ) -> Result<(), AuditError> {
+        let extents = self
+            .segments
+            .append(blocks.iter().map(|(_, bytes)| bytes.as_slice()))?;
+        self.segments.sync()?;
+        for ((first, _), extent) in blocks.iter().zip(extents) {
+            chain.insert(&first.to_be_bytes(), &extent.encode());
+        }
+        Ok(())
+    }
+
+    /// Frees the bytes of blocks that a committed purge replaced.
+    pub(super) fn release(&self, extents: &[Extent]) -> Result<(), AuditError> {
+        self.segments.release(extents)
     }
 
     /// Applies chain and subject-index changes atomically (one sled
@@ -369,6 +420,7 @@ impl Store {
         };
         Ok(Lines {
             blocks: self.chain.range(start..),
+            segments: Arc::clone(&self.segments),
             from,
             current: None,
         })
@@ -376,12 +428,16 @@ impl Store {
 
     /// The block that would hold position `seq`: the last one whose key is
     /// not above it.
-    pub(super) fn block_at(&self, seq: u64) -> Result<Option<(u64, sled::IVec)>, AuditError> {
+    pub(super) fn block_at(&self, seq: u64) -> Result<Option<Block>, AuditError> {
         match self.chain.range(..=seq.to_be_bytes()).next_back() {
             None => Ok(None),
             Some(item) => {
                 let (key, value) = item?;
-                Ok(Some((key_u64(&key), value)))
+                Ok(Some(Block {
+                    key: key_u64(&key),
+                    bytes: load(&self.segments, &value)?,
+                    extent: Extent::decode(&value),
+                }))
             }
         }
     }
@@ -396,6 +452,7 @@ impl Store {
         let Some((key, value)) = self.chain.last()? else {
             return Ok(None);
         };
+        let value = load(&self.segments, &value)?;
         let (index, line) = block::last_line(&value);
         Record::decode(line).map(Some).map_err(|e| {
             AuditError::Corrupt(format!(
@@ -407,7 +464,10 @@ impl Store {
 
     /// The record at position `seq`, if the chain reaches it.
     pub fn record(&self, seq: u64) -> Result<Option<Record>, AuditError> {
-        let Some((key, value)) = self.block_at(seq)? else {
+        let Some(Block {
+            key, bytes: value, ..
+        }) = self.block_at(seq)?
+        else {
             return Ok(None);
         };
         let Some(index) = seq.checked_sub(key) else {

@@ -26,6 +26,7 @@ use super::{
     keys::Keys,
     record::{Checkpoint, Hash, Record, GENESIS},
     retention::{self, Retention},
+    segment::Extent,
     store::{Store, SubjectHit},
     subject::{detect, redact, subject_hash},
     Ack, AuditError, AuditEvent, Recorder,
@@ -410,11 +411,7 @@ impl Writer {
         };
         let result = match encode_error {
             Some(e) => Err(e),
-            None => {
-                let mut chain = sled::Batch::default();
-                blocks.into_batch(&mut chain);
-                self.write(chain, subjects)
-            }
+            None => self.write(&blocks.finish(), subjects),
         };
         match result {
             Ok(()) => {
@@ -434,11 +431,15 @@ impl Writer {
         }
     }
 
+    /// Appends the blocks, then indexes them and the subject hits in one
+    /// sled batch, and makes all of it durable.
     fn write(
         &self,
-        chain: sled::Batch,
+        blocks: &[(u64, Vec<u8>)],
         subjects: Vec<(Hash, SubjectHit)>,
     ) -> Result<(), AuditError> {
+        let mut chain = sled::Batch::default();
+        self.store.append_blocks(blocks, &mut chain)?;
         let index = if subjects.is_empty() {
             None
         } else {
@@ -480,22 +481,25 @@ impl Writer {
         Ok(())
     }
 
-    /// Adds to `chain` the blocks holding `seqs` (sorted), rewritten with
+    /// Adds to `blocks` the blocks holding `seqs` (sorted), rewritten with
     /// those records' payloads removed and `purged_by` set; every other
-    /// line stays byte for byte.
+    /// line stays byte for byte. Returns where the replaced blocks are, to
+    /// free once the purge is committed.
     fn rewrite_purged(
         &self,
         seqs: &[u64],
         purge_seq: u64,
-        chain: &mut sled::Batch,
-    ) -> Result<(), AuditError> {
+        blocks: &mut Vec<(u64, Vec<u8>)>,
+    ) -> Result<Vec<Extent>, AuditError> {
+        let mut replaced = Vec::new();
         let mut rest = seqs;
         while let Some(&first) = rest.first() {
-            let Some((key, value)) = self.store.block_at(first)? else {
+            let Some(stored) = self.store.block_at(first)? else {
                 rest = &rest[1..];
                 continue;
             };
-            let (last, _) = block::last_line(&value);
+            let (key, value) = (stored.key, &stored.bytes);
+            let (last, _) = block::last_line(value);
             let end = key.saturating_add(last);
             // A gap, or a key that is not a seq (tampering): nothing to
             // rewrite for this seq, as before blocks.
@@ -506,7 +510,7 @@ impl Writer {
             let mine = rest.partition_point(|&s| s <= end);
             let (these, later) = rest.split_at(mine);
             rest = later;
-            let rewritten = block::rewrite(key, &value, |seq, line| {
+            let rewritten = block::rewrite(key, value, |seq, line| {
                 if these.binary_search(&seq).is_err() {
                     return Ok(None);
                 }
@@ -519,9 +523,10 @@ impl Writer {
                 old.purged_by = Some(purge_seq);
                 Ok(Some(old.encode()?))
             })?;
-            chain.insert(&key.to_be_bytes(), rewritten);
+            blocks.push((key, rewritten));
+            replaced.extend(stored.extent);
         }
-        Ok(())
+        Ok(replaced)
     }
 
     /// Empties expired payloads and records the purge, in one atomic batch.
@@ -552,11 +557,12 @@ impl Writer {
             self.head_hash,
             payload,
         );
+        let mut purge_block = Blocks::default();
+        purge_block.push(purge_seq, &record.encode()?)?;
+        let mut blocks = purge_block.finish();
+        let replaced = self.rewrite_purged(&plan.seqs, purge_seq, &mut blocks)?;
         let mut chain = sled::Batch::default();
-        let mut blocks = Blocks::default();
-        blocks.push(purge_seq, &record.encode()?)?;
-        blocks.into_batch(&mut chain);
-        self.rewrite_purged(&plan.seqs, purge_seq, &mut chain)?;
+        self.store.append_blocks(&blocks, &mut chain)?;
         let mut index = sled::Batch::default();
         for item in self.store.subjects.iter() {
             let (key, value) = item?;
@@ -576,6 +582,11 @@ impl Writer {
         self.store.sync()?;
         self.head_seq = purge_seq;
         self.head_hash = record.hash;
+        // Committed: the emptied payloads' old bytes can go. Failing here
+        // leaves them unreferenced, not the chain wrong.
+        if let Err(e) = self.store.release(&replaced) {
+            error!("purged audit blocks not freed from their segment: {e}");
+        }
         info!(
             records = plan.seqs.len(),
             purge_seq, "expired audit payloads purged"

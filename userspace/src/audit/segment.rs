@@ -1,0 +1,407 @@
+//! Segment files: where the bytes of chain blocks live.
+//!
+//! The `chain` tree in sled maps a block's first seq to an [`Extent`] (17
+//! bytes: segment, offset, length) instead of holding the block itself.
+//! sled 0.34 copies the whole leaf an insert lands in and seals a zeroed
+//! log buffer per flush, so storing ~6 KiB blocks there cost the audit
+//! writer more CPU than everything else it does per statement; appending
+//! the same bytes to a plain file costs one `pwrite` per block.
+//!
+//! Files are `segments/NNNNNNNN.seg`, append-only, and a new one starts
+//! once the active one passes [`SEGMENT_BYTES`]. A commit appends its
+//! blocks and `fdatasync`s the segment before sled records their extents,
+//! so an extent never names bytes that are not durable. A crash in between
+//! leaves unreferenced bytes at the end of the segment: nothing reads
+//! them, and the next append goes after them.
+//!
+//! A retention purge appends the rewritten blocks like any others and then
+//! punches a hole where the old ones were, so emptied payloads leave the
+//! file (what the file system does with freed blocks aside).
+
+use std::{
+    collections::{hash_map::Entry, HashMap},
+    fs::{DirBuilder, File, OpenOptions},
+    os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt},
+    os::unix::io::AsRawFd,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use super::AuditError;
+
+/// Where segment files live, under the audit directory.
+pub const SEGMENT_DIR: &str = "segments";
+
+/// The size past which the next commit starts a new segment. Large enough
+/// that a busy gateway opens a new file every few hours, small enough to
+/// copy or inspect one by hand.
+pub const SEGMENT_BYTES: u64 = 256 << 20;
+
+/// Where a block's bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub segment: u32,
+    pub offset: u64,
+    pub len: u32,
+}
+
+impl Extent {
+    /// Marks a chain value as an extent. A block is compact JSON and
+    /// starts with `{`, so the values of stores written before segments
+    /// (the blocks themselves) stay distinguishable and readable.
+    const TAG: u8 = b'@';
+    const ENCODED: usize = 17;
+
+    pub fn encode(self) -> [u8; Self::ENCODED] {
+        let mut out = [0; Self::ENCODED];
+        out[0] = Self::TAG;
+        out[1..5].copy_from_slice(&self.segment.to_be_bytes());
+        out[5..13].copy_from_slice(&self.offset.to_be_bytes());
+        out[13..].copy_from_slice(&self.len.to_be_bytes());
+        out
+    }
+
+    /// The extent a chain value names, or `None` for a block stored inline.
+    pub fn decode(value: &[u8]) -> Option<Self> {
+        let bytes: &[u8; Self::ENCODED] = value.try_into().ok()?;
+        (bytes[0] == Self::TAG).then(|| Self {
+            segment: u32::from_be_bytes(bytes[1..5].try_into().expect("4 bytes")),
+            offset: u64::from_be_bytes(bytes[5..13].try_into().expect("8 bytes")),
+            len: u32::from_be_bytes(bytes[13..].try_into().expect("4 bytes")),
+        })
+    }
+
+    fn end(self) -> u64 {
+        self.offset.saturating_add(u64::from(self.len))
+    }
+}
+
+/// The segment files of one store: reads from any process holding the
+/// store, appends from its writer only.
+pub struct Segments {
+    dir: PathBuf,
+    /// [`SEGMENT_BYTES`], except in tests.
+    limit: u64,
+    /// Read handles, opened on first use.
+    readers: Mutex<HashMap<u32, Arc<File>>>,
+    /// The segment appended to, opened on the first append.
+    active: Mutex<Option<Active>>,
+}
+
+struct Active {
+    number: u32,
+    file: File,
+    /// Where the next block goes: the file's length at open, then the end
+    /// of the last block written.
+    end: u64,
+    /// A segment was created since the directory was last synced.
+    new_file: bool,
+    /// Blocks were written since the last sync.
+    dirty: bool,
+}
+
+impl Segments {
+    /// Opens (creating, mode 0700) the segment directory under `audit_dir`.
+    pub fn open(audit_dir: &Path) -> Result<Self, AuditError> {
+        let dir = audit_dir.join(SEGMENT_DIR);
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io(&dir))?;
+        Ok(Self {
+            dir,
+            limit: SEGMENT_BYTES,
+            readers: Mutex::default(),
+            active: Mutex::default(),
+        })
+    }
+
+    fn path(&self, segment: u32) -> PathBuf {
+        self.dir.join(format!("{segment:08}.seg"))
+    }
+
+    /// The bytes `extent` names.
+    ///
+    /// # Errors
+    /// A missing segment or one shorter than the extent: the store was
+    /// truncated or damaged outside the gateway.
+    pub fn read(&self, extent: Extent) -> Result<Vec<u8>, AuditError> {
+        let path = self.path(extent.segment);
+        let file = {
+            let mut readers = lock(&self.readers);
+            match readers.get(&extent.segment) {
+                Some(file) => Arc::clone(file),
+                None => {
+                    let file = match File::open(&path) {
+                        Ok(file) => Arc::new(file),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                            return Err(AuditError::Corrupt(format!(
+                                "{} is missing, but the chain names it: the store was \
+                                 truncated; run `portcullis audit verify` on a copy",
+                                path.display()
+                            )))
+                        }
+                        Err(source) => return Err(AuditError::Io { path, source }),
+                    };
+                    readers.insert(extent.segment, Arc::clone(&file));
+                    file
+                }
+            }
+        };
+        let mut bytes = vec![0; extent.len as usize];
+        match file.read_exact_at(&mut bytes, extent.offset) {
+            Ok(()) => Ok(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(AuditError::Corrupt(format!(
+                    "{} ends before byte {}, where the chain says a block ends: the store was \
+                     truncated",
+                    path.display(),
+                    extent.end()
+                )))
+            }
+            Err(source) => Err(AuditError::Io { path, source }),
+        }
+    }
+
+    /// Appends blocks to the active segment, in order, and returns where
+    /// each went. Nothing is durable before [`Segments::sync`].
+    ///
+    /// A failed append leaves the end where it was, so the next append
+    /// overwrites whatever part of this one reached the file.
+    pub fn append<'a>(
+        &self,
+        blocks: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Vec<Extent>, AuditError> {
+        let mut guard = lock(&self.active);
+        let active = self.active_segment(&mut guard)?;
+        // One write per commit, not per block.
+        let mut bytes = Vec::new();
+        let mut extents = Vec::new();
+        for block in blocks {
+            let len = u32::try_from(block.len()).map_err(|_| {
+                AuditError::Commit(format!("a chain block of {} bytes", block.len()))
+            })?;
+            extents.push(Extent {
+                segment: active.number,
+                offset: active.end + bytes.len() as u64,
+                len,
+            });
+            bytes.extend_from_slice(block);
+        }
+        active
+            .file
+            .write_all_at(&bytes, active.end)
+            .map_err(io(&self.path(active.number)))?;
+        active.end += bytes.len() as u64;
+        active.dirty |= !bytes.is_empty();
+        Ok(extents)
+    }
+
+    /// The segment to append to, starting a new one when the active one
+    /// is full.
+    fn active_segment<'g>(
+        &self,
+        guard: &'g mut MutexGuard<'_, Option<Active>>,
+    ) -> Result<&'g mut Active, AuditError> {
+        let next = match guard.as_ref() {
+            Some(active) if active.end < self.limit => None,
+            Some(active) => Some(active.number + 1),
+            None => Some(self.last_number()?.unwrap_or(1)),
+        };
+        if let Some(number) = next {
+            if let Some(full) = guard.as_mut() {
+                // The full segment's last blocks must be durable before a
+                // later sync only covers the new one.
+                if full.dirty {
+                    full.file.sync_data().map_err(io(&self.path(full.number)))?;
+                }
+            }
+            let path = self.path(number);
+            let existed = path.exists();
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)
+                .map_err(io(&path))?;
+            let end = file.metadata().map_err(io(&path))?.len();
+            **guard = Some(Active {
+                number,
+                file,
+                end,
+                new_file: !existed,
+                dirty: false,
+            });
+        }
+        Ok(guard.as_mut().expect("set above"))
+    }
+
+    /// The highest segment number in the directory.
+    fn last_number(&self) -> Result<Option<u32>, AuditError> {
+        let mut last = None;
+        for entry in std::fs::read_dir(&self.dir).map_err(io(&self.dir))? {
+            let name = entry.map_err(io(&self.dir))?.file_name();
+            let number = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".seg"))
+                .and_then(|n| n.parse::<u32>().ok());
+            last = last.max(number);
+        }
+        Ok(last)
+    }
+
+    /// Makes every append so far durable: `fdatasync` on the active
+    /// segment and, after a new one was created, on the directory.
+    pub fn sync(&self) -> Result<(), AuditError> {
+        let mut guard = lock(&self.active);
+        let Some(active) = guard.as_mut() else {
+            return Ok(());
+        };
+        if active.dirty {
+            active
+                .file
+                .sync_data()
+                .map_err(io(&self.path(active.number)))?;
+            active.dirty = false;
+        }
+        if active.new_file {
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io(&self.dir))?;
+            active.new_file = false;
+        }
+        Ok(())
+    }
+
+    /// Frees the bytes of blocks no longer referenced (replaced by a
+    /// purge): a hole is punched so they read back as zeros, and the
+    /// segment is synced.
+    pub fn release(&self, extents: &[Extent]) -> Result<(), AuditError> {
+        let mut touched: HashMap<u32, File> = HashMap::new();
+        for extent in extents {
+            let path = self.path(extent.segment);
+            let file = match touched.entry(extent.segment) {
+                Entry::Occupied(open) => open.into_mut(),
+                Entry::Vacant(slot) => slot.insert(
+                    OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .map_err(io(&path))?,
+                ),
+            };
+            punch_hole(file, *extent).map_err(io(&path))?;
+        }
+        for (segment, file) in touched {
+            file.sync_data().map_err(io(&self.path(segment)))?;
+        }
+        Ok(())
+    }
+}
+
+/// Deallocates an extent's bytes; where the file system cannot, overwrites
+/// them with zeros.
+fn punch_hole(file: &File, extent: Extent) -> std::io::Result<()> {
+    let Ok(offset) = libc::off_t::try_from(extent.offset) else {
+        return Err(std::io::Error::other("extent out of range"));
+    };
+    let len = libc::off_t::from(extent.len);
+    // SAFETY: fallocate only reads its integer arguments; the descriptor
+    // is owned by `file` for the whole call.
+    let punched = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    };
+    if punched == 0 {
+        return Ok(());
+    }
+    let error = std::io::Error::last_os_error();
+    if error.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(error);
+    }
+    file.write_all_at(&vec![0; extent.len as usize], extent.offset)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
+    move |source| AuditError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_round_trip_and_blocks_are_not_extents() {
+        let extent = Extent {
+            segment: 3,
+            offset: 1 << 33,
+            len: 6000,
+        };
+        assert_eq!(Extent::decode(&extent.encode()), Some(extent));
+        assert_eq!(Extent::decode(br#"{"seq":1,"at_us":2,"prev":"00"}"#), None);
+        assert_eq!(Extent::decode(b"{0123456789abcdef"), None);
+        assert_eq!(Extent::decode(b""), None);
+    }
+
+    #[test]
+    fn appends_read_back_across_reopen_and_released_bytes_are_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let segments = Segments::open(dir.path()).unwrap();
+        let extents = segments.append([&b"first block"[..], b"second"]).unwrap();
+        segments.sync().unwrap();
+        assert_eq!(segments.read(extents[1]).unwrap(), b"second");
+
+        // A reopened store appends after what is there, whether or not it
+        // is referenced.
+        let segments = Segments::open(dir.path()).unwrap();
+        let more = segments.append([&b"third"[..]]).unwrap();
+        assert_eq!(more[0].offset, extents[1].end());
+        segments.sync().unwrap();
+        segments.release(&extents[..1]).unwrap();
+        assert_eq!(segments.read(extents[0]).unwrap(), vec![0; 11]);
+        assert_eq!(segments.read(more[0]).unwrap(), b"third");
+
+        let past_end = Extent {
+            offset: more[0].end(),
+            ..more[0]
+        };
+        let err = segments.read(past_end).unwrap_err().to_string();
+        assert!(err.contains("was truncated"), "{err}");
+        let missing = Extent {
+            segment: 9,
+            ..more[0]
+        };
+        let err = segments.read(missing).unwrap_err().to_string();
+        assert!(err.contains("00000009.seg is missing"), "{err}");
+    }
+
+    #[test]
+    fn a_full_segment_is_synced_and_followed_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut segments = Segments::open(dir.path()).unwrap();
+        segments.limit = 10;
+        let first = segments.append([&b"0123456789"[..], b"ab"]).unwrap();
+        let second = segments.append([&b"cd"[..]]).unwrap();
+        segments.sync().unwrap();
+        assert_eq!((first[1].segment, second[0].segment), (1, 2));
+        assert_eq!(second[0].offset, 0);
+        assert_eq!(segments.read(first[1]).unwrap(), b"ab");
+        assert_eq!(segments.read(second[0]).unwrap(), b"cd");
+        // Reopened, appends continue in the last segment.
+        let segments = Segments::open(dir.path()).unwrap();
+        assert_eq!(segments.append([&b"ef"[..]]).unwrap()[0].segment, 2);
+    }
+}
