@@ -203,7 +203,7 @@ impl Chain {
     /// Replaces record `seq`'s line in its block.
     fn put(&self, seq: u64, record: &Record) {
         let (first, mut lines) = self.block_of(seq);
-        lines[(seq - first) as usize] = record.encode().unwrap();
+        lines[(seq - first) as usize] = record.encode();
         self.put_block(first, &lines);
     }
 

@@ -386,11 +386,7 @@ impl Writer {
                     let record = Record::new(seq, at_us, prev, payload);
                     prev = record.hash;
                     if encode_error.is_none() {
-                        encode_error = record
-                            .encode()
-                            .map_err(AuditError::from)
-                            .and_then(|bytes| blocks.push(seq, &bytes))
-                            .err();
+                        encode_error = blocks.push(seq, &record.encode()).err();
                     }
                     settle(ticket);
                 }
@@ -521,7 +517,7 @@ impl Writer {
                 })?;
                 old.payload = None;
                 old.purged_by = Some(purge_seq);
-                Ok(Some(old.encode()?))
+                Ok(Some(old.encode()))
             })?;
             blocks.push((key, rewritten));
             replaced.extend(stored.extent);
@@ -558,7 +554,7 @@ impl Writer {
             payload,
         );
         let mut purge_block = Blocks::default();
-        purge_block.push(purge_seq, &record.encode()?)?;
+        purge_block.push(purge_seq, &record.encode())?;
         let mut blocks = purge_block.finish();
         let replaced = self.rewrite_purged(&plan.seqs, purge_seq, &mut blocks)?;
         let mut chain = sled::Batch::default();

@@ -46,12 +46,12 @@ fn store_with(records: &[Record], cap: usize) -> (tempfile::TempDir, Store) {
     let mut batch = sled::Batch::default();
     if cap == 0 {
         for r in records {
-            batch.insert(&r.seq.to_be_bytes(), r.encode().unwrap());
+            batch.insert(&r.seq.to_be_bytes(), r.encode());
         }
     } else {
         let mut blocks = Blocks::with_cap(cap);
         for r in records {
-            blocks.push(r.seq, &r.encode().unwrap()).unwrap();
+            blocks.push(r.seq, &r.encode()).unwrap();
         }
         store.append_blocks(&blocks.finish(), &mut batch).unwrap();
     }
@@ -113,7 +113,7 @@ fn raw_records_key_each_line_by_its_position() {
     assert_eq!(all.len(), 40);
     for (entry, r) in all.iter().zip(&records) {
         assert_eq!(entry.key, r.seq);
-        assert_eq!(entry.value.as_bytes(), r.encode().unwrap());
+        assert_eq!(entry.value.as_bytes(), r.encode());
         assert!(!entry.not_utf8);
     }
     // From inside a block, pages that end inside blocks.
@@ -385,7 +385,7 @@ fn heavy_recording_writes_no_blob_files() {
             );
             let r = Record::new(seq, seq, prev, RawValue::from_string(payload).unwrap());
             prev = r.hash;
-            blocks.push(seq, &r.encode().unwrap()).unwrap();
+            blocks.push(seq, &r.encode()).unwrap();
         }
         let mut batch = sled::Batch::default();
         store.append_blocks(&blocks.finish(), &mut batch).unwrap();
