@@ -54,6 +54,23 @@ impl Scanner {
         mut on_message: impl FnMut(u8, &[u8]),
     ) -> Result<(), BadFrame> {
         while !data.is_empty() {
+            if self.header_len == 0 {
+                // The usual case, a whole message in `data`: its body is
+                // read where it lies, without a copy.
+                if let Some(header) = data.first_chunk::<5>() {
+                    let (kind, remaining) = Self::header(header)?;
+                    if let Some(message) = data.get(..5 + remaining) {
+                        let body = if (self.inspect)(kind) {
+                            &message[5..]
+                        } else {
+                            &[]
+                        };
+                        on_message(kind, body);
+                        data = &data[message.len()..];
+                        continue;
+                    }
+                }
+            }
             if self.header_len < 5 {
                 let take = (5 - self.header_len).min(data.len());
                 self.header[self.header_len..self.header_len + take].copy_from_slice(&data[..take]);
@@ -62,20 +79,7 @@ impl Scanner {
                 if self.header_len < 5 {
                     break;
                 }
-                let length = u32::from_be_bytes([
-                    self.header[1],
-                    self.header[2],
-                    self.header[3],
-                    self.header[4],
-                ]);
-                self.kind = self.header[0];
-                if !(4..=MAX_MESSAGE as u32).contains(&length) {
-                    return Err(BadFrame {
-                        kind: char::from(self.kind),
-                        length,
-                    });
-                }
-                self.remaining = length as usize - 4;
+                (self.kind, self.remaining) = Self::header(&self.header)?;
                 self.collecting = (self.inspect)(self.kind);
                 self.body.clear();
             }
@@ -95,6 +99,19 @@ impl Scanner {
             }
         }
         Ok(())
+    }
+
+    /// A message's type and body length, from its 5-byte header.
+    fn header(header: &[u8; 5]) -> Result<(u8, usize), BadFrame> {
+        let [kind, length @ ..] = *header;
+        let length = u32::from_be_bytes(length);
+        if !(4..=MAX_MESSAGE as u32).contains(&length) {
+            return Err(BadFrame {
+                kind: char::from(kind),
+                length,
+            });
+        }
+        Ok((kind, length as usize - 4))
     }
 
     /// True between messages (nothing partial pending).

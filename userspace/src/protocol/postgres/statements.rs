@@ -8,9 +8,11 @@
 //! enough even with pipelining.
 
 use std::{
+    borrow::Cow,
     collections::{HashMap, VecDeque},
+    fmt::Write as _,
     sync::{Arc, Mutex},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use tokio::sync::oneshot;
@@ -26,7 +28,7 @@ enum Expect {
     /// A simple Query (or FunctionCall): one record per statement in it,
     /// each completed by its CommandComplete; ends at ReadyForQuery.
     Query {
-        statements: Vec<Arc<str>>,
+        statements: Vec<String>,
         /// Statements recorded so far.
         done: usize,
         protocol: &'static str,
@@ -129,22 +131,21 @@ impl Requests {
     /// A complete client message; malformed ones are the upstream's to
     /// refuse, the tracker only records what it can read.
     pub fn on_message(&mut self, kind: u8, body: &[u8]) {
-        let now = Instant::now();
         match kind {
             b'Q' => {
                 let text = Reader::new(body, "Query").cstr().unwrap_or_default();
                 self.push(Expect::Query {
-                    statements: split_statements(&text),
+                    statements: split_statements(text),
                     done: 0,
                     protocol: "simple",
-                    started: now,
+                    started: Instant::now(),
                 });
             }
             b'F' => self.push(Expect::Query {
                 statements: vec!["<function call>".into()],
                 done: 0,
                 protocol: "function",
-                started: now,
+                started: Instant::now(),
             }),
             b'P' => {
                 let mut r = Reader::new(body, "Parse");
@@ -153,23 +154,34 @@ impl Requests {
                 }
             }
             b'B' => {
-                if let Ok((portal, statement, parameters)) = parse_bind(body) {
-                    let text = self.statements.get(&statement).cloned().unwrap_or_else(|| {
-                        format!("<unknown prepared statement {statement:?}>").into()
-                    });
+                if let Ok(Bind {
+                    portal,
+                    statement,
+                    parameters,
+                }) = parse_bind(body)
+                {
+                    let text = self
+                        .statements
+                        .get(&*statement)
+                        .cloned()
+                        .unwrap_or_else(|| {
+                            format!("<unknown prepared statement {statement:?}>").into()
+                        });
                     self.portals.insert(portal, (text, parameters));
                 }
             }
             b'E' => {
-                let portal = Reader::new(body, "Execute").cstr().unwrap_or_default();
-                let (text, parameters) = match self.portals.get(&portal) {
+                let portal = Reader::new(body, "Execute")
+                    .cstr_borrowed()
+                    .unwrap_or_default();
+                let (text, parameters) = match self.portals.get(&*portal) {
                     Some((text, parameters)) => (Arc::clone(text), parameters.clone()),
                     None => (format!("<unknown portal {portal:?}>").into(), Vec::new()),
                 };
                 self.push(Expect::Execute {
                     text,
                     parameters,
-                    started: now,
+                    started: Instant::now(),
                 });
             }
             b'C' => {
@@ -192,27 +204,34 @@ impl Requests {
 /// them (quotes, comments and dollar quoting respected). Nearly every query
 /// is one statement, at most with a trailing semicolon: those skip the
 /// scanner. Text the scanner cannot split stays one statement.
-fn split_statements(text: &str) -> Vec<Arc<str>> {
+fn split_statements(text: String) -> Vec<String> {
     let body = text.trim_end().trim_end_matches(';');
     if !body.contains(';') {
-        return vec![text.into()];
+        return vec![text];
     }
-    match std::panic::catch_unwind(|| pg_query::split_with_scanner(text)) {
+    match std::panic::catch_unwind(|| pg_query::split_with_scanner(&text)) {
         Ok(Ok(parts)) if parts.len() > 1 => parts.into_iter().map(|p| p.trim().into()).collect(),
-        _ => vec![text.into()],
+        _ => vec![text],
     }
 }
 
-/// Bind: portal, statement, and the parameters rendered for the record.
-fn parse_bind(body: &[u8]) -> Result<(String, String, Vec<Option<String>>), wire::Malformed> {
+/// A Bind message, as much of it as the record needs.
+struct Bind<'a> {
+    portal: String,
+    /// Only looked up: borrowed from the message.
+    statement: Cow<'a, str>,
+    /// Rendered for the record.
+    parameters: Vec<Option<String>>,
+}
+
+fn parse_bind(body: &[u8]) -> Result<Bind<'_>, wire::Malformed> {
     let mut r = Reader::new(body, "Bind");
     let portal = r.cstr()?;
-    let statement = r.cstr()?;
+    let statement = r.cstr_borrowed()?;
     let format_count = r.i16()?.max(0) as usize;
-    let mut formats = Vec::with_capacity(format_count.min(body.len()));
-    for _ in 0..format_count {
-        formats.push(r.i16()?);
-    }
+    // Read in place: one big-endian i16 per parameter (or one for all).
+    let formats = r.bytes(2 * format_count)?;
+    let binary = |i: usize| formats.get(2 * i..2 * i + 2) == Some(&[0, 1]);
     let count = r.i16()?.max(0) as usize;
     let mut parameters = Vec::with_capacity(count.min(body.len()));
     for i in 0..count {
@@ -222,14 +241,18 @@ fn parse_bind(body: &[u8]) -> Result<(String, String, Vec<Option<String>>), wire
             continue;
         }
         let value = r.bytes(len as usize)?;
-        let binary = match formats.len() {
+        let binary = match format_count {
             0 => false,
-            1 => formats[0] == 1,
-            _ => formats.get(i) == Some(&1),
+            1 => binary(0),
+            _ => binary(i),
         };
         parameters.push(Some(render(value, binary)));
     }
-    Ok((portal, statement, parameters))
+    Ok(Bind {
+        portal,
+        statement,
+        parameters,
+    })
 }
 
 fn render(value: &[u8], binary: bool) -> String {
@@ -238,7 +261,7 @@ fn render(value: &[u8], binary: bool) -> String {
         let mut hex = String::with_capacity(2 + 2 * cut.len());
         hex.push_str("\\x");
         for b in cut {
-            hex.push_str(&format!("{b:02x}"));
+            let _ = write!(hex, "{b:02x}");
         }
         hex
     } else {
@@ -288,7 +311,7 @@ impl Responses {
                     message: wire::field(&fields, b'M').unwrap_or("").to_string(),
                 });
                 if self.front_is_execute() {
-                    self.finish_execute();
+                    self.finish_execute(Instant::now());
                 } else if self.front_is_query() {
                     self.fail_query();
                 } else if self.front_is_sync() {
@@ -321,6 +344,8 @@ impl Responses {
     /// PortalSuspended): the front Execute, or the next statement of the
     /// front Query.
     fn finish_statement(&mut self) {
+        // One clock read ends this statement and starts the next.
+        let now = Instant::now();
         let next = {
             let mut queue = self.lock();
             match queue.front_mut() {
@@ -334,17 +359,15 @@ impl Responses {
                     // scanner could not split): charged to the last one.
                     let text = statements.get(*done).or(statements.last()).cloned();
                     *done += 1;
-                    let began = *started;
-                    // The next statement's time starts now.
-                    *started = Instant::now();
-                    text.map(|text| (text, *protocol, began))
+                    let began = std::mem::replace(started, now);
+                    text.map(|text| (text, *protocol, now - began))
                 }
                 _ => None,
             }
         };
         match next {
-            Some((text, protocol, started)) => self.record(protocol, &text, Vec::new(), started),
-            None => self.finish_execute(),
+            Some((text, protocol, took)) => self.record(protocol, text, Vec::new(), took),
+            None => self.finish_execute(now),
         }
     }
 
@@ -364,28 +387,28 @@ impl Responses {
                 return;
             };
             let syntax = self.error.as_ref().is_some_and(|e| e.sqlstate == "42601");
-            let failed: Vec<Arc<str>> = if syntax && *done == 0 && statements.len() > 1 {
-                vec![statements.join("; ").into()]
+            let failed: Vec<String> = if syntax && *done == 0 && statements.len() > 1 {
+                vec![statements.join("; ")]
             } else {
                 statements.get(*done..).unwrap_or_default().to_vec()
             };
             *done = statements.len();
-            (failed, *protocol, *started)
+            (failed, *protocol, started.elapsed())
         };
-        let (failed, protocol, started) = pending;
-        for (i, text) in failed.iter().enumerate() {
+        let (failed, protocol, took) = pending;
+        for (i, text) in failed.into_iter().enumerate() {
             if i > 0 {
                 self.error = Some(StatementError {
                     sqlstate: String::new(),
                     message: "not executed: an earlier statement of the same query failed".into(),
                 });
             }
-            self.record(protocol, text, Vec::new(), started);
+            self.record(protocol, text, Vec::new(), took);
         }
     }
 
-    /// Completes the front Execute, if the front is one.
-    fn finish_execute(&mut self) {
+    /// Completes the front Execute, if the front is one, as of `now`.
+    fn finish_execute(&mut self, now: Instant) {
         let front = {
             let mut queue = self.lock();
             match queue.front() {
@@ -399,7 +422,7 @@ impl Responses {
             started,
         }) = front
         {
-            self.record("extended", &text, parameters, started);
+            self.record("extended", text.to_string(), parameters, now - started);
         }
     }
 
@@ -420,7 +443,7 @@ impl Responses {
                     // call, or an error) is still one record.
                     if done == 0 {
                         let text = statements.join("; ");
-                        self.record(protocol, &text, Vec::new(), started);
+                        self.record(protocol, text, Vec::new(), started.elapsed());
                     }
                     break;
                 }
@@ -433,7 +456,7 @@ impl Responses {
                         sqlstate: String::new(),
                         message: "not executed: an earlier message before Sync failed".into(),
                     });
-                    self.record("extended", &text, parameters, started);
+                    self.record("extended", text.to_string(), parameters, started.elapsed());
                 }
             }
         }
@@ -450,17 +473,17 @@ impl Responses {
     fn record(
         &mut self,
         protocol: &'static str,
-        text: &str,
+        text: String,
         parameters: Vec<Option<String>>,
-        started: Instant,
+        took: Duration,
     ) {
         let event = AuditEvent::Statement(Statement {
             session: self.session.clone(),
             resource: self.resource.clone(),
             protocol,
-            text: text.to_string(),
+            text,
             parameters,
-            duration_us: started.elapsed().as_micros() as u64,
+            duration_us: took.as_micros() as u64,
             rows_returned: self.rows,
             rows: self.rows_by_tag.or((self.rows > 0).then_some(self.rows)),
             command_tag: self.tag.take(),

@@ -6,6 +6,8 @@
 //! truncated body (a malformed Bind or ErrorResponse panics), and a peer must
 //! never be able to panic the gateway.
 
+use std::borrow::Cow;
+
 use bytes::BytesMut;
 use pgwire::messages::{response::ErrorResponse, Message};
 
@@ -60,12 +62,18 @@ impl<'a> Reader<'a> {
 
     /// A NUL-terminated string (invalid UTF-8 replaced, for records).
     pub fn cstr(&mut self) -> Result<String, Malformed> {
+        self.cstr_borrowed().map(Cow::into_owned)
+    }
+
+    /// [`Reader::cstr`] without a copy when the bytes are valid UTF-8: for
+    /// names only looked up.
+    pub fn cstr_borrowed(&mut self) -> Result<Cow<'a, str>, Malformed> {
         let end = self
             .buf
             .iter()
             .position(|&b| b == 0)
             .ok_or(Malformed { what: self.what })?;
-        let text = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+        let text = String::from_utf8_lossy(&self.buf[..end]);
         self.buf = &self.buf[end + 1..];
         Ok(text)
     }
