@@ -110,29 +110,31 @@ pub(super) async fn run(
         .await;
         return;
     }
+    let id = next_session_id();
+    let span = info_span!(
+        "session",
+        %id,
+        %listener,
+        %peer,
+        uid = ?origin.as_ref().map(|o| o.uid),
+        principal = principal.as_ref().map_or("-", |p| p.name.as_str()),
+    );
     let ctx = SessionContext {
-        id: next_session_id(),
+        id,
         listener,
         peer,
         origin,
         principal,
         gateway,
+        span,
     };
-    let span = info_span!(
-        "session",
-        id = %ctx.id,
-        listener = %ctx.listener,
-        peer = %ctx.peer,
-        uid = ?ctx.origin.as_ref().map(|o| o.uid),
-        principal = ctx.principal.as_ref().map_or("-", |p| p.name.as_str()),
-    );
-    async move {
-        let started = Instant::now();
+    let started = Instant::now();
+    let recorded = async {
         match &ctx.origin {
             Some(o) => info!(destination = %o.original_destination, pid = o.pid, command = %o.command, "session start"),
             None => info!("session start (direct client)"),
         }
-        let recorded = record_durably(
+        record_durably(
             &ctx.gateway,
             AuditEvent::SessionStart(SessionStart {
                 session: ctx.id.clone(),
@@ -143,19 +145,24 @@ pub(super) async fn run(
                 origin: ctx.origin.clone(),
             }),
         )
-        .await;
-        if !recorded {
-            // No session goes unrecorded: fail closed.
-            return;
-        }
-        let outcome = tokio::select! {
-            outcome = serve(&ctx, client, protocol) => outcome,
-            _ = shutdown.requested() => Err("gateway shutting down".to_string()),
-        };
-        let (relayed, error) = match outcome {
-            Ok(r) => (r, None),
-            Err(e) => (Relayed::default(), Some(e)),
-        };
+        .await
+    }
+    .instrument(ctx.span.clone())
+    .await;
+    if !recorded {
+        // No session goes unrecorded: fail closed.
+        return;
+    }
+    // Adapters run their set-up under the span, the relay outside it.
+    let outcome = tokio::select! {
+        outcome = serve(&ctx, client, protocol) => outcome,
+        _ = shutdown.requested() => Err("gateway shutting down".to_string()),
+    };
+    let (relayed, error) = match outcome {
+        Ok(r) => (r, None),
+        Err(e) => (Relayed::default(), Some(e)),
+    };
+    async {
         info!(
             bytes_from_client = relayed.from_client,
             bytes_from_server = relayed.from_server,
@@ -174,7 +181,7 @@ pub(super) async fn run(
         )
         .await;
     }
-    .instrument(span)
+    .instrument(ctx.span.clone())
     .await
 }
 

@@ -43,13 +43,18 @@ use tokio::{
     net::TcpStream,
 };
 use tokio_rustls::TlsAcceptor;
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
-use self::{cancel::CancelRegistry, relay::Counters, startup::Opening};
+use self::{
+    cancel::{CancelKey, CancelRegistry},
+    relay::Counters,
+    startup::Opening,
+};
 use super::{Relayed, SessionContext};
 use crate::{
     audit::{AuditEvent, DatabaseLogin},
     config::{Config, Protocol},
+    identity::Principal,
     resource::ResourceConfig,
 };
 
@@ -173,6 +178,63 @@ async fn session(
 ) -> Result<(), PgError> {
     // This session keeps the configuration it started with.
     let pg = &*ctx.gateway.postgres();
+    // Set-up logs under the session's span; the relay runs outside it (see
+    // `SessionContext::span`).
+    let Some(open) = open(ctx, pg, client).instrument(ctx.span.clone()).await? else {
+        return Ok(());
+    };
+    let resource = &open.resource.config.name;
+    // Statement records are confirmed off the hot path: the session end
+    // waits for all of them.
+    let (requests, responses, acks) = statements::tracker(
+        ctx.id.clone(),
+        resource.clone(),
+        Arc::clone(&ctx.gateway.recorder),
+    );
+    // With a policy: judge statements and mask results on the way.
+    let policy = ctx.gateway.policy.as_ref().map(|runtime| inspect::Guard {
+        runtime: Arc::clone(runtime),
+        session: ctx.id.clone(),
+        resource: resource.clone(),
+        principal: open.principal,
+        held: Arc::clone(&open.key.held),
+    });
+    let relayed = relay::run(
+        open.client,
+        open.upstream,
+        requests,
+        responses,
+        counters,
+        policy,
+    )
+    .await;
+    drop(open.key);
+    let recorded = match acks.await {
+        Ok(acks) => acks.durable().await,
+        Err(_) => Ok(()),
+    };
+    relayed?;
+    recorded.map_err(|e| PgError::Config(format!("statement records were not stored: {e}")))?;
+    Ok(())
+}
+
+/// A session logged in on both sides, ready to relay.
+struct Open<'a> {
+    client: PgStream,
+    upstream: PgStream,
+    resource: &'a Resource,
+    principal: Principal,
+    /// The client's cancel key, valid while the session lasts.
+    key: CancelKey,
+}
+
+/// Start-up, login on both sides and the login record; `None` for a
+/// cancel request, which ends the connection.
+async fn open<'a>(
+    ctx: &SessionContext,
+    pg: &'a PostgresGateway,
+    client: TcpStream,
+) -> Result<Option<Open<'a>>, PgError> {
     let mark = ctx.gateway.exempt_mark;
     // Responses go out as soon as they are read: never wait for Nagle.
     client.set_nodelay(true)?;
@@ -186,7 +248,7 @@ async fn session(
         Opening::Cancel { pid, secret } => {
             let routed = pg.cancels.cancel(pid, &secret, mark).await?;
             info!(routed, "cancel request");
-            return Ok(());
+            return Ok(None);
         }
         Opening::Session(startup) => startup,
     };
@@ -296,37 +358,11 @@ async fn session(
         database = %login.database,
         "database session open"
     );
-
-    // Statement records are confirmed off the hot path: the session end
-    // waits for all of them.
-    let (requests, responses, acks) = statements::tracker(
-        ctx.id.clone(),
-        resource.config.name.clone(),
-        Arc::clone(&ctx.gateway.recorder),
-    );
-    // With a policy: judge statements and mask results on the way.
-    let policy = ctx.gateway.policy.as_ref().map(|runtime| inspect::Guard {
-        runtime: Arc::clone(runtime),
-        session: ctx.id.clone(),
-        resource: resource.config.name.clone(),
-        principal: login.principal.clone(),
-        held: Arc::clone(&key.held),
-    });
-    let relayed = relay::run(
-        startup.stream,
-        upstream.stream,
-        requests,
-        responses,
-        counters,
-        policy,
-    )
-    .await;
-    drop(key);
-    let recorded = match acks.await {
-        Ok(acks) => acks.durable().await,
-        Err(_) => Ok(()),
-    };
-    relayed?;
-    recorded.map_err(|e| PgError::Config(format!("statement records were not stored: {e}")))?;
-    Ok(())
+    Ok(Some(Open {
+        client: startup.stream,
+        upstream: upstream.stream,
+        resource,
+        principal: login.principal,
+        key,
+    }))
 }
