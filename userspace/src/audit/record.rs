@@ -173,20 +173,33 @@ fn checkpoint_message(number: u64, seq: u64, hash: &Hash, at_us: u64) -> Vec<u8>
 pub mod hex_bytes {
     use serde::{de::Error, Deserialize, Deserializer, Serializer};
 
-    /// Appends `v` as lower-case hex.
-    pub fn write(v: &[u8], out: &mut Vec<u8>) {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        for byte in v {
-            out.push(DIGITS[usize::from(byte >> 4)]);
-            out.push(DIGITS[usize::from(byte & 0xf)]);
-        }
+    /// Appends a hash as lower-case hex: formatted on the stack, then
+    /// copied once (pushing digit by digit showed in the writer's profile).
+    pub fn write(v: &[u8; 32], out: &mut Vec<u8>) {
+        let mut text = [0u8; 64];
+        hex_into(v, &mut text);
+        out.extend_from_slice(&text);
     }
 
+    /// Hex into a stack buffer rather than `hex::encode`'s `String`: export
+    /// serialises three hashes per record.
     pub fn serialize<S: Serializer, const N: usize>(v: &[u8; N], s: S) -> Result<S::Ok, S::Error> {
-        let mut text = Vec::with_capacity(2 * N);
-        write(v, &mut text);
+        let mut text = [0u8; 128];
+        let text = text
+            .get_mut(..2 * N)
+            .ok_or_else(|| serde::ser::Error::custom("hex field longer than 64 bytes"))?;
+        hex_into(v, text);
         // Only ASCII digits were written.
-        s.serialize_str(std::str::from_utf8(&text).map_err(serde::ser::Error::custom)?)
+        s.serialize_str(std::str::from_utf8(text).map_err(serde::ser::Error::custom)?)
+    }
+
+    /// Writes `v` as lower-case hex into `text`, two digits per byte.
+    fn hex_into(v: &[u8], text: &mut [u8]) {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for (pair, byte) in text.chunks_exact_mut(2).zip(v) {
+            pair[0] = DIGITS[usize::from(byte >> 4)];
+            pair[1] = DIGITS[usize::from(byte & 0xf)];
+        }
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(

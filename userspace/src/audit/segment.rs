@@ -176,7 +176,8 @@ impl Segments {
         let mut guard = lock(&self.active);
         let active = self.active_segment(&mut guard)?;
         // One write per commit, not per block.
-        let mut bytes = Vec::new();
+        let blocks: Vec<&[u8]> = blocks.into_iter().collect();
+        let mut bytes = Vec::with_capacity(blocks.iter().map(|b| b.len()).sum());
         let mut extents = Vec::new();
         for block in blocks {
             let len = u32::try_from(block.len()).map_err(|_| {
