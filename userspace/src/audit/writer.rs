@@ -49,7 +49,7 @@ pub struct CheckpointPolicy {
 impl Default for CheckpointPolicy {
     fn default() -> Self {
         Self {
-            every: 1000,
+            every: 10_000,
             interval: Duration::from_secs(60),
             commit_interval: Duration::from_millis(50),
         }
