@@ -27,6 +27,7 @@ mod relay;
 mod scram;
 mod startup;
 mod statements;
+mod stream;
 pub mod tls;
 mod upstream;
 mod wire;
@@ -38,13 +39,11 @@ use pgwire::messages::{
     response::{ReadyForQuery, TransactionStatus},
     startup::{Authentication, BackendKeyData, SecretKey},
 };
-use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn, Instrument};
 
+pub use self::stream::PgStream;
 use self::{
     cancel::{CancelKey, CancelRegistry},
     relay::Counters,
@@ -61,11 +60,6 @@ use crate::{
 /// Time a client has to negotiate, identify itself and be logged in
 /// upstream (PostgreSQL's authentication_timeout is a minute too).
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A client or upstream byte stream, plain or TLS.
-pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-pub type PgStream = Box<dyn Io>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
@@ -240,7 +234,7 @@ async fn open<'a>(
     client.set_nodelay(true)?;
     let opening = tokio::time::timeout(
         LOGIN_TIMEOUT,
-        startup::negotiate(Box::new(client), pg.tls.get(&*ctx.listener)),
+        startup::negotiate(PgStream::Plain(client), pg.tls.get(&*ctx.listener)),
     )
     .await
     .map_err(|_| PgError::Client("start-up timed out".into()))??;

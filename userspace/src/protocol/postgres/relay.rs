@@ -69,44 +69,91 @@ pub async fn run(
     counters: &Counters,
     policy: Option<Guard>,
 ) -> Result<(), PgError> {
-    let (client_read, mut client_write) = tokio::io::split(client);
-    let (upstream_read, upstream_write) = tokio::io::split(upstream);
-    let (judge, results) = policy.map(Guard::split).unzip();
-    let mut to_client = ToClient {
-        scanner: Scanner::new(statements::upstream_inspects),
-        results,
-        writing: false,
+    let relay = Relay {
+        requests,
+        responses,
+        counters,
+        policy,
     };
-    let result = {
-        let to_upstream =
-            client_to_upstream(client_read, upstream_write, requests, judge, counters);
-        let to_client = upstream_to_client(
-            upstream_read,
-            &mut client_write,
-            &mut to_client,
+    match (client, upstream) {
+        // Owned halves of a TCP stream need no lock between them.
+        (PgStream::Plain(client), PgStream::Plain(upstream)) => {
+            let (client_read, client_write) = client.into_split();
+            let (upstream_read, upstream_write) = upstream.into_split();
+            relay
+                .between(client_read, client_write, upstream_read, upstream_write)
+                .await
+        }
+        (client, upstream) => {
+            let (client_read, client_write) = tokio::io::split(client);
+            let (upstream_read, upstream_write) = tokio::io::split(upstream);
+            relay
+                .between(client_read, client_write, upstream_read, upstream_write)
+                .await
+        }
+    }
+}
+
+/// Everything a relay needs besides the two streams' halves.
+struct Relay<'a> {
+    requests: Requests,
+    responses: Responses,
+    counters: &'a Counters,
+    policy: Option<Guard>,
+}
+
+impl Relay<'_> {
+    /// Relays between the halves until either side closes.
+    async fn between(
+        self,
+        client_read: impl AsyncRead + Unpin,
+        mut client_write: impl AsyncWrite + Unpin,
+        upstream_read: impl AsyncRead + Unpin,
+        upstream_write: impl AsyncWrite + Unpin,
+    ) -> Result<(), PgError> {
+        let Self {
+            requests,
             responses,
             counters,
-        );
-        tokio::select! {
-            result = to_upstream => result,
-            result = to_client => result,
+            policy,
+        } = self;
+        let (judge, results) = policy.map(Guard::split).unzip();
+        let mut to_client = ToClient {
+            scanner: Scanner::new(statements::upstream_inspects),
+            results,
+            writing: false,
+        };
+        let result = {
+            let to_upstream =
+                client_to_upstream(client_read, upstream_write, requests, judge, counters);
+            let to_client = upstream_to_client(
+                upstream_read,
+                &mut client_write,
+                &mut to_client,
+                responses,
+                counters,
+            );
+            tokio::select! {
+                result = to_upstream => result,
+                result = to_client => result,
+            }
+        };
+        if let Some(results) = &to_client.results {
+            results.finish();
         }
-    };
-    if let Some(results) = &to_client.results {
-        results.finish();
-    }
-    // A client that broke the protocol gets a FATAL error, as PostgreSQL
-    // would send it, unless that would land inside a half-sent message.
-    if let Err(PgError::ClientProtocol(problem)) = &result {
-        if to_client.at_boundary() {
-            let mut out = BytesMut::new();
-            let message = format!("invalid message from the client: {problem}");
-            wire::encode(&wire::error_response("FATAL", "08P01", &message), &mut out);
-            let _ = client_write.write_all(&out).await;
-            let _ = client_write.flush().await;
+        // A client that broke the protocol gets a FATAL error, as PostgreSQL
+        // would send it, unless that would land inside a half-sent message.
+        if let Err(PgError::ClientProtocol(problem)) = &result {
+            if to_client.at_boundary() {
+                let mut out = BytesMut::new();
+                let message = format!("invalid message from the client: {problem}");
+                wire::encode(&wire::error_response("FATAL", "08P01", &message), &mut out);
+                let _ = client_write.write_all(&out).await;
+                let _ = client_write.flush().await;
+            }
         }
+        result
     }
-    result
 }
 
 async fn client_to_upstream(

@@ -71,7 +71,7 @@ pub async fn negotiate(
                     let accepted = acceptor.accept(stream).await.map_err(|e| {
                         PgError::Client(format!("TLS handshake with the client failed: {e}"))
                     })?;
-                    stream = Box::new(accepted);
+                    stream = PgStream::tls(accepted);
                     encrypted = true;
                 }
                 None => {

@@ -52,7 +52,7 @@ pub async fn open(
             resource.config.name
         ))
     })?;
-    let mut stream: PgStream = Box::new(tcp);
+    let mut stream = PgStream::Plain(tcp);
     // Over TLS: the certificate hash SCRAM binds to, if it can.
     let mut server_certificate: Option<Option<Vec<u8>>> = None;
     if let Some(config) = &resource.tls {
@@ -230,7 +230,7 @@ async fn start_tls(
         .peer_certificates()
         .and_then(|chain| chain.first())
         .and_then(|leaf| scram::certificate_hash(leaf));
-    Ok((Box::new(tls), hash))
+    Ok((PgStream::tls(tls), hash))
 }
 
 /// One typed message from the upstream during start-up.
