@@ -1,10 +1,10 @@
 //! [`SledRecorder`]: the store's single writer, with group commit.
 //!
 //! `record` only enqueues (so events keep their call order) and returns an
-//! [`Ack`]. One thread takes everything queued, chains it, writes it as one
-//! sled batch (the records as [`block`]s: one insert per block, not per
-//! record), flushes (fsync) and only then resolves the acks of the whole
-//! batch: the more producers, the more events share one flush. The same
+//! [`Ack`]. One thread takes everything queued, chains it, appends the
+//! records as [`block`]s to the segment file, indexes the blocks in one
+//! sled batch, syncs both and only then resolves the acks of the whole
+//! batch: the more producers, the more events share one sync. The same
 //! thread signs checkpoints (every N records, every T seconds when there is
 //! something new, and at close) and runs retention purges, so nothing else
 //! ever writes the chain.
