@@ -249,6 +249,21 @@ password_file = "{secret}"
             .unwrap()
     }
 
+    /// A kernel counter from `portcullis status`.
+    fn counter(&self, name: &str) -> u64 {
+        self.gateway.status_json()["counters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c[0] == name)
+            .and_then(|c| c[1].as_u64())
+            .unwrap_or(0)
+    }
+
+    fn fast_path_messages(&self) -> u64 {
+        self.counter("fast_path_messages")
+    }
+
     fn assert_no_panic(&self) {
         let log = self.gateway.log();
         assert!(!log.contains("panicked"), "the gateway panicked: {log}");
@@ -781,16 +796,7 @@ print(minor, count, option, b"negotiated" in reply)
 #[test]
 fn local_clients_take_the_kernel_fast_path_with_identical_bytes() {
     let s = Setup::new();
-    let counter = |name: &str| -> u64 {
-        s.gateway.status_json()["counters"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c[0] == name)
-            .and_then(|c| c[1].as_u64())
-            .unwrap_or(0)
-    };
-    let before = counter("fast_path_messages");
+    let before = s.fast_path_messages();
 
     let rows = 200_000u64;
     let out = s.psql(&[
@@ -815,12 +821,60 @@ fn local_clients_take_the_kernel_fast_path_with_identical_bytes() {
     assert!(bench.status.success(), "{}", stderr(&bench));
     assert!(stdout(&bench).contains("number of failed transactions: 0"));
 
-    assert!(counter("fast_path_sockets") >= 1);
-    let messages = counter("fast_path_messages") - before;
+    assert!(s.counter("fast_path_sockets") >= 1);
+    let messages = s.fast_path_messages() - before;
     assert!(
         messages > 800,
         "only {messages} messages took the fast path"
     );
+    s.assert_no_panic();
+}
+
+/// `portcullis kernel detach` while a session is on the fast path: the
+/// session keeps every byte (the daemon still holds the socket map and its
+/// program), and only new connections go past the gateway.
+#[test]
+fn a_fast_path_session_survives_kernel_detach() {
+    let s = Setup::new();
+    let rows = 200_000u64;
+    let copy = format!("copy (select g from generate_series(1, {rows}) g) to stdout");
+    let session = s
+        .psql_cmd(
+            "postgres",
+            &[
+                "-Atc",
+                "select pg_sleep(2)",
+                "-c",
+                &copy,
+                "-c",
+                "select 'after'",
+            ],
+        )
+        .spawn()
+        .unwrap();
+    // Detach while the session sleeps: it is open and on the fast path
+    // (its start-up went over the socket map).
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(s.fast_path_messages() > 0);
+    let detached = s.gateway.detach();
+    assert!(detached.status.success(), "{}", stderr(&detached));
+
+    let out = wait_with_timeout(session, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some(""), "pg_sleep's empty row");
+    for expected in 1..=rows {
+        assert_eq!(lines.next(), Some(expected.to_string().as_str()));
+    }
+    assert_eq!(lines.next(), Some("after"));
+    assert_eq!(lines.next(), None);
+
+    // New connections are no longer redirected: they reach the server
+    // itself, which asks the client for the password it does not have.
+    let direct = s.psql(&["-Atc", "select 1"]);
+    assert!(!direct.status.success());
+    assert!(stderr(&direct).contains("password"), "{}", stderr(&direct));
     s.assert_no_panic();
 }
 
