@@ -1,5 +1,6 @@
-//! The block-aware reads, old single-record values, purges inside blocks
-//! and damaged blocks, against a real sled store in a temp dir.
+//! The block-aware reads, the formats of older stores (one record per
+//! value, blocks inline in sled), purges inside blocks and damaged blocks,
+//! against a real store (sled and segment files) in a temp dir.
 
 use std::{collections::BTreeMap, time::SystemTime};
 
@@ -160,6 +161,44 @@ fn old_single_record_values_read_and_the_writer_continues_them() {
     let result = verified(dir.path(), &store);
     assert!(result.ok, "{:?}", result.problems);
     assert_eq!(result.records, 16);
+}
+
+#[test]
+fn inline_blocks_of_the_previous_version_read_and_the_writer_continues_them() {
+    let records = chain(30);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let store = Store::open(&state).unwrap();
+    let mut blocks = Blocks::with_cap(1200);
+    for r in &records {
+        blocks.push(r.seq, &r.encode()).unwrap();
+    }
+    let mut batch = sled::Batch::default();
+    for (first, bytes) in blocks.finish() {
+        batch.insert(&first.to_be_bytes(), bytes);
+    }
+    store.apply(batch, None).unwrap();
+    let old = layout(&store);
+    assert!(old
+        .iter()
+        .all(|&(k, _)| store.block_at(k).unwrap().unwrap().extent.is_none()));
+
+    let recorder = SledRecorder::start(
+        store.clone(),
+        Keys::load_or_create(&state).unwrap(),
+        policy(),
+    )
+    .unwrap();
+    record_sessions(&recorder, &[("s-1", "crm"), ("s-2", "crm")]);
+    recorder.close().unwrap();
+    let now = layout(&store);
+    assert_eq!(&now[..old.len()], &old[..], "old blocks untouched");
+    let new = store.block_at(31).unwrap().unwrap();
+    assert!(new.extent.is_some(), "new records go to a segment");
+    assert_eq!(store.record(7).unwrap().unwrap().hash, records[6].hash);
+    let result = verified(dir.path(), &store);
+    assert!(result.ok, "{:?}", result.problems);
+    assert_eq!(result.records, 34);
 }
 
 /// A commit interval long enough that events recorded together without
