@@ -38,27 +38,57 @@ fn chain(n: u64) -> Vec<Record> {
         .collect()
 }
 
-/// Stores `records` in segment files as blocks of at most `cap` bytes
-/// (`cap` 0: one record per sled value, as stores before blocks were
-/// written).
-fn store_with(records: &[Record], cap: usize) -> (tempfile::TempDir, Store) {
+/// How a test store holds its records.
+#[derive(Clone, Copy)]
+enum Format {
+    /// As the writer stores them: blocks of at most this many bytes in
+    /// segment files.
+    Segments(usize),
+    /// As stores before segments did: blocks inline in sled.
+    InlineBlocks(usize),
+    /// As stores before blocks did: one record per sled value.
+    OneRecordPerValue,
+}
+
+/// A store holding `records` in `format`.
+fn store_with(records: &[Record], format: Format) -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("state")).unwrap();
+    let cap = match format {
+        Format::Segments(cap) | Format::InlineBlocks(cap) => cap,
+        Format::OneRecordPerValue => 0,
+    };
+    let mut blocks = Blocks::with_cap(cap);
+    for r in records {
+        blocks.push(r.seq, &r.encode()).unwrap();
+    }
+    let blocks = blocks.finish();
     let mut batch = sled::Batch::default();
-    if cap == 0 {
-        for r in records {
-            batch.insert(&r.seq.to_be_bytes(), r.encode());
+    match format {
+        Format::Segments(_) => store.append_blocks(&blocks, &mut batch).unwrap(),
+        Format::InlineBlocks(_) | Format::OneRecordPerValue => {
+            for (first, bytes) in blocks {
+                batch.insert(&first.to_be_bytes(), bytes);
+            }
         }
-    } else {
-        let mut blocks = Blocks::with_cap(cap);
-        for r in records {
-            blocks.push(r.seq, &r.encode()).unwrap();
-        }
-        store.append_blocks(&blocks.finish(), &mut batch).unwrap();
     }
     store.apply(batch, None).unwrap();
     store.sync().unwrap();
     (dir, store)
+}
+
+/// Starts the writer on `store`, records two sessions (four records, one
+/// commit) and stops it.
+fn continue_with_two_sessions(dir: &Path, store: &Store) {
+    let state = dir.join("state");
+    let recorder = SledRecorder::start(
+        store.clone(),
+        Keys::load_or_create(&state).unwrap(),
+        policy(),
+    )
+    .unwrap();
+    record_sessions(&recorder, &[("s-1", "crm"), ("s-2", "crm")]);
+    recorder.close().unwrap();
 }
 
 /// (key, number of lines) of every block.
@@ -89,7 +119,7 @@ fn verified(dir: &Path, store: &Store) -> Verification {
 #[test]
 fn records_are_found_across_block_boundaries() {
     let records = chain(40);
-    let (_dir, store) = store_with(&records, 1200);
+    let (_dir, store) = store_with(&records, Format::Segments(1200));
     let blocks = layout(&store);
     assert!(blocks.len() > 4, "several blocks: {blocks:?}");
     assert!(
@@ -109,7 +139,7 @@ fn records_are_found_across_block_boundaries() {
 #[test]
 fn raw_records_key_each_line_by_its_position() {
     let records = chain(40);
-    let (_dir, store) = store_with(&records, 1200);
+    let (_dir, store) = store_with(&records, Format::Segments(1200));
     let all = store.raw_records(1, usize::MAX).unwrap();
     assert_eq!(all.len(), 40);
     for (entry, r) in all.iter().zip(&records) {
@@ -137,21 +167,13 @@ fn raw_records_key_each_line_by_its_position() {
 #[test]
 fn old_single_record_values_read_and_the_writer_continues_them() {
     let records = chain(12);
-    let (dir, store) = store_with(&records, 0);
+    let (dir, store) = store_with(&records, Format::OneRecordPerValue);
     assert_eq!(layout(&store), (1..=12).map(|k| (k, 1)).collect::<Vec<_>>());
     assert_eq!(store.record(7).unwrap().unwrap().hash, records[6].hash);
     assert_eq!(store.head().unwrap().unwrap().seq, 12);
     assert_eq!(store.raw_records(5, 2).unwrap()[1].key, 6);
 
-    let state = dir.path().join("state");
-    let recorder = SledRecorder::start(
-        store.clone(),
-        Keys::load_or_create(&state).unwrap(),
-        policy(),
-    )
-    .unwrap();
-    record_sessions(&recorder, &[("s-1", "crm"), ("s-2", "crm")]);
-    recorder.close().unwrap();
+    continue_with_two_sessions(dir.path(), &store);
     let blocks = layout(&store);
     assert_eq!(blocks[12].0, 13, "{blocks:?}");
     assert!(
@@ -166,31 +188,13 @@ fn old_single_record_values_read_and_the_writer_continues_them() {
 #[test]
 fn inline_blocks_of_the_previous_version_read_and_the_writer_continues_them() {
     let records = chain(30);
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let store = Store::open(&state).unwrap();
-    let mut blocks = Blocks::with_cap(1200);
-    for r in &records {
-        blocks.push(r.seq, &r.encode()).unwrap();
-    }
-    let mut batch = sled::Batch::default();
-    for (first, bytes) in blocks.finish() {
-        batch.insert(&first.to_be_bytes(), bytes);
-    }
-    store.apply(batch, None).unwrap();
+    let (dir, store) = store_with(&records, Format::InlineBlocks(1200));
     let old = layout(&store);
     assert!(old
         .iter()
         .all(|&(k, _)| store.block_at(k).unwrap().unwrap().extent.is_none()));
 
-    let recorder = SledRecorder::start(
-        store.clone(),
-        Keys::load_or_create(&state).unwrap(),
-        policy(),
-    )
-    .unwrap();
-    record_sessions(&recorder, &[("s-1", "crm"), ("s-2", "crm")]);
-    recorder.close().unwrap();
+    continue_with_two_sessions(dir.path(), &store);
     let now = layout(&store);
     assert_eq!(&now[..old.len()], &old[..], "old blocks untouched");
     let new = store.block_at(31).unwrap().unwrap();
@@ -320,7 +324,7 @@ fn a_purge_rewrites_lines_inside_blocks_and_keeps_the_rest() {
 #[test]
 fn damaged_lines_are_reported_at_their_seq() {
     let records = chain(30);
-    let (dir, store) = store_with(&records, 1500);
+    let (dir, store) = store_with(&records, Format::Segments(1500));
     let (key, lines) = layout(&store)[1];
     assert!(lines >= 3);
     let block = block_bytes(&store, key);
@@ -360,7 +364,7 @@ fn damaged_lines_are_reported_at_their_seq() {
 #[test]
 fn lines_moved_inside_blocks_are_reported_once_at_their_position() {
     let records = chain(30);
-    let (dir, store) = store_with(&records, 1500);
+    let (dir, store) = store_with(&records, Format::Segments(1500));
     let (key, lines) = layout(&store)[1];
     assert!(lines >= 4);
     let block = block_bytes(&store, key);
