@@ -177,19 +177,18 @@ async fn session(
     let Some(open) = open(ctx, pg, client).instrument(ctx.span.clone()).await? else {
         return Ok(());
     };
-    let resource = &open.resource.config.name;
     // Statement records are confirmed off the hot path: the session end
     // waits for all of them.
     let (requests, responses, acks) = statements::tracker(
         ctx.id.clone(),
-        resource.clone(),
+        open.resource.clone(),
         Arc::clone(&ctx.gateway.recorder),
     );
     // With a policy: judge statements and mask results on the way.
     let policy = ctx.gateway.policy.as_ref().map(|runtime| inspect::Guard {
         runtime: Arc::clone(runtime),
         session: ctx.id.clone(),
-        resource: resource.clone(),
+        resource: open.resource,
         principal: open.principal,
         held: Arc::clone(&open.key.held),
     });
@@ -213,10 +212,11 @@ async fn session(
 }
 
 /// A session logged in on both sides, ready to relay.
-struct Open<'a> {
+struct Open {
     client: PgStream,
     upstream: PgStream,
-    resource: &'a Resource,
+    /// The resource's name.
+    resource: String,
     principal: Principal,
     /// The client's cancel key, valid while the session lasts.
     key: CancelKey,
@@ -224,11 +224,11 @@ struct Open<'a> {
 
 /// Start-up, login on both sides and the login record; `None` for a
 /// cancel request, which ends the connection.
-async fn open<'a>(
+async fn open(
     ctx: &SessionContext,
-    pg: &'a PostgresGateway,
+    pg: &PostgresGateway,
     client: TcpStream,
-) -> Result<Option<Open<'a>>, PgError> {
+) -> Result<Option<Open>, PgError> {
     let mark = ctx.gateway.exempt_mark;
     // Responses go out as soon as they are read: never wait for Nagle.
     client.set_nodelay(true)?;
@@ -355,7 +355,7 @@ async fn open<'a>(
     Ok(Some(Open {
         client: startup.stream,
         upstream: upstream.stream,
-        resource,
+        resource: resource.config.name.clone(),
         principal: login.principal,
         key,
     }))
