@@ -26,6 +26,7 @@ mod commit;
 pub mod config;
 mod event;
 pub mod export;
+mod json;
 pub mod keys;
 pub mod query;
 pub mod record;

@@ -76,37 +76,73 @@ impl Record {
     /// escape scan that serde runs over every string (a third of the
     /// writer's encoding time went to scanning the three hex strings).
     pub fn encode(&self) -> Vec<u8> {
-        let payload = self.payload.as_deref().map(RawValue::get);
-        let mut out = Vec::with_capacity(256 + payload.map_or(0, str::len));
-        let mut number = itoa::Buffer::new();
-        out.extend_from_slice(b"{\"seq\":");
-        out.extend_from_slice(number.format(self.seq).as_bytes());
-        out.extend_from_slice(b",\"at_us\":");
-        out.extend_from_slice(number.format(self.at_us).as_bytes());
-        for (name, hash) in [
-            (&b",\"prev\":\""[..], &self.prev),
-            (b"\",\"payload_hash\":\"", &self.payload_hash),
-            (b"\",\"hash\":\"", &self.hash),
-        ] {
-            out.extend_from_slice(name);
-            hex_bytes::write(hash, &mut out);
-        }
-        out.push(b'"');
-        if let Some(payload) = payload {
-            out.extend_from_slice(b",\"payload\":");
-            out.extend_from_slice(payload.as_bytes());
-        }
-        if let Some(purged_by) = self.purged_by {
-            out.extend_from_slice(b",\"purged_by\":");
-            out.extend_from_slice(number.format(purged_by).as_bytes());
-        }
-        out.push(b'}');
-        out
+        encode(
+            self.seq,
+            self.at_us,
+            [&self.prev, &self.payload_hash, &self.hash],
+            self.payload.as_deref().map(RawValue::get),
+            self.purged_by,
+        )
+    }
+
+    /// The hash and stored form of the record that follows `prev` for
+    /// `payload`, the event's JSON text: what the writer appends, without
+    /// turning text it wrote itself into a [`RawValue`] (which parses it).
+    pub fn encode_new(seq: u64, at_us: u64, prev: Hash, payload: &str) -> (Hash, Vec<u8>) {
+        let payload_hash = payload_hash(payload);
+        let hash = chain_hash(seq, at_us, &prev, &payload_hash);
+        let bytes = encode(
+            seq,
+            at_us,
+            [&prev, &payload_hash, &hash],
+            Some(payload),
+            None,
+        );
+        (hash, bytes)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(bytes)
     }
+}
+
+/// A record's stored form from its fields; `hashes` are `prev`,
+/// `payload_hash` and `hash`, in the struct's order.
+fn encode(
+    seq: u64,
+    at_us: u64,
+    hashes: [&Hash; 3],
+    payload: Option<&str>,
+    purged_by: Option<u64>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + payload.map_or(0, str::len));
+    let mut number = itoa::Buffer::new();
+    out.extend_from_slice(b"{\"seq\":");
+    out.extend_from_slice(number.format(seq).as_bytes());
+    out.extend_from_slice(b",\"at_us\":");
+    out.extend_from_slice(number.format(at_us).as_bytes());
+    for (name, hash) in [
+        &b",\"prev\":\""[..],
+        b"\",\"payload_hash\":\"",
+        b"\",\"hash\":\"",
+    ]
+    .into_iter()
+    .zip(hashes)
+    {
+        out.extend_from_slice(name);
+        hex_bytes::write(hash, &mut out);
+    }
+    out.push(b'"');
+    if let Some(payload) = payload {
+        out.extend_from_slice(b",\"payload\":");
+        out.extend_from_slice(payload.as_bytes());
+    }
+    if let Some(purged_by) = purged_by {
+        out.extend_from_slice(b",\"purged_by\":");
+        out.extend_from_slice(number.format(purged_by).as_bytes());
+    }
+    out.push(b'}');
+    out
 }
 
 pub fn payload_hash(payload: &str) -> Hash {
@@ -227,6 +263,16 @@ mod tests {
         r.payload = None;
         r.purged_by = Some(u64::MAX);
         assert_eq!(r.encode(), serde_json::to_vec(&r).unwrap());
+    }
+
+    #[test]
+    fn encode_new_is_new_then_encode() {
+        let payload = r#"{"event":"x","a":"\u0001"}"#;
+        let r = Record::new(9, 11, [3; 32], raw(payload));
+        assert_eq!(
+            Record::encode_new(9, 11, [3; 32], payload),
+            (r.hash, r.encode())
+        );
     }
 
     #[test]

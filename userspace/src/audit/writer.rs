@@ -15,7 +15,6 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 use tracing::{error, info};
 
@@ -23,6 +22,7 @@ use super::{
     block::{self, Blocks},
     commit::{Inbox, Progress, Settle},
     event::RetentionPurge,
+    json,
     keys::Keys,
     record::{Checkpoint, Hash, Record, GENESIS},
     retention::{self, Retention},
@@ -71,7 +71,8 @@ enum Msg {
     Append {
         ticket: u64,
         at_us: u64,
-        payload: Box<RawValue>,
+        /// The event's JSON text.
+        payload: String,
         /// The session and keyed hashes of personal values taken out of
         /// the payload, indexed under this record.
         redacted: Option<(String, Vec<Hash>)>,
@@ -224,7 +225,7 @@ impl Recorder for SledRecorder {
             }
             _ => None,
         };
-        let payload = match serde_json::value::to_raw_value(&event) {
+        let payload = match json::event(&event) {
             Ok(p) => p,
             Err(e) => return Ack::done(Err(e.into())),
         };
@@ -371,7 +372,7 @@ impl Writer {
                             ));
                         }
                     }
-                    for found in detect(payload.get()) {
+                    for found in detect(&payload) {
                         subjects.push((
                             subject_hash(&self.subject_key, &found.value),
                             SubjectHit {
@@ -383,10 +384,10 @@ impl Writer {
                             },
                         ));
                     }
-                    let record = Record::new(seq, at_us, prev, payload);
-                    prev = record.hash;
+                    let (hash, bytes) = Record::encode_new(seq, at_us, prev, &payload);
+                    prev = hash;
                     if encode_error.is_none() {
-                        encode_error = blocks.push(seq, &record.encode()).err();
+                        encode_error = blocks.push(seq, &bytes).err();
                     }
                     settle(ticket);
                 }
@@ -546,15 +547,15 @@ impl Writer {
             sessions: plan.sessions.len() as u64,
             by_resource: plan.by_resource.clone(),
         });
-        let payload = serde_json::value::to_raw_value(&event)?;
-        let record = Record::new(
+        let payload = json::event(&event)?;
+        let (purge_hash, bytes) = Record::encode_new(
             purge_seq,
             micros(SystemTime::now()),
             self.head_hash,
-            payload,
+            &payload,
         );
         let mut purge_block = Blocks::default();
-        purge_block.push(purge_seq, &record.encode())?;
+        purge_block.push(purge_seq, &bytes)?;
         let mut blocks = purge_block.finish();
         let replaced = self.rewrite_purged(&plan.seqs, purge_seq, &mut blocks)?;
         let mut chain = sled::Batch::default();
@@ -577,7 +578,7 @@ impl Writer {
         self.store.apply(chain, Some(index))?;
         self.store.sync()?;
         self.head_seq = purge_seq;
-        self.head_hash = record.hash;
+        self.head_hash = purge_hash;
         // Committed: the emptied payloads' old bytes can go. Failing here
         // leaves them unreferenced, not the chain wrong.
         if let Err(e) = self.store.release(&replaced) {
