@@ -10,7 +10,9 @@
 //! The gateway's clients run in a throwaway child cgroup so the kernel
 //! redirects them; direct and PgBouncer clients run outside it. Rounds
 //! rotate the order of the three targets so drift affects all alike; the
-//! median of each is reported.
+//! median of each is reported, and the gateway's TPS over PgBouncer's
+//! round by round (the machine's speed drifts between rounds, so only
+//! ratios within one round compare like with like).
 //!
 //! Run: `cargo bench --bench postgres` (release build). Needs PostgreSQL 15,
 //! pgbench, psql and pgbouncer (Debian packages postgresql, pgbouncer).
@@ -27,7 +29,7 @@ use std::{
 const PORTCULLIS: &str = env!("CARGO_BIN_EXE_portcullis");
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 const PASSWORD: &str = "bench-Secret-1";
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 const SECONDS: &str = "8";
 const CLIENTS: &str = "8";
 const COPY_SQL: &str =
@@ -141,6 +143,21 @@ fn main() {
                 tps / direct
             );
         }
+    }
+    println!("\ngateway TPS / PgBouncer TPS, round by round");
+    for (m, mode) in modes.iter().enumerate() {
+        let ratios: Vec<f64> = results[m][1]
+            .iter()
+            .zip(&results[m][2])
+            .map(|(gateway, bouncer)| gateway.0 / bouncer.0)
+            .collect();
+        let ahead = ratios.iter().filter(|r| **r > 1.0).count();
+        let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        println!(
+            "{mode:<10} {}   median {:.2}, gateway ahead in {ahead} of {ROUNDS}",
+            shown.join(" "),
+            median(ratios)
+        );
     }
     println!("\nlarge result: {COPY_SQL} (median MB/s)");
     let direct = median(copies[0].clone());
