@@ -32,7 +32,12 @@ pub mod tls;
 mod upstream;
 mod wire;
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
 
 use bytes::BytesMut;
 use pgwire::messages::{
@@ -153,11 +158,11 @@ impl PostgresGateway {
 
 /// Serves one PostgreSQL client.
 pub async fn serve(ctx: &SessionContext, client: TcpStream) -> Result<Relayed, String> {
-    let counters = Counters::default();
+    let counters = Arc::new(Counters::default());
     let result = session(ctx, client, &counters).await;
     let relayed = Relayed {
-        from_client: counters.from_client.into_inner(),
-        from_server: counters.from_server.into_inner(),
+        from_client: counters.from_client.load(Ordering::Relaxed),
+        from_server: counters.from_server.load(Ordering::Relaxed),
     };
     match result {
         Ok(()) => Ok(relayed),
@@ -168,7 +173,7 @@ pub async fn serve(ctx: &SessionContext, client: TcpStream) -> Result<Relayed, S
 async fn session(
     ctx: &SessionContext,
     client: TcpStream,
-    counters: &Counters,
+    counters: &Arc<Counters>,
 ) -> Result<(), PgError> {
     // This session keeps the configuration it started with.
     let pg = &*ctx.gateway.postgres();
@@ -197,7 +202,7 @@ async fn session(
         open.upstream,
         requests,
         responses,
-        counters,
+        Arc::clone(counters),
         policy,
     )
     .await;

@@ -15,10 +15,21 @@
 //! statements; masked rows). Whether there is a hook is checked once per
 //! buffer; without one, nothing else changes.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    task::{JoinError, JoinHandle},
+};
 
 use super::{
     frame::Scanner,
@@ -61,12 +72,18 @@ impl ToClient {
 /// Relays until either side closes. A client Terminate, a client hang-up
 /// or an upstream hang-up end the session normally. With a `policy`, its
 /// [`inspect`](super::inspect) hook judges and masks on the way.
+///
+/// The relay runs as a task of its own, aborted if this future is dropped
+/// (the session cancelled at shutdown). A socket event then polls only
+/// the relay, not the session's whole chain of futures above it (the
+/// listener's, the shutdown watch, the adapter's set-up): about a
+/// microsecond per transaction when statements are small.
 pub async fn run(
     client: PgStream,
     upstream: PgStream,
     requests: Requests,
     responses: Responses,
-    counters: &Counters,
+    counters: Arc<Counters>,
     policy: Option<Guard>,
 ) -> Result<(), PgError> {
     let relay = Relay {
@@ -75,34 +92,53 @@ pub async fn run(
         counters,
         policy,
     };
-    match (client, upstream) {
+    let task = match (client, upstream) {
         // Owned halves of a TCP stream need no lock between them.
         (PgStream::Plain(client), PgStream::Plain(upstream)) => {
             let (client_read, client_write) = client.into_split();
             let (upstream_read, upstream_write) = upstream.into_split();
-            relay
-                .between(client_read, client_write, upstream_read, upstream_write)
-                .await
+            tokio::spawn(relay.between(client_read, client_write, upstream_read, upstream_write))
         }
         (client, upstream) => {
             let (client_read, client_write) = tokio::io::split(client);
             let (upstream_read, upstream_write) = tokio::io::split(upstream);
-            relay
-                .between(client_read, client_write, upstream_read, upstream_write)
-                .await
+            tokio::spawn(relay.between(client_read, client_write, upstream_read, upstream_write))
         }
+    };
+    match (AbortOnDrop(task)).await {
+        Ok(result) => result,
+        Err(e) => Err(PgError::Io(std::io::Error::other(format!(
+            "the relay task failed: {e}"
+        )))),
+    }
+}
+
+/// A spawned task that goes when its handle does.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Future for AbortOnDrop<T> {
+    type Output = Result<T, JoinError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
 /// Everything a relay needs besides the two streams' halves.
-struct Relay<'a> {
+struct Relay {
     requests: Requests,
     responses: Responses,
-    counters: &'a Counters,
+    counters: Arc<Counters>,
     policy: Option<Guard>,
 }
 
-impl Relay<'_> {
+impl Relay {
     /// Relays between the halves until either side closes.
     async fn between(
         self,
@@ -125,13 +161,13 @@ impl Relay<'_> {
         };
         let result = {
             let to_upstream =
-                client_to_upstream(client_read, upstream_write, requests, judge, counters);
+                client_to_upstream(client_read, upstream_write, requests, judge, &counters);
             let to_client = upstream_to_client(
                 upstream_read,
                 &mut client_write,
                 &mut to_client,
                 responses,
-                counters,
+                &counters,
             );
             tokio::select! {
                 result = to_upstream => result,
