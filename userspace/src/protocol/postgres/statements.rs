@@ -50,8 +50,8 @@ type Queue = Arc<Mutex<VecDeque<Expect>>>;
 /// The client half: remembers prepared statements and portals.
 pub struct Requests {
     queue: Queue,
-    statements: HashMap<String, Arc<str>>,
-    portals: HashMap<String, (Arc<str>, Vec<Option<String>>)>,
+    statements: ByName<Arc<str>>,
+    portals: ByName<(Arc<str>, Vec<Option<String>>)>,
     /// Set when the client sent Terminate.
     pub terminated: bool,
 }
@@ -98,8 +98,8 @@ pub fn tracker(
     (
         Requests {
             queue: Arc::clone(&queue),
-            statements: HashMap::new(),
-            portals: HashMap::new(),
+            statements: ByName::default(),
+            portals: ByName::default(),
             terminated: false,
         },
         Responses {
@@ -149,8 +149,14 @@ impl Requests {
             }),
             b'P' => {
                 let mut r = Reader::new(body, "Parse");
-                if let (Ok(name), Ok(text)) = (r.cstr(), r.cstr()) {
-                    self.statements.insert(name, text.into());
+                if let (Ok(name), Ok(text)) = (r.cstr_borrowed(), r.cstr_borrowed()) {
+                    // Drivers re-parse the same text under the same name
+                    // for every query: keep the text already held.
+                    let text = match self.statements.get(&name) {
+                        Some(held) if **held == *text => Arc::clone(held),
+                        _ => Arc::from(text),
+                    };
+                    self.statements.insert(&name, text);
                 }
             }
             b'B' => {
@@ -160,21 +166,17 @@ impl Requests {
                     parameters,
                 }) = parse_bind(body)
                 {
-                    let text = self
-                        .statements
-                        .get(&*statement)
-                        .cloned()
-                        .unwrap_or_else(|| {
-                            format!("<unknown prepared statement {statement:?}>").into()
-                        });
-                    self.portals.insert(portal, (text, parameters));
+                    let text = self.statements.get(&statement).cloned().unwrap_or_else(|| {
+                        format!("<unknown prepared statement {statement:?}>").into()
+                    });
+                    self.portals.insert(&portal, (text, parameters));
                 }
             }
             b'E' => {
                 let portal = Reader::new(body, "Execute")
                     .cstr_borrowed()
                     .unwrap_or_default();
-                let (text, parameters) = match self.portals.get(&*portal) {
+                let (text, parameters) = match self.portals.get(&portal) {
                     Some((text, parameters)) => (Arc::clone(text), parameters.clone()),
                     None => (format!("<unknown portal {portal:?}>").into(), Vec::new()),
                 };
@@ -186,7 +188,7 @@ impl Requests {
             }
             b'C' => {
                 let mut r = Reader::new(body, "Close");
-                if let (Ok(target), Ok(name)) = (r.u8(), r.cstr()) {
+                if let (Ok(target), Ok(name)) = (r.u8(), r.cstr_borrowed()) {
                     match target {
                         b'S' => self.statements.remove(&name),
                         _ => self.portals.remove(&name).map(|(t, _)| t),
@@ -196,6 +198,48 @@ impl Requests {
             b'S' => self.push(Expect::Sync),
             b'X' => self.terminated = true,
             _ => {}
+        }
+    }
+}
+
+/// Prepared statements or portals by name. The unnamed one, which most
+/// drivers use for every query, is kept beside the map: the usual
+/// Parse/Bind/Execute then hashes and allocates no names.
+struct ByName<T> {
+    unnamed: Option<T>,
+    named: HashMap<String, T>,
+}
+
+impl<T> Default for ByName<T> {
+    fn default() -> Self {
+        Self {
+            unnamed: None,
+            named: HashMap::new(),
+        }
+    }
+}
+
+impl<T> ByName<T> {
+    fn insert(&mut self, name: &str, value: T) {
+        match name {
+            "" => self.unnamed = Some(value),
+            _ => {
+                self.named.insert(name.to_owned(), value);
+            }
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&T> {
+        match name {
+            "" => self.unnamed.as_ref(),
+            _ => self.named.get(name),
+        }
+    }
+
+    fn remove(&mut self, name: &str) -> Option<T> {
+        match name {
+            "" => self.unnamed.take(),
+            _ => self.named.remove(name),
         }
     }
 }
@@ -217,7 +261,7 @@ fn split_statements(text: String) -> Vec<String> {
 
 /// A Bind message, as much of it as the record needs.
 struct Bind<'a> {
-    portal: String,
+    portal: Cow<'a, str>,
     /// Only looked up: borrowed from the message.
     statement: Cow<'a, str>,
     /// Rendered for the record.
@@ -226,7 +270,7 @@ struct Bind<'a> {
 
 fn parse_bind(body: &[u8]) -> Result<Bind<'_>, wire::Malformed> {
     let mut r = Reader::new(body, "Bind");
-    let portal = r.cstr()?;
+    let portal = r.cstr_borrowed()?;
     let statement = r.cstr_borrowed()?;
     let format_count = r.i16()?.max(0) as usize;
     // Read in place: one big-endian i16 per parameter (or one for all).
@@ -586,6 +630,57 @@ mod tests {
             .unwrap()
             .message
             .contains("not executed"));
+    }
+
+    #[test]
+    fn unnamed_and_named_statements_and_portals_keep_their_own_text() {
+        let recorder = Arc::new(Collect::default());
+        let (mut req, mut resp, _acks) =
+            tracker("s".into(), "r".into(), Arc::clone(&recorder) as _);
+        // (Parse first: statement name and text, or none), Bind statement
+        // into portal, Execute the portal.
+        let steps = [
+            (Some(("", "select 1")), "", ""),
+            (Some(("", "select 1")), "", ""),
+            (Some(("", "select 2")), "", ""),
+            (Some(("named", "select 3")), "named", ""),
+            (Some(("", "select 4")), "", "p"),
+            (None, "named", "p2"),
+        ];
+        for (parse, statement, portal) in steps {
+            if let Some((name, text)) = parse {
+                let mut body = format!("{name}\0{text}\0").into_bytes();
+                body.extend_from_slice(&0i16.to_be_bytes());
+                req.on_message(b'P', &body);
+            }
+            req.on_message(b'B', &bind(portal, statement, &[], false));
+            req.on_message(b'E', format!("{portal}\0\0\0\0\0").as_bytes());
+        }
+        // Closing the unnamed statement forgets it; the named one stays.
+        req.on_message(b'C', b"S\0");
+        req.on_message(b'B', &bind("", "", &[], false));
+        req.on_message(b'E', b"\0\0\0\0\0");
+        req.on_message(b'B', &bind("p3", "named", &[], false));
+        req.on_message(b'E', b"p3\0\0\0\0\0");
+        req.on_message(b'S', b"");
+        for _ in 0..8 {
+            resp.on_message(b'C', b"SELECT 1\0");
+        }
+        resp.on_message(b'Z', b"I");
+        let texts: Vec<String> = statements(&recorder).into_iter().map(|s| s.text).collect();
+        assert_eq!(
+            texts,
+            [
+                "select 1",
+                "select 1",
+                "select 2",
+                "select 3",
+                "select 4",
+                "select 3",
+                "<unknown prepared statement \"\">",
+                "select 3",
+            ]
+        );
     }
 
     #[test]
