@@ -357,6 +357,10 @@ fn blocks_answer_42501_with_the_reason_and_the_session_goes_on() {
             "SELECT * FROM public.secrets",
             "secrets are off limits to root",
         ),
+        (
+            "SELECT * FROM secrets WHERE note = 'Blocked.Subject@example.org'",
+            "secrets are off limits to root",
+        ),
         ("SELEC nonsense", "cannot parse this SQL"),
     ];
     for (sql, reason) in cases {
@@ -390,6 +394,28 @@ fn blocks_answer_42501_with_the_reason_and_the_session_goes_on() {
     assert_eq!(truncate["statement"], "TRUNCATE scratch");
     assert_eq!(truncate["principal"], "unix:root");
     assert_eq!(truncate["resource"], "orders");
+    // Personal data in a refused statement is stored as a keyed hash, as
+    // in statement records, and a data-subject look-up finds it.
+    let personal = blocks
+        .iter()
+        .find(|b| b["statement"].as_str().unwrap().contains("WHERE note"))
+        .unwrap();
+    let stored = personal["statement"].as_str().unwrap();
+    assert!(
+        stored.starts_with("SELECT * FROM secrets WHERE note = '[email:")
+            && !stored.contains("Blocked"),
+        "{stored}"
+    );
+    let out = s
+        .gateway
+        .cli(&["audit", "subject", "blocked.subject@example.org", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let hits: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        hits.iter()
+            .any(|h| h["session"] == personal["session"] && h["seq"] == personal["seq"]),
+        "{hits:?} should name the policy_block record {personal}"
+    );
     assert!(!s.gateway.log().contains("panicked"));
 }
 

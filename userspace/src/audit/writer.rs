@@ -209,11 +209,13 @@ impl SledRecorder {
 impl Recorder for SledRecorder {
     fn record(&self, mut event: AuditEvent) -> Ack {
         // What a client sent can hold personal data (a WHERE on an e-mail
-        // address): stored as keyed hashes only, like masked results.
-        let redacted = match &mut event {
+        // address): stored as keyed hashes only, like masked results, in
+        // statement records and in the policy's records of the statements
+        // it refused or held alike.
+        let key = &self.subject_key;
+        let mut hashes = Vec::new();
+        let session = match &mut event {
             AuditEvent::Statement(statement) => {
-                let mut hashes = Vec::new();
-                let key = &self.subject_key;
                 redact(key, &mut statement.text, &mut hashes);
                 for parameter in statement.parameters.iter_mut().flatten() {
                     redact(key, parameter, &mut hashes);
@@ -221,10 +223,21 @@ impl Recorder for SledRecorder {
                 if let Some(error) = &mut statement.error {
                     redact(key, &mut error.message, &mut hashes);
                 }
-                (!hashes.is_empty()).then(|| (statement.session.clone(), hashes))
+                Some(&statement.session)
+            }
+            AuditEvent::PolicyBlock(block) => {
+                redact(key, &mut block.statement, &mut hashes);
+                Some(&block.session)
+            }
+            AuditEvent::Approval(step) => {
+                redact(key, &mut step.statement, &mut hashes);
+                Some(&step.session)
             }
             _ => None,
         };
+        let redacted = session
+            .filter(|_| !hashes.is_empty())
+            .map(|session| (session.clone(), hashes));
         let payload = match json::event(&event) {
             Ok(p) => p,
             Err(e) => return Ack::done(Err(e.into())),
