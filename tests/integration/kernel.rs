@@ -347,7 +347,8 @@ fn reload_swaps_the_protected_set_without_a_gap() {
         gateway.write_config(&alternate[reloads % 2]);
         gateway.signal("HUP");
         reloads += 1;
-        thread::sleep(Duration::from_millis(10));
+        // A reload waits until the file has read the same for 100 ms.
+        thread::sleep(Duration::from_millis(150));
     }
     assert!(
         reloads >= 5,
@@ -377,13 +378,52 @@ fn reload_swaps_the_protected_set_without_a_gap() {
     )
     .unwrap();
     gateway.signal("HUP");
+    let rejected = |times: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while gateway.log().matches("config reload rejected").count() < times {
+            assert!(std::time::Instant::now() < deadline, "{}", gateway.log());
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
+    rejected(1);
+    assert_eq!(
+        cgroup.python(&py_connect("AF_INET", "127.0.0.1", added)),
+        "EPERM"
+    );
+
+    // So is a valid file that protects nothing (emptied, or cut short
+    // before its first [[protect]]): that fails closed.
+    gateway.write_config(&[]);
+    gateway.signal("HUP");
+    rejected(2);
+    assert!(
+        gateway
+            .log()
+            .contains("the new config protects no destination"),
+        "{}",
+        gateway.log()
+    );
+    assert_eq!(
+        cgroup.python(&py_connect("AF_INET", "127.0.0.1", added)),
+        "EPERM"
+    );
+
+    // Dropping some rules works, and the log names what is no longer
+    // protected.
+    gateway.write_config(&[Protect::block("127.0.0.1", Some(kept))]);
+    gateway.signal("HUP");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !gateway.log().contains("config reload rejected") {
+    while !gateway.log().contains("reload stops protecting") {
         assert!(std::time::Instant::now() < deadline, "{}", gateway.log());
         thread::sleep(Duration::from_millis(20));
     }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cgroup.python(&py_connect("AF_INET", "127.0.0.1", added)) != "ECONNREFUSED" {
+        assert!(std::time::Instant::now() < deadline, "{}", gateway.log());
+        thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(
-        cgroup.python(&py_connect("AF_INET", "127.0.0.1", added)),
+        cgroup.python(&py_connect("AF_INET", "127.0.0.1", kept)),
         "EPERM"
     );
 }

@@ -261,11 +261,20 @@ fn default_exempt_mark() -> u32 {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        Self::from_file_text(path, &Self::read(path)?)
+    }
+
+    /// A config file's text, unparsed.
+    pub fn read(path: &Path) -> Result<String, ConfigError> {
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
-        })?;
-        Self::parse(&text).map_err(|e| match e {
+        })
+    }
+
+    /// Parses and validates `text`, read from `path` (named in errors).
+    pub fn from_file_text(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        Self::parse(text).map_err(|e| match e {
             ConfigError::Parse { source, .. } => ConfigError::Parse {
                 path: path.to_owned(),
                 source,

@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     audit::{service::AuditService, AuditEvent, Recorder},
-    config::Config,
+    config::{Config, ProtectRule},
     control,
     identity::{IdentityProvider, OidcIdentity, UnixIdentity},
     kernel::{self, Enforcement, EventReader, KernelAction},
@@ -92,13 +92,15 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     info!(config = %config_path.display(), "portcullis ready");
 
+    // The protected set in force, to compare a reload's with.
+    let mut protected = config.protect.clone();
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
             _ = hangup.recv() => {
-                reload(&config_path, &config, &mut enforcement, &gateway);
+                reload(&config_path, &config, &mut protected, &mut enforcement, &gateway).await;
                 if let Some(policy) = &policy {
                     if let Err(e) = policy.reload() {
                         error!("policy reload rejected, the previous policy stays in force: {e}");
@@ -139,17 +141,19 @@ fn load_policy(
 
 /// Re-reads the config and swaps the protected set and the PostgreSQL
 /// resources. An invalid file (or a certificate that does not load) changes
-/// nothing: everything running stays in force.
-fn reload(
+/// nothing: everything running stays in force. So does a file that is
+/// still being written, or one that would protect nothing (see
+/// [`read_settled`] and [`check_protection`]).
+async fn reload(
     path: &std::path::Path,
     running: &Config,
+    protected: &mut Vec<ProtectRule>,
     enforcement: &mut Enforcement,
     gateway: &Gateway,
 ) {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
-    let result = Config::load(path)
-        .map_err(anyhow::Error::from)
-        .and_then(|config| {
+    let result = match read_settled(path).await {
+        Ok(config) => check_protection(protected, &config.protect).and_then(|()| {
             if config.listeners != running.listeners || config.kernel != running.kernel {
                 warn!("listener and [kernel] changes take effect on restart only");
             }
@@ -165,8 +169,11 @@ fn reload(
                 .context("loading the PostgreSQL listeners and resources")?;
             let report = enforcement.update_rules(&rules)?;
             gateway.set_postgres(postgres);
+            protected.clone_from(&config.protect);
             Ok(report)
-        });
+        }),
+        Err(e) => Err(e),
+    };
     match result {
         Ok(report) => info!(
             rules = report.written,
@@ -176,6 +183,55 @@ fn reload(
         Err(e) => error!("config reload rejected, the running configuration stays: {e:#}"),
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+}
+
+/// How long the config file must read the same before a reload uses it,
+/// and how often to try. A file caught half-written (a deploy tool or an
+/// editor writing in place) can still be valid TOML with fewer
+/// `[[protect]]` rules, which would quietly let connects past the gateway.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
+const SETTLE_TRIES: u32 = 30;
+
+/// The config once two reads [`SETTLE`] apart agree.
+async fn read_settled(path: &std::path::Path) -> anyhow::Result<Config> {
+    let mut text = Config::read(path)?;
+    for _ in 0..SETTLE_TRIES {
+        tokio::time::sleep(SETTLE).await;
+        let again = Config::read(path)?;
+        if again == text {
+            return Ok(Config::from_file_text(path, &text)?);
+        }
+        text = again;
+    }
+    anyhow::bail!(
+        "{} kept changing for {:?}; reload again once it is written (write it to a \
+         temporary file and rename it over the config to make that atomic)",
+        path.display(),
+        SETTLE * SETTLE_TRIES
+    )
+}
+
+/// Refuses a reload that would protect nothing while something is
+/// protected (an emptied or truncated file fails closed: restart the
+/// service to drop every rule on purpose), and names each destination a
+/// reload stops protecting.
+fn check_protection(running: &[ProtectRule], new: &[ProtectRule]) -> anyhow::Result<()> {
+    if new.is_empty() && !running.is_empty() {
+        anyhow::bail!(
+            "the new config protects no destination while {} rule(s) are in force; \
+             to drop every rule, restart the service",
+            running.len()
+        );
+    }
+    for gone in running.iter().filter(|rule| !new.contains(rule)) {
+        warn!(
+            destination = %gone.destination,
+            port = gone.port.map_or_else(|| "any".to_string(), |p| p.to_string()),
+            to = %gone.to,
+            "reload stops protecting this destination"
+        );
+    }
+    Ok(())
 }
 
 async fn forward_kernel_events(mut reader: EventReader, recorder: Arc<dyn Recorder>) {
@@ -208,5 +264,59 @@ async fn forward_kernel_events(mut reader: EventReader, recorder: Arc<dyn Record
                 error!("audit record lost: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TWO_RULES: &str = r#"
+        [[listener]]
+        name = "pg"
+        address = "127.0.0.1:15432"
+
+        [[protect]]
+        destination = "10.0.0.5"
+        port = 5432
+        to = "pg"
+
+        [[protect]]
+        destination = "10.0.0.6"
+        to = "block"
+    "#;
+
+    #[test]
+    fn a_reload_that_protects_nothing_is_refused_and_fewer_rules_are_not() {
+        let running = Config::parse(TWO_RULES).unwrap().protect;
+        let err = check_protection(&running, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("protects no destination while 2 rule(s)"),
+            "{err}"
+        );
+        assert!(check_protection(&running, &running[..1]).is_ok());
+        assert!(check_protection(&[], &[]).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_reload_reads_the_file_once_it_stops_changing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("portcullis.toml");
+        // Cut short before its second rule, then completed while the
+        // reload waits: the reload sees the whole file.
+        let cut = TWO_RULES
+            .find("[[protect]]\n        destination = \"10.0.0.6\"")
+            .unwrap();
+        std::fs::write(&path, &TWO_RULES[..cut]).unwrap();
+        let writer = {
+            let path = path.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(SETTLE / 2).await;
+                std::fs::write(&path, TWO_RULES).unwrap();
+            })
+        };
+        let config = read_settled(&path).await.unwrap();
+        writer.await.unwrap();
+        assert_eq!(config.protect.len(), 2);
     }
 }
