@@ -910,6 +910,36 @@ fn masked_values_are_in_the_subject_index() {
     );
     // Bob's row was not returned.
     assert!(lookup("bob@example.org").is_empty());
+
+    // A disclosure is indexed as the result goes by, not when the session
+    // ends: a data-subject request finds it while the session is open.
+    let mut open = s
+        .psql_cmd(&[
+            "-c",
+            "SELECT email FROM people WHERE id = 2",
+            "-c",
+            "SELECT pg_sleep(60)",
+        ])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let hits = loop {
+        let hits = lookup("bob@example.org");
+        if !hits.is_empty() || Instant::now() > deadline {
+            break hits;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    let still_open = open.try_wait().unwrap().is_none();
+    let _ = open.kill();
+    let _ = open.wait();
+    assert!(
+        still_open,
+        "the session ended before its disclosure was found"
+    );
+    assert_eq!(hits.len(), 1, "{hits:?}");
+    assert_eq!(hits[0]["source"], "masked");
+    assert_ne!(hits[0]["session"], session.as_str());
 }
 
 impl Setup {

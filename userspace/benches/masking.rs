@@ -194,7 +194,7 @@ fn micro(rows: usize, distinct: usize, subjects: bool) {
         "row masker alone: {rows} rows in {secs:.3}s, {:.0} rows/s; {:?}; {} subject hashes",
         rows as f64 / secs,
         fired.counts(),
-        fired.subjects().len()
+        fired.take_subjects().len()
     );
 }
 

@@ -371,16 +371,24 @@ impl PolicyRuntime {
         }
     }
 
+    /// Indexes the keyed hashes of values masked since the last call
+    /// (statement number: the masked result's ordinal in the session). Done
+    /// as results go by, not at the session's end: a data-subject request
+    /// must find a disclosure while the session is still open, and after
+    /// a crash.
+    pub fn index_masked(&self, session: &str, fired: &mut Fired) {
+        for s in fired.take_subjects() {
+            drop(self.recorder.subject_index_hash(session, s.result, s.hash));
+        }
+    }
+
     /// Records a session's masking totals, if anything was masked, and
-    /// indexes the keyed hashes of the values masked (statement number:
-    /// the masked result's ordinal in the session).
-    pub fn record_masking(&self, session: &str, resource: &str, fired: &Fired) {
+    /// indexes what [`PolicyRuntime::index_masked`] has not yet.
+    pub fn record_masking(&self, session: &str, resource: &str, fired: &mut Fired) {
         if fired.is_empty() {
             return;
         }
-        for s in fired.subjects() {
-            drop(self.recorder.subject_index_hash(session, s.result, s.hash));
-        }
+        self.index_masked(session, fired);
         let rules = fired.counts();
         drop(
             self.recorder

@@ -133,9 +133,10 @@ impl Fired {
         self.counts.iter().all(|n| *n == 0)
     }
 
-    /// Keyed hashes of the masked values (see [`RowMasker::index_subjects`]).
-    pub fn subjects(&self) -> &[SubjectHash] {
-        &self.subjects
+    /// Keyed hashes of the values masked since the last call (see
+    /// [`RowMasker::index_subjects`]).
+    pub fn take_subjects(&mut self) -> Vec<SubjectHash> {
+        std::mem::take(&mut self.subjects)
     }
 }
 
@@ -873,7 +874,7 @@ style = "redact"
             .unwrap();
         }
         let hashes: Vec<_> = fired
-            .subjects()
+            .take_subjects()
             .iter()
             .map(|s| (s.result, s.hash))
             .collect();
@@ -890,14 +891,14 @@ style = "redact"
             masker("SELECT note FROM t", &[text("note")]).index_subjects(SubjectKey::new(&key));
         next.mask_data_row(&row(&[Some(b"ann@example.com")]), &mut out, &mut fired)
             .unwrap();
-        assert_eq!(fired.subjects().last().unwrap().result, 2);
+        assert_eq!(fired.take_subjects().last().unwrap().result, 2);
         assert_eq!(fired.counts()["emails"], 4);
         // Without index_subjects nothing is reported.
         let mut quiet = Fired::default();
         masker("SELECT note FROM t", &[text("note")])
             .mask_data_row(&row(&[Some(b"ann@example.com")]), &mut out, &mut quiet)
             .unwrap();
-        assert!(quiet.subjects().is_empty());
+        assert!(quiet.take_subjects().is_empty());
         assert_eq!(quiet.counts()["emails"], 1);
     }
 
@@ -913,7 +914,7 @@ style = "redact"
                 .unwrap();
             out.clear();
         }
-        assert_eq!(fired.subjects().len(), SUBJECTS_PER_RESULT);
+        assert_eq!(fired.take_subjects().len(), SUBJECTS_PER_RESULT);
         assert_eq!(fired.counts()["emails"], (SUBJECTS_PER_RESULT + 100) as u64);
     }
 

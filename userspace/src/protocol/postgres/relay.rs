@@ -174,7 +174,7 @@ impl Relay {
                 result = to_client => result,
             }
         };
-        if let Some(results) = &to_client.results {
+        if let Some(results) = &mut to_client.results {
             results.finish();
         }
         // A client that broke the protocol gets a FATAL error, as PostgreSQL

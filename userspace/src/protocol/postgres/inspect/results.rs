@@ -117,6 +117,7 @@ impl Results {
         out.clear();
         let scanned = self.scan(data, responses, &mut out);
         self.out = out;
+        self.runtime.index_masked(&self.session, &mut self.fired);
         scanned?;
         if self.framer.at_boundary() {
             self.out.append(&mut self.pending);
@@ -144,9 +145,9 @@ impl Results {
     }
 
     /// Records the session's masking totals (at its end).
-    pub fn finish(&self) {
+    pub fn finish(&mut self) {
         self.runtime
-            .record_masking(&self.session, &self.resource, &self.fired);
+            .record_masking(&self.session, &self.resource, &mut self.fired);
     }
 
     fn scan(
