@@ -890,15 +890,20 @@ fn masked_values_are_in_the_subject_index() {
         assert!(out.status.success(), "{}", text(&out.stderr));
         serde_json::from_slice(&out.stdout).unwrap()
     };
-    // Hashed in the masker (case and surrounding space do not matter).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let hits = loop {
-        let hits = lookup(" Ann@Example.com");
-        if !hits.is_empty() || Instant::now() > deadline {
-            break hits;
+    // The hits for `value` once there are any (the writer commits every
+    // 50 ms), or none after 20 s.
+    let first_hits = |value: &str| -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let hits = lookup(value);
+            if !hits.is_empty() || Instant::now() > deadline {
+                return hits;
+            }
+            thread::sleep(Duration::from_millis(50));
         }
-        thread::sleep(Duration::from_millis(50));
     };
+    // Hashed in the masker (case and surrounding space do not matter).
+    let hits = first_hits(" Ann@Example.com");
     assert_eq!(hits.len(), 1, "{hits:?}");
     assert_eq!(hits[0]["session"], session.as_str());
     assert_eq!(hits[0]["source"], "masked");
@@ -922,14 +927,7 @@ fn masked_values_are_in_the_subject_index() {
         ])
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let hits = loop {
-        let hits = lookup("bob@example.org");
-        if !hits.is_empty() || Instant::now() > deadline {
-            break hits;
-        }
-        thread::sleep(Duration::from_millis(100));
-    };
+    let hits = first_hits("bob@example.org");
     let still_open = open.try_wait().unwrap().is_none();
     let _ = open.kill();
     let _ = open.wait();
