@@ -151,6 +151,8 @@ pub(super) async fn run(share: Share, gateway: Arc<Gateway>, mut shutdown: Shutd
         }
         while sessions.try_join_next().is_some() {}
     }
+    // Sessions that ended since the last accept are still in the set.
+    while sessions.try_join_next().is_some() {}
     info!(listener = %name, open = sessions.len(), "listener closed; waiting for sessions");
     while sessions.join_next().await.is_some() {}
 }
