@@ -413,7 +413,7 @@ fn reload_swaps_the_protected_set_without_a_gap() {
     gateway.write_config(&[Protect::block("127.0.0.1", Some(kept))]);
     gateway.signal("HUP");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !gateway.log().contains("reload stops protecting") {
+    while !gateway.log().contains("reload stopped protecting") {
         assert!(std::time::Instant::now() < deadline, "{}", gateway.log());
         thread::sleep(Duration::from_millis(20));
     }

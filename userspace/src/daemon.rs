@@ -152,28 +152,32 @@ async fn reload(
     gateway: &Gateway,
 ) {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
-    let result = match read_settled(path).await {
-        Ok(config) => check_protection(protected, &config.protect).and_then(|()| {
-            if config.listeners != running.listeners || config.kernel != running.kernel {
-                warn!("listener and [kernel] changes take effect on restart only");
-            }
-            if config.identity != running.identity {
-                warn!(
-                    "[identity] changes take effect on restart only (a restart ends every login)"
-                );
-            }
-            let rules = kernel::compile_rules(&config)?;
-            let postgres = gateway
-                .postgres()
-                .reloaded(&config)
-                .context("loading the PostgreSQL listeners and resources")?;
-            let report = enforcement.update_rules(&rules)?;
-            gateway.set_postgres(postgres);
-            protected.clone_from(&config.protect);
-            Ok(report)
-        }),
-        Err(e) => Err(e),
-    };
+    let result = read_settled(path).await.and_then(|config| {
+        let dropped = check_protection(protected, &config.protect)?;
+        if config.listeners != running.listeners || config.kernel != running.kernel {
+            warn!("listener and [kernel] changes take effect on restart only");
+        }
+        if config.identity != running.identity {
+            warn!("[identity] changes take effect on restart only (a restart ends every login)");
+        }
+        let rules = kernel::compile_rules(&config)?;
+        let postgres = gateway
+            .postgres()
+            .reloaded(&config)
+            .context("loading the PostgreSQL listeners and resources")?;
+        let report = enforcement.update_rules(&rules)?;
+        gateway.set_postgres(postgres);
+        for gone in dropped {
+            warn!(
+                destination = %gone.destination,
+                port = gone.port.map_or_else(|| "any".to_string(), |p| p.to_string()),
+                to = %gone.to,
+                "reload stopped protecting this destination"
+            );
+        }
+        protected.clone_from(&config.protect);
+        Ok(report)
+    });
     match result {
         Ok(report) => info!(
             rules = report.written,
@@ -211,11 +215,14 @@ async fn read_settled(path: &std::path::Path) -> anyhow::Result<Config> {
     )
 }
 
-/// Refuses a reload that would protect nothing while something is
-/// protected (an emptied or truncated file fails closed: restart the
-/// service to drop every rule on purpose), and names each destination a
-/// reload stops protecting.
-fn check_protection(running: &[ProtectRule], new: &[ProtectRule]) -> anyhow::Result<()> {
+/// The running rules a reload would drop, to be named in the log once it
+/// is applied. Refuses a reload that would protect nothing while something
+/// is protected: an emptied or truncated file fails closed (restart the
+/// service to drop every rule on purpose).
+fn check_protection(
+    running: &[ProtectRule],
+    new: &[ProtectRule],
+) -> anyhow::Result<Vec<ProtectRule>> {
     if new.is_empty() && !running.is_empty() {
         anyhow::bail!(
             "the new config protects no destination while {} rule(s) are in force; \
@@ -223,15 +230,11 @@ fn check_protection(running: &[ProtectRule], new: &[ProtectRule]) -> anyhow::Res
             running.len()
         );
     }
-    for gone in running.iter().filter(|rule| !new.contains(rule)) {
-        warn!(
-            destination = %gone.destination,
-            port = gone.port.map_or_else(|| "any".to_string(), |p| p.to_string()),
-            to = %gone.to,
-            "reload stops protecting this destination"
-        );
-    }
-    Ok(())
+    Ok(running
+        .iter()
+        .filter(|rule| !new.contains(rule))
+        .cloned()
+        .collect())
 }
 
 async fn forward_kernel_events(mut reader: EventReader, recorder: Arc<dyn Recorder>) {
@@ -294,8 +297,11 @@ mod tests {
             err.contains("protects no destination while 2 rule(s)"),
             "{err}"
         );
-        assert!(check_protection(&running, &running[..1]).is_ok());
-        assert!(check_protection(&[], &[]).is_ok());
+        assert_eq!(
+            check_protection(&running, &running[..1]).unwrap(),
+            running[1..]
+        );
+        assert!(check_protection(&[], &[]).unwrap().is_empty());
     }
 
     #[tokio::test]
