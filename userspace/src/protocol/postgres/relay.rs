@@ -105,7 +105,7 @@ pub async fn run(
             tokio::spawn(relay.between(client_read, client_write, upstream_read, upstream_write))
         }
     };
-    match (AbortOnDrop(task)).await {
+    match AbortOnDrop(task).await {
         Ok(result) => result,
         Err(e) => Err(PgError::Io(std::io::Error::other(format!(
             "the relay task failed: {e}"
