@@ -2,8 +2,9 @@
 //! PgBouncer (session mode), measured interleaved in one run (as root).
 //!
 //! * pgbench select-only (`-S`), simple and extended protocol, 8 clients:
-//!   TPS, mean latency, ratio to direct. The gateway records every
-//!   statement into its audit store, as in production.
+//!   TPS, mean latency, ratio to direct, each proxy's CPU and the whole
+//!   machine's CPU per transaction. The gateway records every statement
+//!   into its audit store, as in production.
 //! * A large result (`COPY (select ...) TO STDOUT` of ~230 MB through
 //!   psql): throughput and ratio to direct.
 //!
@@ -86,7 +87,7 @@ fn main() {
     ];
     let modes = ["simple", "extended"];
     // results[mode][target] = (tps, latency ms, proxy CPU µs per
-    // transaction) per round
+    // transaction, whole machine's CPU µs per transaction) per round
     let mut results = vec![vec![Vec::new(); targets.len()]; modes.len()];
     let mut copies = vec![Vec::new(); targets.len()];
     for round in 0..ROUNDS {
@@ -95,6 +96,7 @@ fn main() {
                 let t = (k + round) % targets.len();
                 let (_, port, cg, proxy) = targets[t];
                 let cpu_before = proxy.map(cpu_seconds);
+                let machine_before = machine_busy_seconds();
                 let (tps, latency, text) = pgbench(
                     cg,
                     port,
@@ -109,7 +111,8 @@ fn main() {
                     (Some(pid), Some(before)) => (cpu_seconds(pid) - before) * 1e6 / transactions,
                     _ => 0.0,
                 };
-                results[m][t].push((tps, latency, cpu_us));
+                let machine_us = (machine_busy_seconds() - machine_before) * 1e6 / transactions;
+                results[m][t].push((tps, latency, cpu_us, machine_us));
             }
         }
         for k in 0..targets.len() {
@@ -123,8 +126,8 @@ fn main() {
         "\npgbench -S, {CLIENTS} clients, {SECONDS} s x {ROUNDS} rounds (median); gateway records every statement"
     );
     println!(
-        "{:<10} {:<10} {:>10} {:>12} {:>10} {:>14}",
-        "protocol", "target", "tps", "latency ms", "vs direct", "proxy CPU/txn"
+        "{:<10} {:<10} {:>10} {:>12} {:>10} {:>14} {:>16}",
+        "protocol", "target", "tps", "latency ms", "vs direct", "proxy CPU/txn", "machine CPU/txn"
     );
     for (m, mode) in modes.iter().enumerate() {
         let direct = median(results[m][0].iter().map(|r| r.0).collect());
@@ -138,9 +141,11 @@ fn main() {
                 ),
                 None => "-".into(),
             };
+            let machine = median(results[m][t].iter().map(|r| r.3).collect());
             println!(
-                "{mode:<10} {name:<10} {tps:>10.0} {latency:>12.3} {:>10.2} {cpu:>14}",
-                tps / direct
+                "{mode:<10} {name:<10} {tps:>10.0} {latency:>12.3} {:>10.2} {cpu:>14} {:>13.1} µs",
+                tps / direct,
+                machine
             );
         }
     }
@@ -170,6 +175,31 @@ fn main() {
     }
     drop(bouncer);
     drop(gateway);
+}
+
+/// CPU time every CPU of the machine has spent busy (user, system and
+/// interrupts; not idle, and not time the hypervisor gave to other
+/// guests), in seconds. Per transaction, it is what a path through a proxy
+/// costs the machine as a whole (client, proxy and server together), which
+/// drifts less between rounds than TPS.
+fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy: f64 = [0, 1, 2, 5, 6]
+        .iter()
+        .map(|&i| ticks.get(i).copied().unwrap_or(0.0))
+        .sum();
+    // SAFETY: sysconf only reads a constant.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    busy / per_second
 }
 
 /// CPU time (user and system) process `pid` has used, in seconds.
