@@ -197,9 +197,7 @@ fn machine_busy_seconds() -> f64 {
         .iter()
         .map(|&i| ticks.get(i).copied().unwrap_or(0.0))
         .sum();
-    // SAFETY: sysconf only reads a constant.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    busy / per_second
+    busy / ticks_per_second()
 }
 
 /// CPU time (user and system) process `pid` has used, in seconds.
@@ -216,9 +214,13 @@ fn cpu_seconds(pid: u32) -> f64 {
             .and_then(|f| f.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
+    (ticks(11) + ticks(12)) / ticks_per_second()
+}
+
+/// The unit of `/proc`'s CPU times.
+fn ticks_per_second() -> f64 {
     // SAFETY: sysconf only reads a constant.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (ticks(11) + ticks(12)) / per_second
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
