@@ -1,10 +1,12 @@
 //! PostgreSQL through the gateway against a direct connection and against
 //! PgBouncer (session mode), measured interleaved in one run (as root).
 //!
-//! * pgbench select-only (`-S`), simple and extended protocol, 8 clients:
-//!   TPS, mean latency, ratio to direct, each proxy's CPU and the whole
-//!   machine's CPU per transaction. The gateway records every statement
-//!   into its audit store, as in production.
+//! * pgbench select-only (`-S`), simple and extended protocol, 8 clients,
+//!   over plain TCP and over TLS (every leg encrypted: client to proxy,
+//!   proxy to server, client to server for direct): TPS, mean latency,
+//!   ratio to direct, each proxy's CPU and the whole machine's CPU per
+//!   transaction. The gateway records every statement into its audit
+//!   store, as in production.
 //! * A large result (`COPY (select ...) TO STDOUT` of ~230 MB through
 //!   psql): throughput and ratio to direct.
 //!
@@ -33,6 +35,10 @@ const PASSWORD: &str = "bench-Secret-1";
 const ROUNDS: usize = 5;
 const SECONDS: &str = "8";
 const CLIENTS: &str = "8";
+/// The cluster listens on both; the gateway protects both, and relays
+/// connections to the second over TLS (a resource with `tls = "require"`).
+const PLAIN_HOST: &str = "127.0.0.1";
+const TLS_HOST: &str = "127.0.0.2";
 const COPY_SQL: &str =
     "copy (select g, repeat('x', 100) from generate_series(1, 2000000) g) to stdout";
 
@@ -46,13 +52,13 @@ fn main() {
         "chown",
         &["postgres:postgres", work.path().to_str().unwrap()],
     );
-    let pg = Postgres::start(work.path());
+    let tls = Tls::generate(work.path());
+    let pg = Postgres::start(work.path(), &tls);
     let cgroup = Cgroup::new();
-    let gateway = Portcullis::start(work.path(), &cgroup, pg.port);
-    let bouncer = Bouncer::start(work.path(), pg.port);
+    let gateway = Portcullis::start(work.path(), &cgroup, pg.port, &tls);
+    let bouncer = Bouncer::start(work.path(), "bouncer", pg.port, None);
+    let bouncer_tls = Bouncer::start(work.path(), "bouncer-tls", pg.port, Some(&tls));
 
-    let direct_env = [("PGPASSWORD", PASSWORD)];
-    let port = pg.port.to_string();
     let init = command(
         None,
         "pgbench",
@@ -62,15 +68,16 @@ fn main() {
             "10",
             "-q",
             "-h",
-            "127.0.0.1",
+            PLAIN_HOST,
             "-p",
-            &port,
+            &pg.port.to_string(),
             "-U",
             "postgres",
             "postgres",
         ],
     )
     .env("PGPASSWORD", PASSWORD)
+    .env("PGSSLMODE", "disable")
     .output()
     .unwrap();
     assert!(
@@ -79,35 +86,75 @@ fn main() {
         String::from_utf8_lossy(&init.stderr)
     );
 
-    // (name, port, cgroup, the proxy process whose CPU is measured)
-    let targets: [(&str, u16, Option<&Cgroup>, Option<u32>); 3] = [
-        ("direct", pg.port, None, None),
-        ("gateway", pg.port, Some(&cgroup), Some(gateway.child.id())),
-        ("pgbouncer", bouncer.port, None, Some(bouncer.pid())),
+    // Over TLS, every leg is encrypted: client to proxy, proxy to server,
+    // and client to server for direct.
+    let targets = |tls: bool| -> [Target; 3] {
+        let (gateway_host, bouncer) = if tls {
+            (TLS_HOST, &bouncer_tls)
+        } else {
+            (PLAIN_HOST, &bouncer)
+        };
+        [
+            Target {
+                name: "direct",
+                host: PLAIN_HOST,
+                port: pg.port,
+                cgroup: None,
+                proxy: None,
+            },
+            Target {
+                name: "gateway",
+                host: gateway_host,
+                port: pg.port,
+                cgroup: Some(&cgroup),
+                proxy: Some(gateway.child.id()),
+            },
+            Target {
+                name: "pgbouncer",
+                host: PLAIN_HOST,
+                port: bouncer.port,
+                cgroup: None,
+                proxy: Some(bouncer.pid()),
+            },
+        ]
+    };
+    let modes = [
+        Mode::new("simple", false),
+        Mode::new("extended", false),
+        Mode::new("simple", true),
+        Mode::new("extended", true),
     ];
-    let modes = ["simple", "extended"];
     // results[mode][target] = (tps, latency ms, proxy CPU µs per
     // transaction, whole machine's CPU µs per transaction) per round
-    let mut results = vec![vec![Vec::new(); targets.len()]; modes.len()];
-    let mut copies = vec![Vec::new(); targets.len()];
+    let mut results = vec![vec![Vec::new(); 3]; modes.len()];
+    let mut copies = vec![Vec::new(); 3];
     for round in 0..ROUNDS {
         for (m, mode) in modes.iter().enumerate() {
+            let targets = targets(mode.tls);
             for k in 0..targets.len() {
                 let t = (k + round) % targets.len();
-                let (_, port, cg, proxy) = targets[t];
-                let cpu_before = proxy.map(cpu_seconds);
+                let target = &targets[t];
+                let cpu_before = target.proxy.map(cpu_seconds);
                 let machine_before = machine_busy_seconds();
                 let (tps, latency, text) = pgbench(
-                    cg,
-                    port,
+                    target,
+                    mode.sslmode(),
                     &[
-                        "-S", "-M", mode, "-c", CLIENTS, "-j", "2", "-T", SECONDS, "-n",
+                        "-S",
+                        "-M",
+                        mode.protocol,
+                        "-c",
+                        CLIENTS,
+                        "-j",
+                        "2",
+                        "-T",
+                        SECONDS,
+                        "-n",
                     ],
-                    &direct_env,
                 );
-                assert!(tps > 0.0, "{} {mode}: {text}", targets[t].0);
+                assert!(tps > 0.0, "{} {}: {text}", target.name, mode.label());
                 let transactions = tps * SECONDS.parse::<f64>().unwrap();
-                let cpu_us = match (proxy, cpu_before) {
+                let cpu_us = match (target.proxy, cpu_before) {
                     (Some(pid), Some(before)) => (cpu_seconds(pid) - before) * 1e6 / transactions,
                     _ => 0.0,
                 };
@@ -115,10 +162,10 @@ fn main() {
                 results[m][t].push((tps, latency, cpu_us, machine_us));
             }
         }
+        let targets = targets(false);
         for k in 0..targets.len() {
             let t = (k + round) % targets.len();
-            let (_, port, cg, _) = targets[t];
-            copies[t].push(copy_rate(cg, port));
+            copies[t].push(copy_rate(&targets[t]));
         }
     }
 
@@ -126,15 +173,15 @@ fn main() {
         "\npgbench -S, {CLIENTS} clients, {SECONDS} s x {ROUNDS} rounds (median); gateway records every statement"
     );
     println!(
-        "{:<10} {:<10} {:>10} {:>12} {:>10} {:>14} {:>16}",
+        "{:<14} {:<10} {:>10} {:>12} {:>10} {:>14} {:>16}",
         "protocol", "target", "tps", "latency ms", "vs direct", "proxy CPU/txn", "machine CPU/txn"
     );
     for (m, mode) in modes.iter().enumerate() {
         let direct = median(results[m][0].iter().map(|r| r.0).collect());
-        for (t, (name, _, _, proxy)) in targets.iter().enumerate() {
+        for (t, target) in targets(mode.tls).iter().enumerate() {
             let tps = median(results[m][t].iter().map(|r| r.0).collect());
             let latency = median(results[m][t].iter().map(|r| r.1).collect());
-            let cpu = match proxy {
+            let cpu = match target.proxy {
                 Some(_) => format!(
                     "{:.1} µs",
                     median(results[m][t].iter().map(|r| r.2).collect())
@@ -143,7 +190,9 @@ fn main() {
             };
             let machine = median(results[m][t].iter().map(|r| r.3).collect());
             println!(
-                "{mode:<10} {name:<10} {tps:>10.0} {latency:>12.3} {:>10.2} {cpu:>14} {:>13.1} µs",
+                "{:<14} {:<10} {tps:>10.0} {latency:>12.3} {:>10.2} {cpu:>14} {:>13.1} µs",
+                mode.label(),
+                target.name,
                 tps / direct,
                 machine
             );
@@ -159,22 +208,66 @@ fn main() {
         let ahead = ratios.iter().filter(|r| **r > 1.0).count();
         let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
         println!(
-            "{mode:<10} {}   median {:.2}, gateway ahead in {ahead} of {ROUNDS}",
+            "{:<14} {}   median {:.2}, gateway ahead in {ahead} of {ROUNDS}",
+            mode.label(),
             shown.join(" "),
             median(ratios)
         );
     }
     println!("\nlarge result: {COPY_SQL} (median MB/s)");
     let direct = median(copies[0].clone());
-    for (t, (name, _, _, _)) in targets.iter().enumerate() {
+    for (t, target) in targets(false).iter().enumerate() {
         let rate = median(copies[t].clone());
         println!(
-            "{name:<10} {rate:>10.1} MB/s {:>10.2} vs direct",
+            "{:<10} {rate:>10.1} MB/s {:>10.2} vs direct",
+            target.name,
             rate / direct
         );
     }
+    drop(bouncer_tls);
     drop(bouncer);
     drop(gateway);
+}
+
+/// One way to reach the cluster.
+struct Target<'a> {
+    name: &'static str,
+    host: &'static str,
+    port: u16,
+    /// Clients run in it, so the kernel redirects them to the gateway.
+    cgroup: Option<&'a Cgroup>,
+    /// The proxy whose CPU is measured.
+    proxy: Option<u32>,
+}
+
+/// A pgbench protocol, over plain TCP or TLS.
+struct Mode {
+    protocol: &'static str,
+    tls: bool,
+}
+
+impl Mode {
+    fn new(protocol: &'static str, tls: bool) -> Self {
+        Self { protocol, tls }
+    }
+
+    fn label(&self) -> String {
+        if self.tls {
+            format!("{} + TLS", self.protocol)
+        } else {
+            self.protocol.to_string()
+        }
+    }
+
+    /// libpq's `sslmode`: the cluster offers TLS, so plain rounds refuse
+    /// it explicitly (libpq's default would take it).
+    fn sslmode(&self) -> &'static str {
+        if self.tls {
+            "require"
+        } else {
+            "disable"
+        }
+    }
 }
 
 /// CPU time every CPU of the machine has spent busy (user, system and
@@ -268,19 +361,15 @@ fn command(cgroup: Option<&Cgroup>, program: &str, args: &[&str]) -> Command {
     }
 }
 
-/// Runs pgbench; returns (tps, mean latency ms, output).
-fn pgbench(
-    cgroup: Option<&Cgroup>,
-    port: u16,
-    args: &[&str],
-    env: &[(&str, &str)],
-) -> (f64, f64, String) {
-    let port = port.to_string();
-    let mut full = vec!["-h", "127.0.0.1", "-p", &port, "-U", "postgres"];
+/// Runs pgbench against `target`; returns (tps, mean latency ms, output).
+fn pgbench(target: &Target, sslmode: &str, args: &[&str]) -> (f64, f64, String) {
+    let port = target.port.to_string();
+    let mut full = vec!["-h", target.host, "-p", &port, "-U", "postgres"];
     full.extend(args);
     full.push("postgres");
-    let out = command(cgroup, "pgbench", &full)
-        .envs(env.iter().copied())
+    let out = command(target.cgroup, "pgbench", &full)
+        .env("PGPASSWORD", PASSWORD)
+        .env("PGSSLMODE", sslmode)
         .output()
         .unwrap();
     let text = format!(
@@ -303,16 +392,16 @@ fn pgbench(
 }
 
 /// MB/s of a large COPY TO STDOUT through psql.
-fn copy_rate(cgroup: Option<&Cgroup>, port: u16) -> f64 {
-    let port = port.to_string();
+fn copy_rate(target: &Target) -> f64 {
+    let port = target.port.to_string();
     let started = Instant::now();
     let out = command(
-        cgroup,
+        target.cgroup,
         "psql",
         &[
             "-X",
             "-h",
-            "127.0.0.1",
+            target.host,
             "-p",
             &port,
             "-U",
@@ -324,12 +413,49 @@ fn copy_rate(cgroup: Option<&Cgroup>, port: u16) -> f64 {
         ],
     )
     .env("PGPASSWORD", PASSWORD)
+    .env("PGSSLMODE", "disable")
     .stderr(Stdio::inherit())
     .output()
     .unwrap();
     let elapsed = started.elapsed().as_secs_f64();
     assert!(out.status.success());
     out.stdout.len() as f64 / elapsed / 1e6
+}
+
+/// A self-signed certificate and key (`portcullis tls self-signed`), offered
+/// by the cluster, the gateway's listener and the TLS PgBouncer alike:
+/// clients require TLS without verifying (`sslmode=require`).
+struct Tls {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl Tls {
+    fn generate(work: &Path) -> Self {
+        let dir = work.join("tls");
+        run(
+            PORTCULLIS,
+            &["tls", "self-signed", "--out", dir.to_str().unwrap()],
+        );
+        Self {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        }
+    }
+
+    /// Copies the pair into `dir` under the given names, for the postgres
+    /// user (which the servers run as, and which only reads keys it owns).
+    fn install(&self, dir: &Path, cert: &str, key: &str) {
+        std::fs::copy(&self.cert, dir.join(cert)).unwrap();
+        std::fs::copy(&self.key, dir.join(key)).unwrap();
+        std::fs::set_permissions(dir.join(key), std::fs::Permissions::from_mode(0o600)).unwrap();
+        for name in [cert, key] {
+            run(
+                "chown",
+                &["postgres:postgres", dir.join(name).to_str().unwrap()],
+            );
+        }
+    }
 }
 
 struct Cgroup(PathBuf);
@@ -350,7 +476,8 @@ impl Drop for Cgroup {
     }
 }
 
-/// A throwaway cluster (initdb as postgres, scram-sha-256 on loopback).
+/// A throwaway cluster (initdb as postgres, scram-sha-256 on loopback),
+/// listening on both bench addresses and offering TLS.
 struct Postgres {
     port: u16,
     child: Child,
@@ -358,7 +485,7 @@ struct Postgres {
 }
 
 impl Postgres {
-    fn start(work: &Path) -> Self {
+    fn start(work: &Path, tls: &Tls) -> Self {
         let data = work.join("data");
         let pwfile = work.join("pw");
         std::fs::write(&pwfile, PASSWORD).unwrap();
@@ -383,13 +510,18 @@ impl Postgres {
         );
         let port = free_port();
         let conf = format!(
-            "\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
-             fsync = off\nsynchronous_commit = off\nshared_buffers = 128MB\nmax_connections = 100\n",
+            "\nport = {port}\nlisten_addresses = '{PLAIN_HOST},{TLS_HOST}'\nunix_socket_directories = '{}'\n\
+             fsync = off\nsynchronous_commit = off\nshared_buffers = 128MB\nmax_connections = 100\nssl = on\n",
             work.display()
         );
-        let mut text = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
-        text.push_str(&conf);
-        std::fs::write(data.join("postgresql.conf"), text).unwrap();
+        let append = |file: &str, extra: &str| {
+            let mut text = std::fs::read_to_string(data.join(file)).unwrap();
+            text.push_str(extra);
+            std::fs::write(data.join(file), text).unwrap();
+        };
+        append("postgresql.conf", &conf);
+        append("pg_hba.conf", "host all all 127.0.0.0/8 scram-sha-256\n");
+        tls.install(&data, "server.crt", "server.key");
         let child = Command::new("runuser")
             .args(["-u", "postgres", "--"])
             .arg(format!("{PG_BIN}/postgres"))
@@ -433,7 +565,7 @@ struct Portcullis {
 }
 
 impl Portcullis {
-    fn start(work: &Path, cgroup: &Cgroup, pg_port: u16) -> Self {
+    fn start(work: &Path, cgroup: &Cgroup, pg_port: u16, tls: &Tls) -> Self {
         let secret = work.join("secret");
         std::fs::write(&secret, PASSWORD).unwrap();
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -454,16 +586,35 @@ pin_dir = "{pins}"
 name = "pg"
 address = "127.0.0.1:{listen}"
 protocol = "postgres"
+tls_cert = "{cert}"
+tls_key = "{key}"
 
 [[protect]]
-destination = "127.0.0.1"
+destination = "{PLAIN_HOST}"
+port = {pg_port}
+to = "pg"
+
+[[protect]]
+destination = "{TLS_HOST}"
 port = {pg_port}
 to = "pg"
 
 [[resource]]
 name = "bench"
 protocol = "postgres"
-address = "127.0.0.1:{pg_port}"
+address = "{PLAIN_HOST}:{pg_port}"
+tls = "disable"
+
+[[resource.grant]]
+roles = ["*"]
+upstream_user = "postgres"
+password_file = "{secret}"
+
+[[resource]]
+name = "bench-tls"
+protocol = "postgres"
+address = "{TLS_HOST}:{pg_port}"
+tls = "require"
 
 [[resource.grant]]
 roles = ["*"]
@@ -475,6 +626,8 @@ password_file = "{secret}"
                 pins = pins.display(),
                 listen = free_port(),
                 secret = secret.display(),
+                cert = tls.cert.display(),
+                key = tls.key.display(),
             ),
         )
         .unwrap();
@@ -518,26 +671,39 @@ impl Drop for Portcullis {
 
 /// PgBouncer in session mode on loopback, trusting its clients (as the
 /// gateway trusts the kernel's uid), logging in upstream with the password.
+/// With `tls`, it requires TLS of its clients and speaks TLS upstream.
 struct Bouncer {
     port: u16,
     child: Child,
 }
 
 impl Bouncer {
-    fn start(work: &Path, pg_port: u16) -> Self {
+    fn start(work: &Path, name: &str, pg_port: u16, tls: Option<&Tls>) -> Self {
         let port = free_port();
-        let dir = work.join("bouncer");
+        let dir = work.join(name);
         std::fs::create_dir(&dir).unwrap();
+        let tls_settings = match tls {
+            Some(tls) => {
+                tls.install(&dir, "cert.pem", "key.pem");
+                format!(
+                    "client_tls_sslmode = require\nclient_tls_cert_file = {cert}\n\
+                     client_tls_key_file = {key}\nserver_tls_sslmode = require\n",
+                    cert = dir.join("cert.pem").display(),
+                    key = dir.join("key.pem").display(),
+                )
+            }
+            None => "server_tls_sslmode = disable\n".into(),
+        };
         let users = dir.join("users.txt");
         std::fs::write(&users, format!("\"postgres\" \"{PASSWORD}\"\n")).unwrap();
         let ini = dir.join("pgbouncer.ini");
         std::fs::write(
             &ini,
             format!(
-                "[databases]\npostgres = host=127.0.0.1 port={pg_port} dbname=postgres user=postgres password={PASSWORD}\n\n\
+                "[databases]\npostgres = host={PLAIN_HOST} port={pg_port} dbname=postgres user=postgres password={PASSWORD}\n\n\
                  [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
                  auth_type = trust\nauth_file = {users}\npool_mode = session\n\
-                 max_client_conn = 100\ndefault_pool_size = 20\nlogfile = {log}\n",
+                 max_client_conn = 100\ndefault_pool_size = 20\nlogfile = {log}\n{tls_settings}",
                 users = users.display(),
                 log = dir.join("pgbouncer.log").display(),
             ),
