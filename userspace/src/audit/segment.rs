@@ -96,25 +96,24 @@ struct Active {
     end: u64,
     /// A segment was created since the directory was last synced.
     new_file: bool,
+    /// The directory itself was created since its parent was last synced.
+    new_dir: bool,
     /// Blocks were written since the last sync.
     dirty: bool,
 }
 
 impl Segments {
-    /// Opens (creating, mode 0700) the segment directory under `audit_dir`.
-    pub fn open(audit_dir: &Path) -> Result<Self, AuditError> {
+    /// The segment directory under `audit_dir`. It is created (mode 0700)
+    /// by the first append, so reading a store of an earlier version (all
+    /// blocks inline in sled) leaves it as it was.
+    pub fn open(audit_dir: &Path) -> Self {
         let dir = audit_dir.join(SEGMENT_DIR);
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(io(&dir))?;
-        Ok(Self {
+        Self {
             dir,
             limit: SEGMENT_BYTES,
             readers: Mutex::default(),
             active: Mutex::default(),
-        })
+        }
     }
 
     fn path(&self, segment: u32) -> PathBuf {
@@ -205,10 +204,20 @@ impl Segments {
         &self,
         guard: &'g mut MutexGuard<'_, Option<Active>>,
     ) -> Result<&'g mut Active, AuditError> {
+        let mut new_dir = false;
         let next = match guard.as_ref() {
             Some(active) if active.end < self.limit => None,
             Some(active) => Some(active.number + 1),
-            None => Some(self.last_number()?.unwrap_or(1)),
+            None => {
+                new_dir = !self.dir.exists();
+                if new_dir {
+                    DirBuilder::new()
+                        .mode(0o700)
+                        .create(&self.dir)
+                        .map_err(io(&self.dir))?;
+                }
+                Some(self.last_number()?.unwrap_or(1))
+            }
         };
         if let Some(number) = next {
             if let Some(full) = guard.as_mut() {
@@ -234,6 +243,7 @@ impl Segments {
                 file,
                 end,
                 new_file: !existed,
+                new_dir,
                 dirty: false,
             });
         }
@@ -273,6 +283,14 @@ impl Segments {
                 .and_then(|d| d.sync_all())
                 .map_err(io(&self.dir))?;
             active.new_file = false;
+        }
+        if active.new_dir {
+            if let Some(parent) = self.dir.parent() {
+                File::open(parent)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io(parent))?;
+            }
+            active.new_dir = false;
         }
         Ok(())
     }
@@ -360,14 +378,14 @@ mod tests {
     #[test]
     fn appends_read_back_across_reopen_and_released_bytes_are_gone() {
         let dir = tempfile::tempdir().unwrap();
-        let segments = Segments::open(dir.path()).unwrap();
+        let segments = Segments::open(dir.path());
         let extents = segments.append([&b"first block"[..], b"second"]).unwrap();
         segments.sync().unwrap();
         assert_eq!(segments.read(extents[1]).unwrap(), b"second");
 
         // A reopened store appends after what is there, whether or not it
         // is referenced.
-        let segments = Segments::open(dir.path()).unwrap();
+        let segments = Segments::open(dir.path());
         let more = segments.append([&b"third"[..]]).unwrap();
         assert_eq!(more[0].offset, extents[1].end());
         segments.sync().unwrap();
@@ -392,7 +410,7 @@ mod tests {
     #[test]
     fn a_full_segment_is_synced_and_followed_by_the_next() {
         let dir = tempfile::tempdir().unwrap();
-        let mut segments = Segments::open(dir.path()).unwrap();
+        let mut segments = Segments::open(dir.path());
         segments.limit = 10;
         let first = segments.append([&b"0123456789"[..], b"ab"]).unwrap();
         let second = segments.append([&b"cd"[..]]).unwrap();
@@ -402,7 +420,7 @@ mod tests {
         assert_eq!(segments.read(first[1]).unwrap(), b"ab");
         assert_eq!(segments.read(second[0]).unwrap(), b"cd");
         // Reopened, appends continue in the last segment.
-        let segments = Segments::open(dir.path()).unwrap();
+        let segments = Segments::open(dir.path());
         assert_eq!(segments.append([&b"ef"[..]]).unwrap()[0].segment, 2);
     }
 }

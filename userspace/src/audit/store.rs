@@ -271,7 +271,7 @@ impl Store {
         Ok(Self {
             log: Arc::new(log),
             blobs: Arc::default(),
-            segments: Arc::new(Segments::open(&dir)?),
+            segments: Arc::new(Segments::open(&dir)),
             chain: db.open_tree("chain")?,
             checkpoints: db.open_tree("checkpoints")?,
             subjects: db.open_tree("subjects")?,

@@ -12,6 +12,7 @@ use crate::audit::{
     keys::{self, Keys},
     record::GENESIS,
     retention::Retention,
+    segment::SEGMENT_DIR,
     source::LocalSource,
     verify::{verify, Verification},
     AuditEvent, CheckpointPolicy, Recorder, SessionEnd, SessionStart, SledRecorder,
@@ -193,6 +194,14 @@ fn inline_blocks_of_the_previous_version_read_and_the_writer_continues_them() {
     assert!(old
         .iter()
         .all(|&(k, _)| store.block_at(k).unwrap().unwrap().extent.is_none()));
+    let segments = dir.path().join("state/audit").join(SEGMENT_DIR);
+    drop(store);
+    let store = Store::open_existing(&dir.path().join("state")).unwrap();
+    assert_eq!(verified(dir.path(), &store).records, 30);
+    assert!(
+        !segments.exists(),
+        "reading an old store leaves it as it was"
+    );
 
     continue_with_two_sessions(dir.path(), &store);
     let now = layout(&store);
