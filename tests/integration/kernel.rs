@@ -428,6 +428,47 @@ fn reload_swaps_the_protected_set_without_a_gap() {
     );
 }
 
+/// A reload waits until the config file reads the same twice (up to 3 s).
+/// A SIGTERM meanwhile stops the daemon at once: the reload is abandoned,
+/// not finished first.
+#[test]
+fn stop_during_a_reload_wait_abandons_the_reload() {
+    let cgroup = TestCgroup::new();
+    let port = free_port();
+    let mut gateway = Gateway::start(&cgroup, &[Protect::block("127.0.0.1", Some(port))]);
+    // A config that keeps changing, as if a deploy tool were still
+    // writing it: the reload keeps waiting for it to settle.
+    let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writer = {
+        let writing = std::sync::Arc::clone(&writing);
+        let path = gateway.config_path.clone();
+        thread::spawn(move || {
+            use std::io::Write;
+            let mut n = 0;
+            while writing.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut file = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&path)
+                    .unwrap();
+                writeln!(file, "# still writing {n}").unwrap();
+                n += 1;
+                thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    gateway.signal("HUP");
+    thread::sleep(Duration::from_millis(300));
+    gateway.stop();
+    writing.store(false, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    let log = gateway.log();
+    assert!(log.contains("config reload abandoned: stopping"), "{log}");
+    // Without abandoning, the reload would have waited out its 3 s and
+    // been rejected before the daemon stopped.
+    assert!(!log.contains("config reload rejected"), "{log}");
+    assert!(log.contains("shutting down"), "{log}");
+}
+
 #[test]
 fn detach_leaves_nothing_behind() {
     let cgroup = TestCgroup::new();

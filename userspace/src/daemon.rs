@@ -100,7 +100,18 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = hangup.recv() => {
-                reload(&config_path, &config, &mut protected, &mut enforcement, &gateway).await;
+                // A reload waits for the file to settle (seconds, at
+                // most); a stop signal meanwhile abandons it, and nothing
+                // is changed before the file is read.
+                let stopping = tokio::select! {
+                    () = reload(&config_path, &config, &mut protected, &mut enforcement, &gateway) => false,
+                    _ = terminate.recv() => true,
+                    _ = interrupt.recv() => true,
+                };
+                if stopping {
+                    warn!("config reload abandoned: stopping");
+                    break;
+                }
                 if let Some(policy) = &policy {
                     if let Err(e) = policy.reload() {
                         error!("policy reload rejected, the previous policy stays in force: {e}");
@@ -144,6 +155,9 @@ fn load_policy(
 /// nothing: everything running stays in force. So does a file that is
 /// still being written, or one that would protect nothing (see
 /// [`read_settled`] and [`check_protection`]).
+///
+/// Only the wait for a settled file awaits: dropped during it, the reload
+/// has changed nothing.
 async fn reload(
     path: &std::path::Path,
     running: &Config,
