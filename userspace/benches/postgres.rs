@@ -557,8 +557,9 @@ impl Drop for Postgres {
     }
 }
 
-/// `portcullis run` (release) with a postgres listener and the cluster as
-/// its one resource; the gateway's audit store records every statement.
+/// `portcullis run` (release) with a postgres listener (offering TLS) and
+/// the cluster as two resources, one per address, the second reached over
+/// TLS; the gateway's audit store records every statement.
 struct Portcullis {
     child: Child,
     pins: PathBuf,
@@ -573,11 +574,8 @@ impl Portcullis {
             "/sys/fs/bpf/portcullis-bench-pg-{}",
             std::process::id()
         ));
-        let config = work.join("portcullis.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"state_dir = "{state}"
+        let mut text = format!(
+            r#"state_dir = "{state}"
 [kernel]
 cgroup = "{cg}"
 pin_dir = "{pins}"
@@ -588,49 +586,42 @@ address = "127.0.0.1:{listen}"
 protocol = "postgres"
 tls_cert = "{cert}"
 tls_key = "{key}"
-
+"#,
+            state = work.join("state").display(),
+            cg = cgroup.0.display(),
+            pins = pins.display(),
+            listen = free_port(),
+            cert = tls.cert.display(),
+            key = tls.key.display(),
+        );
+        // The cluster once per address: plain upstream, and TLS upstream.
+        for (name, host, upstream_tls) in [
+            ("bench", PLAIN_HOST, "disable"),
+            ("bench-tls", TLS_HOST, "require"),
+        ] {
+            text.push_str(&format!(
+                r#"
 [[protect]]
-destination = "{PLAIN_HOST}"
-port = {pg_port}
-to = "pg"
-
-[[protect]]
-destination = "{TLS_HOST}"
+destination = "{host}"
 port = {pg_port}
 to = "pg"
 
 [[resource]]
-name = "bench"
+name = "{name}"
 protocol = "postgres"
-address = "{PLAIN_HOST}:{pg_port}"
-tls = "disable"
-
-[[resource.grant]]
-roles = ["*"]
-upstream_user = "postgres"
-password_file = "{secret}"
-
-[[resource]]
-name = "bench-tls"
-protocol = "postgres"
-address = "{TLS_HOST}:{pg_port}"
-tls = "require"
+address = "{host}:{pg_port}"
+tls = "{upstream_tls}"
 
 [[resource.grant]]
 roles = ["*"]
 upstream_user = "postgres"
 password_file = "{secret}"
 "#,
-                state = work.join("state").display(),
-                cg = cgroup.0.display(),
-                pins = pins.display(),
-                listen = free_port(),
                 secret = secret.display(),
-                cert = tls.cert.display(),
-                key = tls.key.display(),
-            ),
-        )
-        .unwrap();
+            ));
+        }
+        let config = work.join("portcullis.toml");
+        std::fs::write(&config, text).unwrap();
         let log_path = work.join("portcullis.log");
         let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new(PORTCULLIS)
