@@ -22,7 +22,10 @@ use std::{
     fs,
     io::{Read, Seek, SeekFrom, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::unix::{fs::PermissionsExt, process::CommandExt},
+    os::unix::{
+        fs::{OpenOptionsExt, PermissionsExt},
+        process::CommandExt,
+    },
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -67,6 +70,9 @@ struct Demo {
     state: PathBuf,
     log: PathBuf,
     pid_file: PathBuf,
+    /// The upstream password the gateway holds (root only, 0600); psql
+    /// users never see it.
+    secret: PathBuf,
     /// The `demo --supervise` process, which `--stop` lets clean up.
     supervisor_pid_file: PathBuf,
     cgroup_mount: PathBuf,
@@ -84,6 +90,7 @@ impl Demo {
             state: root.join("state"),
             log: root.join("portcullis.log"),
             pid_file: root.join("portcullis.pid"),
+            secret: root.join("postgres.secret"),
             supervisor_pid_file: root.join("supervisor.pid"),
             root,
             cgroup_mount,
@@ -140,13 +147,25 @@ pin_dir = "{PIN_DIR}"
 [[listener]]
 name = "pg"
 address = "127.0.0.1:{LISTENER_PORT}"
-protocol = "tcp"
+protocol = "postgres"
 
 # The demo PostgreSQL: connects are redirected through the "pg" listener.
 [[protect]]
 destination = "127.0.0.1"
 port = {PG_PORT}
 to = "pg"
+
+# The gateway logs in to it with a password only the gateway holds; anyone
+# the kernel identified may use it as the postgres role.
+[[resource]]
+name = "demo-db"
+protocol = "postgres"
+address = "127.0.0.1:{PG_PORT}"
+
+[[resource.grant]]
+roles = ["*"]
+upstream_user = "postgres"
+password_file = "{secret}"
 
 # Connects to this port are refused by the kernel.
 [[protect]]
@@ -156,6 +175,7 @@ to = "block"
 "#,
             state = self.state.display(),
             cgroup = self.cgroup.display(),
+            secret = self.secret.display(),
         )
     }
 }
@@ -255,6 +275,8 @@ impl Running {
         create_dir(&demo.root, 0o755)?;
         create_dir(&demo.state, 0o750)?;
         fs::write(&demo.supervisor_pid_file, std::process::id().to_string())?;
+        let password = random_password()?;
+        write_secret(&demo.secret, &password)?;
         fs::write(&demo.config, demo.config_text())
             .with_context(|| format!("writing {}", demo.config.display()))?;
         let binary = Demo::binary();
@@ -266,7 +288,7 @@ impl Running {
         )?;
         report(TASK, "config", demo.config.display());
 
-        start_postgres(demo, &mut self.postgres)?;
+        start_postgres(demo, &password, &mut self.postgres)?;
 
         if demo.cgroup.parent() != Some(demo.cgroup_mount.as_path()) {
             bail!(
@@ -362,22 +384,31 @@ impl Drop for Running {
     }
 }
 
-/// A throwaway cluster: trust auth, loopback only, socket in the demo dir.
-/// initdb refuses to run as root, so it and the server run as `postgres`.
-/// The server is this process's child (not daemonized by pg_ctl), so the
+/// A throwaway cluster, loopback only, socket in the demo dir: TCP logins
+/// need the `password` (SCRAM), which only the gateway holds. initdb
+/// refuses to run as root, so it and the server run as `postgres`. The
+/// server is this process's child (not daemonized by pg_ctl), so the
 /// cleanup can reap it; it goes into `slot` as soon as it is started.
-fn start_postgres(demo: &Demo, slot: &mut Option<Child>) -> Result<()> {
+fn start_postgres(demo: &Demo, password: &str, slot: &mut Option<Child>) -> Result<()> {
     create_dir(&demo.postgres, 0o700)?;
     run(cmd("chown").arg("postgres:postgres").arg(&demo.postgres))
         .context("the demo needs the `postgres` user from the postgresql package")?;
     let pgdata = demo.pgdata();
-    output(
+    // initdb reads the superuser's password from a file it can read.
+    let pwfile = demo.postgres.join("initdb.pw");
+    write_secret(&pwfile, password)?;
+    run(cmd("chown").arg("postgres").arg(&pwfile))?;
+    let initdb = output(
         as_postgres(demo, "initdb")
             .arg("-D")
             .arg(&pgdata)
-            .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C"])
+            .args(["--auth-local=trust", "--auth-host=scram-sha-256"])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .args(["-U", "postgres", "-E", "UTF8", "--locale=C"])
             .args(["--no-sync", "--no-instructions"]),
-    )?;
+    );
+    fs::remove_file(&pwfile).with_context(|| format!("removing {}", pwfile.display()))?;
+    initdb?;
     let settings = format!(
         "\n# cargo xtask demo\nlisten_addresses = '127.0.0.1'\nport = {PG_PORT}\n\
          unix_socket_directories = '{}'\nfsync = off\n",
@@ -504,12 +535,14 @@ fn listen_on_blocked_port() -> Result<TcpListener> {
     Ok(listener)
 }
 
-/// The walk-through: a redirected psql, a blocked connect, kernel status,
-/// audit events.
+/// The walk-through: a redirected psql (identified, logged in with the held
+/// password, its statement recorded), the same psql refused a login
+/// outside the cgroup, a blocked connect, kernel status, the audit trail
+/// and its verification.
 fn show(demo: &Demo) -> Result<()> {
     heading("1. psql to the protected PostgreSQL, from inside the demo cgroup");
-    let mut psql = demo.in_cgroup("psql");
-    psql.args(psql_args(PG_PORT)).env("PGCONNECT_TIMEOUT", "5");
+    let mut psql = without_password(demo, demo.in_cgroup("psql"));
+    psql.args(psql_args(PG_PORT));
     println!("$ {}", describe(&psql));
     run(&mut psql).context("psql through the gateway failed")?;
     let destination = format!("127.0.0.1:{PG_PORT}");
@@ -519,9 +552,29 @@ fn show(demo: &Demo) -> Result<()> {
              (`portcullis audit events --action redirect`)"
         );
     }
+    if !wait_for_audit(demo, "statement", "select 1") {
+        bail!(
+            "psql ran `select 1` through the gateway, but the audit trail has no statement \
+             record of it (`portcullis audit events --action statement`)"
+        );
+    }
     println!(
-        "-> the kernel sent the connect to the gateway on 127.0.0.1:{LISTENER_PORT}, which relayed it"
+        "-> the kernel sent the connect to the gateway on 127.0.0.1:{LISTENER_PORT}, which\n   \
+         identified uid 0, logged in to PostgreSQL with the password it holds, and\n   \
+         recorded the statement"
     );
+
+    heading("1b. The same psql outside the demo cgroup (not governed): no password");
+    let mut direct = without_password(demo, cmd("psql"));
+    direct.args(psql_args(PG_PORT));
+    println!("$ {}", describe(&direct));
+    let out = direct.stdin(Stdio::null()).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    print!("{stderr}");
+    if out.status.success() || !stderr.contains("password") {
+        bail!("psql logged in to the demo PostgreSQL without its password");
+    }
+    println!("-> only the gateway holds the upstream credentials");
 
     heading(&format!(
         "2. 127.0.0.1:{BLOCKED_PORT} is protected with to = \"block\""
@@ -531,10 +584,8 @@ fn show(demo: &Demo) -> Result<()> {
         Ok(_) => println!("outside the demo cgroup: connect to {target} succeeds (not governed)"),
         Err(e) => println!("outside the demo cgroup: connect to {target}: {e}"),
     }
-    let mut blocked = demo.in_cgroup("psql");
-    blocked
-        .args(psql_args(BLOCKED_PORT))
-        .env("PGCONNECT_TIMEOUT", "5");
+    let mut blocked = without_password(demo, demo.in_cgroup("psql"));
+    blocked.args(psql_args(BLOCKED_PORT));
     println!("$ {}", describe(&blocked));
     let out = blocked.stdin(Stdio::null()).output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -554,7 +605,21 @@ fn show(demo: &Demo) -> Result<()> {
     events.arg("events");
     println!("$ {}", describe(&events));
     run(&mut events)?;
+    let mut verify = demo.audit();
+    verify.arg("verify");
+    println!("$ {}", describe(&verify));
+    run(&mut verify)?;
     Ok(())
+}
+
+/// psql as someone who knows no password: none in the environment, no
+/// password file (one that does not exist), never prompted (`-w`, in
+/// [`psql_args`]).
+fn without_password(demo: &Demo, mut psql: Command) -> Command {
+    psql.env_remove("PGPASSWORD")
+        .env("PGPASSFILE", demo.root.join("no-such.pgpass"))
+        .env("PGCONNECT_TIMEOUT", "5");
+    psql
 }
 
 fn psql_args(port: u16) -> Vec<String> {
@@ -588,9 +653,10 @@ fn print_instructions(demo: &Demo) {
         "In another terminal, as root, open a shell inside the demo cgroup:\n\
          \n    bash -c 'echo $$ > {cgroup}/cgroup.procs && exec bash'\n\
          \nand try:\n\
-         \n    psql -h 127.0.0.1 -p {PG_PORT} -U postgres      # through the gateway\
+         \n    psql -h 127.0.0.1 -p {PG_PORT} -U postgres      # through the gateway, no password\
          \n    psql -h 127.0.0.1 -p {BLOCKED_PORT} -U postgres      # refused by the kernel\
          \n    {binary} --config {config} audit sessions\
+         \n    {binary} --config {config} audit replay SESSION\
          \n    {binary} kernel status --pin-dir {PIN_DIR}\n\
          \n`exit` leaves that shell. Stop the demo with Ctrl-C here, or with\
          \n`cargo xtask demo --stop` from anywhere; processes still in the demo\
@@ -599,6 +665,26 @@ fn print_instructions(demo: &Demo) {
         config = demo.config.display(),
         binary = Demo::binary().display(),
     );
+}
+
+/// 24 random hex digits, from the kernel.
+fn random_password() -> Result<String> {
+    let mut bytes = [0u8; 12];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes `text` to a new file only its owner may read.
+fn write_secret(path: &Path, text: &str) -> Result<()> {
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn create_dir(path: &Path, mode: u32) -> Result<()> {
@@ -637,6 +723,7 @@ mod tests {
             state: "/tmp/portcullis-demo/state".into(),
             log: "/tmp/portcullis-demo/portcullis.log".into(),
             pid_file: "/tmp/portcullis-demo/portcullis.pid".into(),
+            secret: "/tmp/portcullis-demo/postgres.secret".into(),
             supervisor_pid_file: "/tmp/portcullis-demo/supervisor.pid".into(),
             cgroup_mount: "/sys/fs/cgroup".into(),
             cgroup: "/sys/fs/cgroup/portcullis-demo".into(),
@@ -651,6 +738,14 @@ mod tests {
         assert!(text.contains("address = \"127.0.0.1:15499\""));
         assert!(text.contains("port = 5499\nto = \"pg\""));
         assert!(text.contains("port = 5498\nto = \"block\""));
+    }
+
+    #[test]
+    fn config_relays_postgres_with_the_held_password() {
+        let text = demo().config_text();
+        assert!(text.contains("protocol = \"postgres\""));
+        assert!(text.contains("address = \"127.0.0.1:5499\""));
+        assert!(text.contains("password_file = \"/tmp/portcullis-demo/postgres.secret\""));
     }
 
     #[test]

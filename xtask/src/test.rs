@@ -34,8 +34,9 @@ pub fn lint() -> Result<()> {
     Ok(())
 }
 
-/// Setup, lint, `cargo test`, and a check that the shipped default config
-/// still parses with the schema the tests just built.
+/// Setup, lint, `cargo test`, a check that the shipped default config
+/// still parses with the schema the tests just built, and the demo's
+/// walk-through (the README's first command), which checks what it shows.
 ///
 /// Plain `cargo test` uses the workspace's default members, which leave out
 /// the eBPF crate: it only builds for the BPF target, through userspace's
@@ -45,8 +46,25 @@ pub fn test() -> Result<()> {
     lint()?;
     run(cargo().arg("test"))?;
     check_default_config()?;
+    run_demo_once()?;
     report("test", "all", "ok");
     Ok(())
+}
+
+/// `cargo xtask demo --once`, as its own process: the demo re-executes
+/// itself to supervise the gateway. A demo someone left running is not
+/// stopped for it (the demo would do that): the test asks instead.
+fn run_demo_once() -> Result<()> {
+    for place in [crate::demo::DEMO_DIR, crate::demo::PIN_DIR] {
+        if std::path::Path::new(place).exists() {
+            bail!(
+                "a demo is set up ({place}); stop it with `cargo xtask demo --stop`, \
+                 then run the tests again"
+            );
+        }
+    }
+    let xtask = std::env::current_exe()?;
+    run(crate::util::cmd(xtask).args(["demo", "--once"]))
 }
 
 /// `portcullis config check` on systemd/portcullis.toml, with the debug
