@@ -16,10 +16,14 @@
 //!
 //! A retention purge appends the rewritten blocks like any others and then
 //! punches a hole where the old ones were, so emptied payloads leave the
-//! file (what the file system does with freed blocks aside).
+//! file (what the file system does with freed blocks aside). Segments
+//! that purges have mostly emptied are then compacted by the store: their
+//! remaining blocks are appended again, the same bytes, and the files
+//! deleted, so as retention catches up old segments go instead of staying
+//! as files of holes.
 
 use std::{
-    collections::{hash_map::Entry, HashMap},
+    collections::{hash_map::Entry, BTreeSet, HashMap},
     fs::{DirBuilder, File, OpenOptions},
     os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt},
     os::unix::io::AsRawFd,
@@ -114,6 +118,14 @@ impl Segments {
             readers: Mutex::default(),
             active: Mutex::default(),
         }
+    }
+
+    /// Starts a new segment after `limit` bytes instead of
+    /// [`SEGMENT_BYTES`], for tests that need several.
+    #[cfg(test)]
+    pub fn with_limit(mut self, limit: u64) -> Self {
+        self.limit = limit;
+        self
     }
 
     fn path(&self, segment: u32) -> PathBuf {
@@ -250,18 +262,23 @@ impl Segments {
         Ok(guard.as_mut().expect("set above"))
     }
 
-    /// The highest segment number in the directory.
-    fn last_number(&self) -> Result<Option<u32>, AuditError> {
-        let mut last = None;
+    /// The numbers of the segment files in the directory.
+    pub fn numbers(&self) -> Result<BTreeSet<u32>, AuditError> {
+        let mut numbers = BTreeSet::new();
         for entry in std::fs::read_dir(&self.dir).map_err(io(&self.dir))? {
             let name = entry.map_err(io(&self.dir))?.file_name();
             let number = name
                 .to_str()
                 .and_then(|n| n.strip_suffix(".seg"))
                 .and_then(|n| n.parse::<u32>().ok());
-            last = last.max(number);
+            numbers.extend(number);
         }
-        Ok(last)
+        Ok(numbers)
+    }
+
+    /// The highest segment number in the directory.
+    fn last_number(&self) -> Result<Option<u32>, AuditError> {
+        Ok(self.numbers()?.last().copied())
     }
 
     /// Makes every append so far durable: `fdatasync` on the active
@@ -315,6 +332,33 @@ impl Segments {
         }
         for (segment, file) in touched {
             file.sync_data().map_err(io(&self.path(segment)))?;
+        }
+        Ok(())
+    }
+
+    /// The segment appended to, once this process has appended.
+    pub fn active_number(&self) -> Option<u32> {
+        lock(&self.active).as_ref().map(|a| a.number)
+    }
+
+    /// A segment file's length, holes included.
+    pub fn file_len(&self, segment: u32) -> Result<u64, AuditError> {
+        let path = self.path(segment);
+        Ok(std::fs::metadata(&path).map_err(io(&path))?.len())
+    }
+
+    /// Deletes segment files no extent names any more, then syncs the
+    /// directory.
+    pub fn remove(&self, segments: &[u32]) -> Result<(), AuditError> {
+        for &segment in segments {
+            lock(&self.readers).remove(&segment);
+            let path = self.path(segment);
+            std::fs::remove_file(&path).map_err(io(&path))?;
+        }
+        if !segments.is_empty() {
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io(&self.dir))?;
         }
         Ok(())
     }

@@ -28,7 +28,7 @@
 //! the daemon is not running (see [`super::source`]).
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     ffi::OsString,
     fs::{DirBuilder, File},
     ops::Range,
@@ -216,6 +216,10 @@ pub struct Store {
     blobs: Arc<Mutex<BlobScan>>,
 }
 
+/// A segment before the active one is compacted once its blocks fill
+/// less than a quarter of its file (see [`Store::compact`]).
+const COMPACT_BELOW: u64 = 4;
+
 impl Store {
     /// Opens the store, creating it (directory mode 0700) if needed.
     pub fn open(state_dir: &Path) -> Result<Self, AuditError> {
@@ -298,9 +302,56 @@ impl Store {
         Ok(())
     }
 
-    /// Frees the bytes of blocks that a committed purge replaced.
-    pub(super) fn release(&self, extents: &[Extent]) -> Result<(), AuditError> {
-        self.segments.release(extents)
+    /// Frees the bytes of blocks that a committed purge replaced, then
+    /// compacts the segments purges have mostly emptied. Returns how many
+    /// segment files were deleted.
+    pub(super) fn release(&self, extents: &[Extent]) -> Result<usize, AuditError> {
+        self.segments.release(extents)?;
+        self.compact()
+    }
+
+    /// Every segment before the active one whose blocks fill less than
+    /// 1/[`COMPACT_BELOW`] of its file: its blocks are appended again (the
+    /// same bytes, so the chain is unchanged), made durable, named by the
+    /// chain in their new place, and only then is the file deleted. A
+    /// crash in between leaves a copy nothing names, or an old file the
+    /// next compaction deletes. One segment at a time, so memory stays
+    /// within a quarter of a segment.
+    fn compact(&self) -> Result<usize, AuditError> {
+        let Some(active) = self.segments.active_number() else {
+            return Ok(0);
+        };
+        let mut blocks: BTreeMap<u32, Vec<(u64, Extent)>> = BTreeMap::new();
+        for item in self.chain.iter() {
+            let (key, value) = item?;
+            if let Some(extent) = Extent::decode(&value).filter(|e| e.segment < active) {
+                blocks
+                    .entry(extent.segment)
+                    .or_default()
+                    .push((key_u64(&key), extent));
+            }
+        }
+        let mut removed = 0;
+        for segment in self.segments.numbers()?.range(..active) {
+            let blocks = blocks.remove(segment).unwrap_or_default();
+            let used: u64 = blocks.iter().map(|(_, e)| u64::from(e.len)).sum();
+            if used * COMPACT_BELOW >= self.segments.file_len(*segment)? {
+                continue;
+            }
+            if !blocks.is_empty() {
+                let mut moved = Vec::with_capacity(blocks.len());
+                for (key, extent) in blocks {
+                    moved.push((key, self.segments.read(extent)?));
+                }
+                let mut chain = sled::Batch::default();
+                self.append_blocks(&moved, &mut chain)?;
+                self.apply(chain, None)?;
+                self.sync()?;
+            }
+            self.segments.remove(&[*segment])?;
+            removed += 1;
+        }
+        Ok(removed)
     }
 
     /// Applies chain and subject-index changes atomically (one sled
@@ -397,6 +448,14 @@ impl Store {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Starts a new segment file after `bytes`, for tests that need
+    /// several; call it before anything is appended.
+    #[cfg(test)]
+    pub(super) fn with_segment_limit(mut self, bytes: u64) -> Self {
+        self.segments = Arc::new(Segments::open(&self.dir).with_limit(bytes));
+        self
     }
 
     /// Up to `limit` records (block lines) from position `from` on, in

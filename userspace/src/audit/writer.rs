@@ -594,8 +594,10 @@ impl Writer {
         self.head_hash = purge_hash;
         // Committed: the emptied payloads' old bytes can go. Failing here
         // leaves them unreferenced, not the chain wrong.
-        if let Err(e) = self.store.release(&replaced) {
-            error!("purged audit blocks not freed from their segment: {e}");
+        match self.store.release(&replaced) {
+            Ok(0) => {}
+            Ok(segments) => info!(segments, "audit segment files emptied by purges deleted"),
+            Err(e) => error!("purged audit blocks not freed from their segment: {e}"),
         }
         info!(
             records = plan.seqs.len(),

@@ -2,7 +2,10 @@
 //! value, blocks inline in sled), purges inside blocks and damaged blocks,
 //! against a real store (sled and segment files) in a temp dir.
 
-use std::{collections::BTreeMap, time::SystemTime};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::SystemTime,
+};
 
 use serde_json::value::RawValue;
 
@@ -12,7 +15,7 @@ use crate::audit::{
     keys::{self, Keys},
     record::GENESIS,
     retention::Retention,
-    segment::SEGMENT_DIR,
+    segment::{Extent, SEGMENT_DIR},
     source::LocalSource,
     verify::{verify, Verification},
     AuditEvent, CheckpointPolicy, Recorder, SessionEnd, SessionStart, SledRecorder,
@@ -253,6 +256,120 @@ fn record_sessions(recorder: &SledRecorder, sessions: &[(&str, &str)]) {
             ack.durable().await.unwrap();
         }
     });
+}
+
+/// Segment numbers of the files in the store's segment directory.
+fn segment_files(state: &Path) -> BTreeSet<u32> {
+    std::fs::read_dir(state.join("audit").join(SEGMENT_DIR))
+        .unwrap()
+        .map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.strip_suffix(".seg").unwrap().parse().unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn a_purge_deletes_the_segment_files_no_block_is_stored_in_any_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    // Every commit starts a segment of its own.
+    let store = Store::open(&state).unwrap().with_segment_limit(1);
+    let recorder = SledRecorder::start(
+        store.clone(),
+        Keys::load_or_create(&state).unwrap(),
+        policy(),
+    )
+    .unwrap();
+    for session in ["old-1", "old-2", "old-3"] {
+        record_sessions(&recorder, &[(session, "old")]);
+    }
+    record_sessions(&recorder, &[("kept-1", "kept")]);
+    let before = segment_files(&state);
+    assert!(before.len() >= 4, "{before:?}");
+
+    let retention = Retention {
+        default_days: 10_000,
+        per_resource: BTreeMap::from([("old".to_string(), 0)]),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let summary = runtime
+        .block_on(recorder.purge(retention, SystemTime::now()))
+        .unwrap();
+    recorder.close().unwrap();
+    assert_eq!(summary.records, 6);
+
+    let after = segment_files(&state);
+    let referenced: BTreeSet<u32> = store
+        .chain
+        .iter()
+        .filter_map(|item| Extent::decode(&item.unwrap().1).map(|e| e.segment))
+        .collect();
+    let active = *after.last().unwrap();
+    assert!(after.len() < before.len(), "{before:?} -> {after:?}");
+    assert!(
+        after.iter().all(|s| referenced.contains(s) || *s == active),
+        "left: {after:?}, named by the chain: {referenced:?}"
+    );
+    assert!(referenced.is_subset(&after), "{referenced:?} {after:?}");
+    let result = verified(dir.path(), &store);
+    assert!(result.ok, "{:?}", result.problems);
+    assert_eq!(result.purged, 6);
+    let kept = store
+        .raw_records(1, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.value.contains("kept-1"))
+        .count();
+    assert_eq!(kept, 2, "the kept session's records still read");
+}
+
+#[test]
+fn a_purge_compacts_a_segment_it_mostly_emptied() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let store = Store::open(&state).unwrap().with_segment_limit(64 * 1024);
+    let recorder = SledRecorder::start(
+        store.clone(),
+        Keys::load_or_create(&state).unwrap(),
+        policy(),
+    )
+    .unwrap();
+    // One small block that stays, then a segment's worth that expires.
+    record_sessions(&recorder, &[("kept-1", "kept")]);
+    let old: Vec<String> = (0..150).map(|i| format!("old-{i}")).collect();
+    let old: Vec<(&str, &str)> = old.iter().map(|s| (s.as_str(), "old")).collect();
+    record_sessions(&recorder, &old);
+    let kept_block = store.block_at(1).unwrap().unwrap();
+    assert_eq!(kept_block.extent.unwrap().segment, 1);
+    assert!(store.segments.file_len(1).unwrap() > 64 * 1024);
+
+    let retention = Retention {
+        default_days: 10_000,
+        per_resource: BTreeMap::from([("old".to_string(), 0)]),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let summary = runtime
+        .block_on(recorder.purge(retention, SystemTime::now()))
+        .unwrap();
+    recorder.close().unwrap();
+    assert_eq!(summary.records, 300);
+
+    let moved = store.block_at(1).unwrap().unwrap();
+    assert_eq!(moved.bytes, kept_block.bytes, "the same bytes, elsewhere");
+    assert_ne!(moved.extent.unwrap().segment, 1);
+    assert!(
+        !segment_files(&state).contains(&1),
+        "{:?}",
+        segment_files(&state)
+    );
+    let result = verified(dir.path(), &store);
+    assert!(result.ok, "{:?}", result.problems);
+    assert_eq!(result.purged, 300);
 }
 
 #[test]
