@@ -28,7 +28,7 @@
 //! the daemon is not running (see [`super::source`]).
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     ffi::OsString,
     fs::{DirBuilder, File},
     ops::Range,
@@ -322,9 +322,15 @@ impl Store {
             return Ok(0);
         };
         let mut blocks: BTreeMap<u32, Vec<(u64, Extent)>> = BTreeMap::new();
+        // A key that is not a seq (tampering) is left for verify to report:
+        // its segment is not touched.
+        let mut untouchable = BTreeSet::new();
         for item in self.chain.iter() {
             let (key, value) = item?;
             if let Some(extent) = Extent::decode(&value).filter(|e| e.segment < active) {
+                if key.len() != 8 {
+                    untouchable.insert(extent.segment);
+                }
                 blocks
                     .entry(extent.segment)
                     .or_default()
@@ -333,6 +339,9 @@ impl Store {
         }
         let mut removed = 0;
         for segment in self.segments.numbers()?.range(..active) {
+            if untouchable.contains(segment) {
+                continue;
+            }
             let blocks = blocks.remove(segment).unwrap_or_default();
             let used: u64 = blocks.iter().map(|(_, e)| u64::from(e.len)).sum();
             if used * COMPACT_BELOW >= self.segments.file_len(*segment)? {

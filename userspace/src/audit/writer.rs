@@ -597,7 +597,7 @@ impl Writer {
         match self.store.release(&replaced) {
             Ok(0) => {}
             Ok(segments) => info!(segments, "audit segment files emptied by purges deleted"),
-            Err(e) => error!("purged audit blocks not freed from their segment: {e}"),
+            Err(e) => error!("purged audit blocks not freed, or their segments not compacted: {e}"),
         }
         info!(
             records = plan.seqs.len(),
