@@ -1,8 +1,8 @@
 //! `cargo xtask lint` and `cargo xtask test`: what CI runs.
 //!
-//! `test` is setup, then lint, then the test suite, so that one command on a
-//! fresh machine (or VM, or CI runner) gives the same answer as on a
-//! developer's. The kernel integration tests need root; they are not hidden
+//! `test` is setup, then lint, then the test suite, then the demo's
+//! walk-through, so that one command on a fresh machine (or VM, or CI
+//! runner) gives the same answer as on a developer's. The kernel integration tests need root; they are not hidden
 //! behind `#[ignore]`, so `test` must run as root.
 
 use anyhow::{bail, Result};
