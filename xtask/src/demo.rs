@@ -567,13 +567,8 @@ fn show(demo: &Demo) -> Result<()> {
     heading("1b. The same psql outside the demo cgroup (not governed): no password");
     let mut direct = without_password(demo, cmd("psql"));
     direct.args(psql_args(PG_PORT));
-    println!("$ {}", describe(&direct));
-    let out = direct.stdin(Stdio::null()).output()?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    print!("{stderr}");
-    if out.status.success() || !stderr.contains("password") {
-        bail!("psql logged in to the demo PostgreSQL without its password");
-    }
+    expect_refused(&mut direct, "password")
+        .context("psql logged in to the demo PostgreSQL without its password")?;
     println!("-> only the gateway holds the upstream credentials");
 
     heading(&format!(
@@ -586,13 +581,8 @@ fn show(demo: &Demo) -> Result<()> {
     }
     let mut blocked = without_password(demo, demo.in_cgroup("psql"));
     blocked.args(psql_args(BLOCKED_PORT));
-    println!("$ {}", describe(&blocked));
-    let out = blocked.stdin(Stdio::null()).output()?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    print!("{stderr}");
-    if out.status.success() || !stderr.contains("Operation not permitted") {
-        bail!("the connect to the blocked port was not refused with EPERM");
-    }
+    expect_refused(&mut blocked, "Operation not permitted")
+        .context("the connect to the blocked port was not refused with EPERM")?;
     println!("-> refused in connect() with EPERM by the kernel: no packet left the socket");
 
     heading("3. Kernel enforcement");
@@ -609,6 +599,19 @@ fn show(demo: &Demo) -> Result<()> {
     verify.arg("verify");
     println!("$ {}", describe(&verify));
     run(&mut verify)?;
+    Ok(())
+}
+
+/// Shows and runs `command`, which must fail with `reason` in its error
+/// output.
+fn expect_refused(command: &mut Command, reason: &str) -> Result<()> {
+    println!("$ {}", describe(command));
+    let out = command.stdin(Stdio::null()).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    print!("{stderr}");
+    if out.status.success() || !stderr.contains(reason) {
+        bail!("expected it to fail with \"{reason}\"");
+    }
     Ok(())
 }
 

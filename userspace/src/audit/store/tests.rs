@@ -18,6 +18,7 @@ use crate::audit::{
     segment::{Extent, SEGMENT_DIR},
     source::LocalSource,
     verify::{verify, Verification},
+    writer::PurgeSummary,
     AuditEvent, CheckpointPolicy, Recorder, SessionEnd, SessionStart, SledRecorder,
 };
 
@@ -258,6 +259,22 @@ fn record_sessions(recorder: &SledRecorder, sessions: &[(&str, &str)]) {
     });
 }
 
+/// Purges every payload of resource `old` now, then stops the writer.
+fn purge_old_now_and_close(recorder: &SledRecorder) -> PurgeSummary {
+    let retention = Retention {
+        default_days: 10_000,
+        per_resource: BTreeMap::from([("old".to_string(), 0)]),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let summary = runtime
+        .block_on(recorder.purge(retention, SystemTime::now()))
+        .unwrap();
+    recorder.close().unwrap();
+    summary
+}
+
 /// Segment numbers of the files in the store's segment directory.
 fn segment_files(state: &Path) -> BTreeSet<u32> {
     std::fs::read_dir(state.join("audit").join(SEGMENT_DIR))
@@ -288,17 +305,7 @@ fn a_purge_deletes_the_segment_files_no_block_is_stored_in_any_more() {
     let before = segment_files(&state);
     assert!(before.len() >= 4, "{before:?}");
 
-    let retention = Retention {
-        default_days: 10_000,
-        per_resource: BTreeMap::from([("old".to_string(), 0)]),
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let summary = runtime
-        .block_on(recorder.purge(retention, SystemTime::now()))
-        .unwrap();
-    recorder.close().unwrap();
+    let summary = purge_old_now_and_close(&recorder);
     assert_eq!(summary.records, 6);
 
     let after = segment_files(&state);
@@ -346,17 +353,7 @@ fn a_purge_compacts_a_segment_it_mostly_emptied() {
     assert_eq!(kept_block.extent.unwrap().segment, 1);
     assert!(store.segments.file_len(1).unwrap() > 64 * 1024);
 
-    let retention = Retention {
-        default_days: 10_000,
-        per_resource: BTreeMap::from([("old".to_string(), 0)]),
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let summary = runtime
-        .block_on(recorder.purge(retention, SystemTime::now()))
-        .unwrap();
-    recorder.close().unwrap();
+    let summary = purge_old_now_and_close(&recorder);
     assert_eq!(summary.records, 300);
 
     let moved = store.block_at(1).unwrap().unwrap();
@@ -398,17 +395,7 @@ fn a_purge_rewrites_lines_inside_blocks_and_keeps_the_rest() {
         .map(|e| e.value)
         .collect();
 
-    let retention = Retention {
-        default_days: 10_000,
-        per_resource: BTreeMap::from([("old".to_string(), 0)]),
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let summary = runtime
-        .block_on(recorder.purge(retention, SystemTime::now()))
-        .unwrap();
-    recorder.close().unwrap();
+    let summary = purge_old_now_and_close(&recorder);
     assert_eq!(summary.records, 20);
     let purge_seq = summary.purge_seq.unwrap();
     assert_eq!(purge_seq, 41);
