@@ -347,20 +347,15 @@ impl Segments {
         Ok(std::fs::metadata(&path).map_err(io(&path))?.len())
     }
 
-    /// Deletes segment files no extent names any more, then syncs the
+    /// Deletes a segment file no extent names any more, then syncs the
     /// directory.
-    pub fn remove(&self, segments: &[u32]) -> Result<(), AuditError> {
-        for &segment in segments {
-            lock(&self.readers).remove(&segment);
-            let path = self.path(segment);
-            std::fs::remove_file(&path).map_err(io(&path))?;
-        }
-        if !segments.is_empty() {
-            File::open(&self.dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io(&self.dir))?;
-        }
-        Ok(())
+    pub fn remove(&self, segment: u32) -> Result<(), AuditError> {
+        lock(&self.readers).remove(&segment);
+        let path = self.path(segment);
+        std::fs::remove_file(&path).map_err(io(&path))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))
     }
 }
 

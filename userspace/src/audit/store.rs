@@ -357,7 +357,7 @@ impl Store {
                 self.apply(chain, None)?;
                 self.sync()?;
             }
-            self.segments.remove(&[*segment])?;
+            self.segments.remove(*segment)?;
             removed += 1;
         }
         Ok(removed)
