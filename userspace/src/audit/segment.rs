@@ -28,7 +28,7 @@ use std::{
     os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt},
     os::unix::io::AsRawFd,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard},
 };
 
 use super::AuditError;
@@ -90,6 +90,10 @@ pub struct Segments {
     readers: Mutex<HashMap<u32, Arc<File>>>,
     /// The segment appended to, opened on the first append.
     active: Mutex<Option<Active>>,
+    /// Read-held by [`Segments::pin`] from looking an extent up in the
+    /// chain until its bytes are read; freeing bytes and deleting files
+    /// take it for writing, so they wait for such readers.
+    in_use: RwLock<()>,
 }
 
 struct Active {
@@ -117,6 +121,7 @@ impl Segments {
             limit: SEGMENT_BYTES,
             readers: Mutex::default(),
             active: Mutex::default(),
+            in_use: RwLock::default(),
         }
     }
 
@@ -130,6 +135,19 @@ impl Segments {
 
     fn path(&self, segment: u32) -> PathBuf {
         self.dir.join(format!("{segment:08}.seg"))
+    }
+
+    /// Keeps the bytes of every extent the chain names now where they are
+    /// until the guard drops. Take it before looking an extent up: a purge
+    /// may free a block's old bytes, and a compaction delete its old file,
+    /// between that look-up and the read.
+    pub fn pin(&self) -> RwLockReadGuard<'_, ()> {
+        self.in_use.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until no reader holds a [`Segments::pin`].
+    fn unpinned(&self) -> RwLockWriteGuard<'_, ()> {
+        self.in_use.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The bytes `extent` names.
@@ -316,6 +334,7 @@ impl Segments {
     /// purge): a hole is punched so they read back as zeros, and the
     /// segment is synced.
     pub fn release(&self, extents: &[Extent]) -> Result<(), AuditError> {
+        let _unpinned = self.unpinned();
         let mut touched: HashMap<u32, File> = HashMap::new();
         for extent in extents {
             let path = self.path(extent.segment);
@@ -350,9 +369,12 @@ impl Segments {
     /// Deletes a segment file no extent names any more, then syncs the
     /// directory.
     pub fn remove(&self, segment: u32) -> Result<(), AuditError> {
-        lock(&self.readers).remove(&segment);
         let path = self.path(segment);
-        std::fs::remove_file(&path).map_err(io(&path))?;
+        {
+            let _unpinned = self.unpinned();
+            lock(&self.readers).remove(&segment);
+            std::fs::remove_file(&path).map_err(io(&path))?;
+        }
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io(&self.dir))

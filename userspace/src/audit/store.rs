@@ -136,6 +136,7 @@ impl Iterator for Lines {
                     }));
                 }
             }
+            let _pinned = self.segments.pin();
             let block = self
                 .blocks
                 .next()?
@@ -497,6 +498,7 @@ impl Store {
     /// The block that would hold position `seq`: the last one whose key is
     /// not above it.
     pub(super) fn block_at(&self, seq: u64) -> Result<Option<Block>, AuditError> {
+        let _pinned = self.segments.pin();
         match self.chain.range(..=seq.to_be_bytes()).next_back() {
             None => Ok(None),
             Some(item) => {
@@ -517,6 +519,7 @@ impl Store {
     /// The last record (the last line of the last block), as the writer
     /// continues from it.
     pub fn head(&self) -> Result<Option<Record>, AuditError> {
+        let _pinned = self.segments.pin();
         let Some((key, value)) = self.chain.last()? else {
             return Ok(None);
         };

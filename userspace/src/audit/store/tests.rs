@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    time::SystemTime,
+    time::{Duration, Instant, SystemTime},
 };
 
 use serde_json::value::RawValue;
@@ -222,7 +222,7 @@ fn inline_blocks_of_the_previous_version_read_and_the_writer_continues_them() {
 /// awaiting them are one commit.
 fn policy() -> CheckpointPolicy {
     CheckpointPolicy {
-        commit_interval: std::time::Duration::from_secs(1),
+        commit_interval: Duration::from_secs(1),
         ..CheckpointPolicy::default()
     }
 }
@@ -367,6 +367,47 @@ fn a_purge_compacts_a_segment_it_mostly_emptied() {
     let result = verified(dir.path(), &store);
     assert!(result.ok, "{:?}", result.problems);
     assert_eq!(result.purged, 300);
+}
+
+#[test]
+fn a_block_looked_up_before_a_purge_still_reads_while_its_reader_holds_the_pin() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    // Every commit starts a segment of its own: the purge rewrites the
+    // first block elsewhere, frees its old bytes and deletes its file.
+    let store = Store::open(&state).unwrap().with_segment_limit(1);
+    let recorder = SledRecorder::start(
+        store.clone(),
+        Keys::load_or_create(&state).unwrap(),
+        policy(),
+    )
+    .unwrap();
+    record_sessions(&recorder, &[("old-1", "old"), ("kept-1", "kept")]);
+    record_sessions(&recorder, &[("kept-2", "kept")]);
+
+    // A reader looks the first block up, as an audit query does ...
+    let pinned = store.segments.pin();
+    let (key, named) = store.chain.first().unwrap().unwrap();
+    let extent = Extent::decode(&named).unwrap();
+    let bytes = store.segments.read(extent).unwrap();
+    std::thread::scope(|scope| {
+        let purge = scope.spawn(|| purge_old_now_and_close(&recorder));
+        // ... the purge commits the block's rewrite ...
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.chain.get(&key).unwrap().as_ref() == Some(&named) {
+            assert!(Instant::now() < deadline, "the purge never committed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // ... but waits for the reader before freeing the old bytes.
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!purge.is_finished());
+        assert_eq!(store.segments.read(extent).unwrap(), bytes);
+        drop(pinned);
+        assert_eq!(purge.join().unwrap().records, 2);
+    });
+    assert!(!segment_files(&state).contains(&extent.segment));
+    let result = verified(dir.path(), &store);
+    assert!(result.ok, "{:?}", result.problems);
 }
 
 #[test]
@@ -564,7 +605,7 @@ fn sync_lists_the_blob_directory_only_when_it_changed() {
     store.sync().unwrap();
     // Just created: too recent to trust an unchanged time.
     assert!(!settled(&store));
-    std::thread::sleep(MTIME_SETTLED + std::time::Duration::from_millis(200));
+    std::thread::sleep(MTIME_SETTLED + Duration::from_millis(200));
     store.sync().unwrap();
     assert!(settled(&store));
     // A value past the blob threshold: sled writes a blob file, the
