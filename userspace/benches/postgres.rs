@@ -10,15 +10,20 @@
 //! * A large result (`COPY (select ...) TO STDOUT` of ~230 MB through
 //!   psql): throughput and ratio to direct.
 //!
-//! The gateway's clients run in a throwaway child cgroup so the kernel
-//! redirects them; direct and PgBouncer clients run outside it. Rounds
-//! rotate the order of the three targets so drift affects all alike; the
-//! median of each is reported, and the gateway's TPS over PgBouncer's
-//! round by round (the machine's speed drifts between rounds, so only
-//! ratios within one round compare like with like).
+//! The gateway's local clients run in a throwaway child cgroup so the
+//! kernel redirects them; direct and PgBouncer clients run outside it. TLS
+//! rounds also measure remote clients: pgbench connecting to the gateway's
+//! listener itself (TLS, then a service account's token from a real OIDC
+//! provider as the password), without the kernel's help. Rounds rotate
+//! the order of the targets so drift affects all alike; the
+//! median of each is reported, and each gateway target's TPS over
+//! PgBouncer's round by round (the machine's speed drifts between rounds,
+//! so only ratios within one round compare like with like).
 //!
 //! Run: `cargo bench --bench postgres` (release build). Needs PostgreSQL 15,
-//! pgbench, psql and pgbouncer (Debian packages postgresql, pgbouncer).
+//! pgbench, psql and pgbouncer (Debian packages postgresql, pgbouncer), and
+//! node with the OIDC provider's modules (`cargo xtask setup` installs
+//! them all).
 
 use std::{
     net::TcpListener,
@@ -39,6 +44,8 @@ const CLIENTS: &str = "8";
 /// connections to the second over TLS (a resource with `tls = "require"`).
 const PLAIN_HOST: &str = "127.0.0.1";
 const TLS_HOST: &str = "127.0.0.2";
+/// Long enough for the whole run: pgbench logs in again every round.
+const TOKEN_TTL_SECONDS: &str = "7200";
 const COPY_SQL: &str =
     "copy (select g, repeat('x', 100) from generate_series(1, 2000000) g) to stdout";
 
@@ -55,7 +62,9 @@ fn main() {
     let tls = Tls::generate(work.path());
     let pg = Postgres::start(work.path(), &tls);
     let cgroup = Cgroup::new();
-    let gateway = Portcullis::start(work.path(), &cgroup, pg.port, &tls);
+    let provider = Provider::start(work.path());
+    let token = provider.service_token();
+    let gateway = Portcullis::start(work.path(), &cgroup, pg.port, &tls, &provider);
     let bouncer = Bouncer::start(work.path(), "bouncer", pg.port, None);
     let bouncer_tls = Bouncer::start(work.path(), "bouncer-tls", pg.port, Some(&tls));
 
@@ -87,18 +96,22 @@ fn main() {
     );
 
     // Over TLS, every leg is encrypted: client to proxy, proxy to server,
-    // and client to server for direct.
-    let targets = |tls: bool| -> [Target; 3] {
+    // and client to server for direct. The gateway knows its clients by
+    // the token they give as password (the bench has no `portcullis
+    // login`); a remote client must be on TLS before it may give one.
+    let targets = |tls: bool| -> Vec<Target> {
         let (gateway_host, bouncer) = if tls {
             (TLS_HOST, &bouncer_tls)
         } else {
             (PLAIN_HOST, &bouncer)
         };
-        [
+        let mut targets = vec![
             Target {
                 name: "direct",
                 host: PLAIN_HOST,
                 port: pg.port,
+                database: "postgres",
+                password: PASSWORD,
                 cgroup: None,
                 proxy: None,
             },
@@ -106,6 +119,8 @@ fn main() {
                 name: "gateway",
                 host: gateway_host,
                 port: pg.port,
+                database: "postgres",
+                password: &token,
                 cgroup: Some(&cgroup),
                 proxy: Some(gateway.child.id()),
             },
@@ -113,10 +128,24 @@ fn main() {
                 name: "pgbouncer",
                 host: PLAIN_HOST,
                 port: bouncer.port,
+                database: "postgres",
+                password: PASSWORD,
                 cgroup: None,
                 proxy: Some(bouncer.pid()),
             },
-        ]
+        ];
+        if tls {
+            targets.push(Target {
+                name: "remote",
+                host: PLAIN_HOST,
+                port: gateway.port,
+                database: "bench-tls",
+                password: &token,
+                cgroup: None,
+                proxy: Some(gateway.child.id()),
+            });
+        }
+        targets
     };
     let modes = [
         Mode::new("simple", false),
@@ -126,8 +155,11 @@ fn main() {
     ];
     // results[mode][target] = (tps, latency ms, proxy CPU µs per
     // transaction, whole machine's CPU µs per transaction) per round
-    let mut results = vec![vec![Vec::new(); 3]; modes.len()];
-    let mut copies = vec![Vec::new(); 3];
+    let mut results: Vec<Vec<Vec<_>>> = modes
+        .iter()
+        .map(|mode| vec![Vec::new(); targets(mode.tls).len()])
+        .collect();
+    let mut copies = vec![Vec::new(); targets(false).len()];
     for round in 0..ROUNDS {
         for (m, mode) in modes.iter().enumerate() {
             let targets = targets(mode.tls);
@@ -198,21 +230,32 @@ fn main() {
             );
         }
     }
-    println!("\ngateway TPS / PgBouncer TPS, round by round");
+    println!(
+        "\nTPS over PgBouncer's, round by round (gateway: local clients the kernel redirects; \
+         remote: clients of the gateway's listener)"
+    );
     for (m, mode) in modes.iter().enumerate() {
-        let ratios: Vec<f64> = results[m][1]
-            .iter()
-            .zip(&results[m][2])
-            .map(|(gateway, bouncer)| gateway.0 / bouncer.0)
-            .collect();
-        let ahead = ratios.iter().filter(|r| **r > 1.0).count();
-        let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
-        println!(
-            "{:<14} {}   median {:.2}, gateway ahead in {ahead} of {ROUNDS}",
-            mode.label(),
-            shown.join(" "),
-            median(ratios)
-        );
+        let targets = targets(mode.tls);
+        let bouncer = targets.iter().position(|t| t.name == "pgbouncer").unwrap();
+        for (t, target) in targets.iter().enumerate() {
+            if target.proxy.is_none() || t == bouncer {
+                continue;
+            }
+            let ratios: Vec<f64> = results[m][t]
+                .iter()
+                .zip(&results[m][bouncer])
+                .map(|(gateway, bouncer)| gateway.0 / bouncer.0)
+                .collect();
+            let ahead = ratios.iter().filter(|r| **r > 1.0).count();
+            let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+            println!(
+                "{:<14} {:<8} {}   median {:.2}, ahead in {ahead} of {ROUNDS}",
+                mode.label(),
+                target.name,
+                shown.join(" "),
+                median(ratios)
+            );
+        }
     }
     println!("\nlarge result: {COPY_SQL} (median MB/s)");
     let direct = median(copies[0].clone());
@@ -227,6 +270,7 @@ fn main() {
     drop(bouncer_tls);
     drop(bouncer);
     drop(gateway);
+    drop(provider);
 }
 
 /// One way to reach the cluster.
@@ -234,6 +278,9 @@ struct Target<'a> {
     name: &'static str,
     host: &'static str,
     port: u16,
+    /// A remote client names the gateway's resource as its database.
+    database: &'static str,
+    password: &'a str,
     /// Clients run in it, so the kernel redirects them to the gateway.
     cgroup: Option<&'a Cgroup>,
     /// The proxy whose CPU is measured.
@@ -366,9 +413,9 @@ fn pgbench(target: &Target, sslmode: &str, args: &[&str]) -> (f64, f64, String) 
     let port = target.port.to_string();
     let mut full = vec!["-h", target.host, "-p", &port, "-U", "postgres"];
     full.extend(args);
-    full.push("postgres");
+    full.push(target.database);
     let out = command(target.cgroup, "pgbench", &full)
-        .env("PGPASSWORD", PASSWORD)
+        .env("PGPASSWORD", target.password)
         .env("PGSSLMODE", sslmode)
         .output()
         .unwrap();
@@ -407,12 +454,12 @@ fn copy_rate(target: &Target) -> f64 {
             "-U",
             "postgres",
             "-d",
-            "postgres",
+            target.database,
             "-c",
             COPY_SQL,
         ],
     )
-    .env("PGPASSWORD", PASSWORD)
+    .env("PGPASSWORD", target.password)
     .env("PGSSLMODE", "disable")
     .stderr(Stdio::inherit())
     .output()
@@ -562,11 +609,13 @@ impl Drop for Postgres {
 /// TLS; the gateway's audit store records every statement.
 struct Portcullis {
     child: Child,
+    /// The listener's own port, for remote clients.
+    port: u16,
     pins: PathBuf,
 }
 
 impl Portcullis {
-    fn start(work: &Path, cgroup: &Cgroup, pg_port: u16, tls: &Tls) -> Self {
+    fn start(work: &Path, cgroup: &Cgroup, pg_port: u16, tls: &Tls, provider: &Provider) -> Self {
         let secret = work.join("secret");
         std::fs::write(&secret, PASSWORD).unwrap();
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -574,23 +623,32 @@ impl Portcullis {
             "/sys/fs/bpf/portcullis-bench-pg-{}",
             std::process::id()
         ));
+        let port = free_port();
         let mut text = format!(
             r#"state_dir = "{state}"
 [kernel]
 cgroup = "{cg}"
 pin_dir = "{pins}"
 
+[identity]
+issuer = "{issuer}"
+client_id = "portcullis"
+audience = ["urn:portcullis"]
+control_socket = "{control}"
+
 [[listener]]
 name = "pg"
-address = "127.0.0.1:{listen}"
+address = "127.0.0.1:{port}"
 protocol = "postgres"
+direct = true
 tls_cert = "{cert}"
 tls_key = "{key}"
 "#,
             state = work.join("state").display(),
             cg = cgroup.0.display(),
             pins = pins.display(),
-            listen = free_port(),
+            issuer = provider.issuer,
+            control = work.join("control.sock").display(),
             cert = tls.cert.display(),
             key = tls.key.display(),
         );
@@ -645,7 +703,7 @@ password_file = "{secret}"
             );
             thread::sleep(Duration::from_millis(50));
         }
-        Self { child, pins }
+        Self { child, port, pins }
     }
 }
 
@@ -657,6 +715,75 @@ impl Drop for Portcullis {
             .args(["kernel", "detach", "--pin-dir"])
             .arg(&self.pins)
             .output();
+    }
+}
+
+/// The OIDC provider the tests use (`node tests/oidc/provider.mjs`): it
+/// issues the service account's token that the gateway's clients log in
+/// with.
+struct Provider {
+    issuer: String,
+    child: Child,
+}
+
+impl Provider {
+    fn start(work: &Path) -> Self {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/oidc");
+        let port = free_port();
+        let log = work.join("provider.log");
+        let child = Command::new("node")
+            .arg(dir.join("provider.mjs"))
+            .args(["--port", &port.to_string(), "--ttl", TOKEN_TTL_SECONDS])
+            .current_dir(&dir)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("node (cargo xtask setup installs it)");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("listening on")
+        {
+            assert!(Instant::now() < deadline, "the OIDC provider did not start");
+            thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            issuer: format!("http://127.0.0.1:{port}"),
+            child,
+        }
+    }
+
+    /// A client-credentials access token for the gateway.
+    fn service_token(&self) -> String {
+        let out = Command::new("curl")
+            .args([
+                "-fsS",
+                "-d",
+                "grant_type=client_credentials",
+                "-d",
+                "client_id=svc-reporting",
+                "-d",
+                "client_secret=svc-reporting-secret",
+                "-d",
+                "resource=urn:portcullis",
+                &format!("{}/token", self.issuer),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "token request: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        body["access_token"].as_str().unwrap().to_string()
+    }
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
