@@ -86,12 +86,7 @@ fn store_with(records: &[Record], format: Format) -> (tempfile::TempDir, Store) 
 /// commit) and stops it.
 fn continue_with_two_sessions(dir: &Path, store: &Store) {
     let state = dir.join("state");
-    let recorder = SledRecorder::start(
-        store.clone(),
-        Keys::load_or_create(&state).unwrap(),
-        policy(),
-    )
-    .unwrap();
+    let recorder = writer(&state, store);
     record_sessions(&recorder, &[("s-1", "crm"), ("s-2", "crm")]);
     recorder.close().unwrap();
 }
@@ -227,6 +222,16 @@ fn policy() -> CheckpointPolicy {
     }
 }
 
+/// The store's writer, with the keys under `state`.
+fn writer(state: &Path, store: &Store) -> SledRecorder {
+    SledRecorder::start(
+        store.clone(),
+        Keys::load_or_create(state).unwrap(),
+        policy(),
+    )
+    .unwrap()
+}
+
 /// Records a start and an end per session, all in one commit.
 fn record_sessions(recorder: &SledRecorder, sessions: &[(&str, &str)]) {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -292,12 +297,7 @@ fn a_purge_deletes_the_segment_files_no_block_is_stored_in_any_more() {
     let state = dir.path().join("state");
     // Every commit starts a segment of its own.
     let store = Store::open(&state).unwrap().with_segment_limit(1);
-    let recorder = SledRecorder::start(
-        store.clone(),
-        Keys::load_or_create(&state).unwrap(),
-        policy(),
-    )
-    .unwrap();
+    let recorder = writer(&state, &store);
     for session in ["old-1", "old-2", "old-3"] {
         record_sessions(&recorder, &[(session, "old")]);
     }
@@ -338,12 +338,7 @@ fn a_purge_compacts_a_segment_it_mostly_emptied() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let store = Store::open(&state).unwrap().with_segment_limit(64 * 1024);
-    let recorder = SledRecorder::start(
-        store.clone(),
-        Keys::load_or_create(&state).unwrap(),
-        policy(),
-    )
-    .unwrap();
+    let recorder = writer(&state, &store);
     // One small block that stays, then a segment's worth that expires.
     record_sessions(&recorder, &[("kept-1", "kept")]);
     let old: Vec<String> = (0..150).map(|i| format!("old-{i}")).collect();
@@ -376,12 +371,7 @@ fn a_block_looked_up_before_a_purge_still_reads_while_its_reader_holds_the_pin()
     // Every commit starts a segment of its own: the purge rewrites the
     // first block elsewhere, frees its old bytes and deletes its file.
     let store = Store::open(&state).unwrap().with_segment_limit(1);
-    let recorder = SledRecorder::start(
-        store.clone(),
-        Keys::load_or_create(&state).unwrap(),
-        policy(),
-    )
-    .unwrap();
+    let recorder = writer(&state, &store);
     record_sessions(&recorder, &[("old-1", "old"), ("kept-1", "kept")]);
     record_sessions(&recorder, &[("kept-2", "kept")]);
 
@@ -415,12 +405,7 @@ fn a_purge_rewrites_lines_inside_blocks_and_keeps_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let store = Store::open(&state).unwrap();
-    let recorder = SledRecorder::start(
-        store.clone(),
-        Keys::load_or_create(&state).unwrap(),
-        policy(),
-    )
-    .unwrap();
+    let recorder = writer(&state, &store);
     // Alternating resources inside the same blocks.
     let sessions: Vec<(String, &str)> = (0..20)
         .map(|i| (format!("s-{i}"), if i % 2 == 0 { "old" } else { "kept" }))
