@@ -2,8 +2,9 @@
 //!
 //! `test` is setup, then lint, then the test suite, then the demo's
 //! walk-through, so that one command on a fresh machine (or VM, or CI
-//! runner) gives the same answer as on a developer's. The kernel integration tests need root; they are not hidden
-//! behind `#[ignore]`, so `test` must run as root.
+//! runner) gives the same answer as on a developer's. The kernel
+//! integration tests need root; they are not hidden behind `#[ignore]`, so
+//! `test` must run as root.
 
 use anyhow::{bail, Result};
 
