@@ -4,7 +4,8 @@
 //! # Layout
 //!
 //! * [`config`]: the TOML configuration and its validation.
-//! * [`kernel`]: eBPF programs: attach, adopt, maps, events (the only `unsafe`).
+//! * [`kernel`]: eBPF programs: attach, adopt, maps, events (all the
+//!   `unsafe` but one `fallocate` call in [`audit`]'s segment files).
 //! * [`identity`]: who is behind a session ([`identity::Principal`]).
 //! * [`control`]: the daemon's Unix control socket (login, whoami, logout).
 //! * [`proxy`]: the pipeline every connection goes through (accept, identify,
@@ -35,3 +36,5 @@ pub mod policy;
 pub mod protocol;
 pub mod proxy;
 pub mod resource;
+#[cfg(test)]
+mod testing;

@@ -1,7 +1,8 @@
 //! Kernel enforcement: loading, attaching and pinning the eBPF programs, and
 //! the maps through which the gateway steers and observes them.
 //!
-//! This is the only module with `unsafe` code.
+//! All the crate's `unsafe` code is here, but for the one `fallocate` call
+//! with which the audit store punches holes in its segment files.
 //!
 //! * [`attach`]: attach to a cgroup v2, or adopt what an earlier run pinned.
 //! * [`maps`]: the protected-destination trie, the connection table, counters.
