@@ -334,20 +334,24 @@ impl Segments {
     /// purge): a hole is punched so they read back as zeros, and the
     /// segment is synced.
     pub fn release(&self, extents: &[Extent]) -> Result<(), AuditError> {
-        let _unpinned = self.unpinned();
         let mut touched: HashMap<u32, File> = HashMap::new();
-        for extent in extents {
-            let path = self.path(extent.segment);
-            let file = match touched.entry(extent.segment) {
-                Entry::Occupied(open) => open.into_mut(),
-                Entry::Vacant(slot) => slot.insert(
-                    OpenOptions::new()
-                        .write(true)
-                        .open(&path)
-                        .map_err(io(&path))?,
-                ),
-            };
-            punch_hole(file, *extent).map_err(io(&path))?;
+        {
+            // Readers wait for the punching only: bytes once punched read
+            // as zeros whether or not the sync below has happened.
+            let _unpinned = self.unpinned();
+            for extent in extents {
+                let path = self.path(extent.segment);
+                let file = match touched.entry(extent.segment) {
+                    Entry::Occupied(open) => open.into_mut(),
+                    Entry::Vacant(slot) => slot.insert(
+                        OpenOptions::new()
+                            .write(true)
+                            .open(&path)
+                            .map_err(io(&path))?,
+                    ),
+                };
+                punch_hole(file, *extent).map_err(io(&path))?;
+            }
         }
         for (segment, file) in touched {
             file.sync_data().map_err(io(&self.path(segment)))?;
