@@ -228,26 +228,19 @@ pub fn call(path: &Path, request: &ControlRequest) -> Result<ControlResponse, Co
 mod tests {
     use super::*;
     use crate::{
-        audit::{Ack, AuditEvent, Recorder},
         identity::UnixIdentity,
         policy::{
             approval::ApprovalRequest,
             engine::{ApprovalScope, Approvers},
         },
+        testing::Collect,
     };
-
-    struct Nothing;
-    impl Recorder for Nothing {
-        fn record(&self, _: AuditEvent) -> Ack {
-            Ack::done(Ok(()))
-        }
-    }
 
     #[tokio::test]
     async fn root_lists_and_decides_over_the_socket() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(SOCKET_NAME);
-        let store = ApprovalStore::new(Arc::new(Nothing));
+        let store = ApprovalStore::new(Arc::new(Collect::default()));
         let listener = bind(&path).unwrap();
         tokio::spawn(serve(listener, Arc::clone(&store), Arc::new(UnixIdentity)));
         let requester = crate::identity::Principal {

@@ -553,17 +553,7 @@ impl Drop for Responses {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::{Ack, AuditError};
-
-    #[derive(Default)]
-    struct Collect(Mutex<Vec<AuditEvent>>);
-
-    impl Recorder for Collect {
-        fn record(&self, event: AuditEvent) -> Ack {
-            self.0.lock().unwrap().push(event);
-            Ack::done(Ok::<(), AuditError>(()))
-        }
-    }
+    use crate::testing::{random_body, Collect, Random};
 
     fn statements(c: &Collect) -> Vec<Statement> {
         c.0.lock()
@@ -751,6 +741,36 @@ mod tests {
         assert!(statements(&recorder).is_empty());
         resp.flush_records();
         assert_eq!(statements(&recorder).len(), 1);
+    }
+
+    /// Whatever a client or server sends (the relay only checks framing),
+    /// the tracker answers with records, never a panic that would take the
+    /// session's worker down.
+    #[test]
+    fn random_messages_in_both_directions_never_panic() {
+        const FROM_CLIENT: &[u8] = b"QPBDECSHXFdcfpx";
+        const FROM_SERVER: &[u8] = b"123CDEIGHWcdnNAsStTZKVvx";
+        let mut random = Random::new(0x9e37_79b9_7f4a_7c15);
+        let recorder = Arc::new(Collect::default());
+        for _ in 0..300 {
+            let (mut req, mut resp, _acks) =
+                tracker("s".into(), "r".into(), Arc::clone(&recorder) as _);
+            if random.below(2) == 0 {
+                resp.defer_records();
+            }
+            for _ in 0..100 {
+                let body = random_body(&mut random);
+                if random.below(2) == 0 {
+                    req.on_message(*random.pick(FROM_CLIENT), &body);
+                } else {
+                    resp.on_message(*random.pick(FROM_SERVER), &body);
+                }
+                if random.below(50) == 0 {
+                    resp.flush_records();
+                }
+            }
+        }
+        assert!(!statements(&recorder).is_empty());
     }
 
     #[test]
