@@ -8,6 +8,19 @@ use crate::audit::{Ack, AuditEvent, Recorder};
 #[derive(Default)]
 pub(crate) struct Collect(pub Mutex<Vec<AuditEvent>>);
 
+impl Collect {
+    /// Every event so far as JSON, one a line: for tests that look for a
+    /// field in what was recorded.
+    pub fn json(&self) -> String {
+        let events = self.0.lock().unwrap();
+        let lines: Vec<String> = events
+            .iter()
+            .map(|e| serde_json::to_string(e).unwrap())
+            .collect();
+        lines.join("\n")
+    }
+}
+
 impl Recorder for Collect {
     fn record(&self, event: AuditEvent) -> Ack {
         self.0.lock().unwrap().push(event);

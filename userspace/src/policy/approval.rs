@@ -485,16 +485,7 @@ impl Grants for ApprovalStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{audit::Ack, identity::PrincipalKind};
-
-    struct Memory(Mutex<Vec<String>>);
-    impl Recorder for Memory {
-        fn record(&self, event: AuditEvent) -> Ack {
-            let json = serde_json::to_string(&event).unwrap();
-            self.0.lock().unwrap().push(json);
-            Ack::done(Ok(()))
-        }
-    }
+    use crate::{identity::PrincipalKind, testing::Collect};
 
     fn person(subject: &str, roles: &[&str]) -> Principal {
         Principal {
@@ -526,7 +517,7 @@ mod tests {
 
     #[tokio::test]
     async fn approve_with_a_window_grants_the_rule() {
-        let memory = Arc::new(Memory(Mutex::new(Vec::new())));
+        let memory = Arc::new(Collect::default());
         let store = ApprovalStore::new(memory.clone());
         let waiter = hold(&store, Duration::from_secs(10));
         let id = waiter.info.id.clone();
@@ -549,14 +540,14 @@ mod tests {
         ));
         assert!(store.has_grant("unix:bob", "pg", "drops"));
         assert!(!store.has_grant("unix:bob", "pg", "other"));
-        let events = memory.0.lock().unwrap().join("\n");
+        let events = memory.json();
         assert!(events.contains("\"step\":\"requested\""), "{events}");
         assert!(events.contains("\"step\":\"approved\""), "{events}");
     }
 
     #[tokio::test]
     async fn denial_needs_a_reason_and_timeouts_are_recorded() {
-        let memory = Arc::new(Memory(Mutex::new(Vec::new())));
+        let memory = Arc::new(Collect::default());
         let store = ApprovalStore::new(memory.clone());
         let waiter = hold(&store, Duration::from_secs(10));
         let id = waiter.info.id.clone();
@@ -579,12 +570,12 @@ mod tests {
         let id = waiter.info.id.clone();
         assert_eq!(waiter.outcome().await, ApprovalOutcome::TimedOut);
         assert!(store.decide(&id, &dora, true, None, None).is_err());
-        assert!(memory.0.lock().unwrap().join("\n").contains("timed_out"));
+        assert!(memory.json().contains("timed_out"));
     }
 
     #[tokio::test]
     async fn a_cancelled_request_is_withdrawn_and_recorded() {
-        let memory = Arc::new(Memory(Mutex::new(Vec::new())));
+        let memory = Arc::new(Collect::default());
         let store = ApprovalStore::new(memory.clone());
         let carol = person("unix:carol", &[]);
         let waiter = hold(&store, Duration::from_secs(10));
@@ -592,12 +583,7 @@ mod tests {
         assert_eq!(waiter.outcome_unless(async {}).await, None);
         assert!(store.list(&carol).is_empty());
         assert!(store.decide(&id, &carol, true, None, None).is_err());
-        assert!(memory
-            .0
-            .lock()
-            .unwrap()
-            .join("\n")
-            .contains("\"step\":\"cancelled\""));
+        assert!(memory.json().contains("\"step\":\"cancelled\""));
         // A decision taken before the cancel arrives stands.
         let waiter = hold(&store, Duration::from_secs(10));
         let id = waiter.info.id.clone();
@@ -610,7 +596,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_whose_session_went_away_is_abandoned() {
-        let memory = Arc::new(Memory(Mutex::new(Vec::new())));
+        let memory = Arc::new(Collect::default());
         let store = ApprovalStore::new(memory.clone());
         let carol = person("unix:carol", &[]);
         let waiter = hold(&store, Duration::from_secs(10));
@@ -619,13 +605,13 @@ mod tests {
         drop(waiter);
         assert!(store.list(&carol).is_empty());
         assert!(store.decide(&id, &carol, true, None, None).is_err());
-        let log = memory.0.lock().unwrap().join("\n");
+        let log = memory.json();
         assert_eq!(log.matches("\"step\":\"abandoned\"").count(), 1);
 
         // A request that ended normally records no extra step.
         let waiter = hold(&store, Duration::from_secs(10));
         assert_eq!(waiter.outcome_unless(async {}).await, None);
-        let log = memory.0.lock().unwrap().join("\n");
+        let log = memory.json();
         assert_eq!(log.matches("\"step\":\"abandoned\"").count(), 1);
     }
 
@@ -634,7 +620,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(GRANTS_NAME);
-        let memory = Arc::new(Memory(Mutex::new(Vec::new())));
+        let memory = Arc::new(Collect::default());
         let carol = person("unix:carol", &[]);
         let store = ApprovalStore::with_grants_file(memory.clone(), path.clone());
         let long = hold(&store, Duration::from_secs(10));
