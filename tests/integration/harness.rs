@@ -19,6 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use portcullis_testkit::free_port;
 use serde_json::Value;
 
 pub const PORTCULLIS: &str = env!("CARGO_BIN_EXE_portcullis");
@@ -45,15 +46,6 @@ pub fn require_root() {
         euid, "0",
         "kernel integration tests attach eBPF programs: run them as root (cargo xtask test)"
     );
-}
-
-/// A free TCP port on loopback (the listener is closed again at once).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A child cgroup of the cgroup v2 root, removed (with its processes) on drop.

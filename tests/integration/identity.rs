@@ -628,7 +628,7 @@ fn postgres_takes_the_uid_binding_or_a_token_as_password() {
     let cgroup = TestCgroup::new();
     let cluster = PgCluster::start_with(false);
     let secret = cluster.secret_file("identity", PG_PASSWORD);
-    let tls = cluster.dir.path().join("gateway-tls");
+    let tls = cluster.dir().join("gateway-tls");
     let out = Command::new(PORTCULLIS)
         .args(["tls", "self-signed", "--out"])
         .arg(&tls)

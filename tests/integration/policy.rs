@@ -111,7 +111,7 @@ impl Setup {
         let cluster = PgCluster::start_with(false);
         let secret = cluster.secret_file("main", PG_PASSWORD);
         let listener: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let policy_path = cluster.dir.path().join("policy.toml");
+        let policy_path = cluster.dir().join("policy.toml");
         let hook = webhook.map_or(String::new(), |a| {
             format!("webhook = \"http://{a}/approvals\"")
         });
@@ -767,7 +767,7 @@ fn pgbench_prepared_and_extended_through_the_policy_relay() {
         .args([
             "-u", "postgres", "--", "pgbench", "-i", "-q", "-s", "1", "-h",
         ])
-        .arg(s.cluster.dir.path())
+        .arg(s.cluster.dir())
         .args([
             "-p",
             &s.cluster.port.to_string(),

@@ -67,7 +67,7 @@ impl Setup {
             std::os::unix::fs::PermissionsExt::from_mode(o.secret_mode),
         )
         .unwrap();
-        let tls_dir = cluster.dir.path().join("gateway-tls");
+        let tls_dir = cluster.dir().join("gateway-tls");
         let out = Command::new(PORTCULLIS)
             .args(["tls", "self-signed", "--out"])
             .arg(&tls_dir)
@@ -384,7 +384,7 @@ fn pgbench_prepared_pipelined_and_fifty_sessions() {
     );
 
     // A pipeline: several Bind/Execute before one Sync, bound parameters.
-    let script = s.cluster.dir.path().join("pipeline.sql");
+    let script = s.cluster.dir().join("pipeline.sql");
     std::fs::write(
         &script,
         "\\set aid random(1, 100000)\n\\startpipeline\n\
@@ -897,7 +897,7 @@ fn reload_applies_resource_changes_and_keeps_them_when_invalid() {
     // The operator points the grants at a secret file with the right
     // password and reloads.
     let config = std::fs::read_to_string(&s.gateway.config_path).unwrap();
-    let old_secret = s.cluster.dir.path().join("secret-main");
+    let old_secret = s.cluster.dir().join("secret-main");
     let new_secret = s.cluster.secret_file("fixed", PG_PASSWORD);
     let fixed = config.replace(
         &old_secret.display().to_string(),

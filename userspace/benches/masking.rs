@@ -20,16 +20,19 @@
 //! and perf, where the full benchmark's wall-clock numbers are noisy.
 
 use std::{
-    net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
+use portcullis_testkit::{
+    free_port,
+    postgres::{Cluster, Setup},
+};
+
 const ROWS: usize = 1_000_000;
 const ROUNDS: usize = 5;
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 const PASSWORD: &str = "bench-Secret-1";
 const PORTCULLIS: &str = env!("CARGO_BIN_EXE_portcullis");
 const QUERY: &str = "SELECT id, email, phone, card FROM people";
@@ -76,7 +79,7 @@ fn main() {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
-    let cluster = Cluster::start(dir.path());
+    let cluster = people_cluster();
     let cgroup = Cgroup::new();
     let gateway = Daemon::start(dir.path(), &cgroup.path, cluster.port);
 
@@ -87,7 +90,7 @@ fn main() {
     // shared machine.
     let (mut cpu_unmasked, mut cpu_masked) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
-        direct.push(timed(|| cluster.psql_direct()));
+        direct.push(timed(|| psql_direct(&cluster)));
         gateway.set_policy(UNMASKED);
         let cpu = gateway.cpu_secs();
         unmasked.push(timed(|| gateway.psql(&cgroup.path, cluster.port, false)));
@@ -209,13 +212,6 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("spawn");
     assert!(
@@ -226,118 +222,40 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn as_postgres(args: &[&str]) -> Command {
-    let mut cmd = Command::new("runuser");
-    cmd.args(["-u", "postgres", "--"]).args(args);
-    cmd
+/// A throwaway cluster holding the `people` table: ROWS rows with an
+/// email, a phone number and a card number each.
+fn people_cluster() -> Cluster {
+    let cluster = Cluster::start(&Setup {
+        password: PASSWORD,
+        conf: "shared_buffers = 128MB\n",
+        ..Setup::default()
+    });
+    cluster.sql(&format!(
+        "CREATE TABLE people AS SELECT i AS id,
+             'user' || i || '@example.com' AS email,
+             '+1 555-' || lpad((i % 1000)::text, 3, '0') || '-' || lpad((i % 10000)::text, 4, '0') AS phone,
+             (ARRAY['4111 1111 1111 1111', '4012888888881881', '5555-5555-5555-4444'])[i % 3 + 1] AS card
+         FROM generate_series(1, {ROWS}) AS i"
+    ));
+    cluster.sql("VACUUM ANALYZE people");
+    cluster
 }
 
-struct Cluster {
-    dir: PathBuf,
-    port: u16,
-    child: Child,
-}
-
-impl Cluster {
-    fn start(base: &Path) -> Self {
-        let dir = base.join("pg");
-        std::fs::create_dir(&dir).expect("pg dir");
-        std::fs::write(dir.join("pw"), PASSWORD).expect("pw");
-        run(Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(&dir));
-        run(Command::new("chmod").arg("755").arg(base));
-        let data = dir.join("data");
-        run(&mut as_postgres(&[
-            &format!("{PG_BIN}/initdb"),
-            "-D",
-            data.to_str().expect("utf-8 path"),
-            "-U",
-            "postgres",
-            "--auth-local=trust",
-            "--auth-host=scram-sha-256",
-            "--pwfile",
-            dir.join("pw").to_str().expect("utf-8 path"),
-            "-E",
-            "UTF8",
-            "--no-sync",
-        ]));
-        let port = free_port();
-        let conf = format!(
-            "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = off\nshared_buffers = 128MB\n",
-            dir.display()
-        );
-        let mut existing = std::fs::read_to_string(data.join("postgresql.conf")).expect("conf");
-        existing.push_str(&conf);
-        std::fs::write(data.join("postgresql.conf"), existing).expect("conf");
-        let child = as_postgres(&[
-            &format!("{PG_BIN}/postgres"),
-            "-D",
-            data.to_str().expect("utf-8"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("postgres");
-        let cluster = Self { dir, port, child };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !Command::new(format!("{PG_BIN}/pg_isready"))
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q"])
-            .status()
-            .is_ok_and(|s| s.success())
-        {
-            assert!(Instant::now() < deadline, "postgres did not start");
-            thread::sleep(Duration::from_millis(50));
-        }
-        cluster.sql(&format!(
-            "CREATE TABLE people AS SELECT i AS id,
-                 'user' || i || '@example.com' AS email,
-                 '+1 555-' || lpad((i % 1000)::text, 3, '0') || '-' || lpad((i % 10000)::text, 4, '0') AS phone,
-                 (ARRAY['4111 1111 1111 1111', '4012888888881881', '5555-5555-5555-4444'])[i % 3 + 1] AS card
-             FROM generate_series(1, {ROWS}) AS i"
-        ));
-        cluster.sql("VACUUM ANALYZE people");
-        cluster
-    }
-
-    fn sql(&self, sql: &str) -> String {
-        run(&mut as_postgres(&[
-            "psql",
+/// psql straight to the cluster over TCP (not redirected: this process
+/// is outside the test cgroup).
+fn psql_direct(cluster: &Cluster) {
+    let out = run(Command::new("psql")
+        .args([
             "-X",
-            "-v",
-            "ON_ERROR_STOP=1",
+            "-At",
             "-h",
-            self.dir.to_str().expect("utf-8"),
+            "127.0.0.1",
             "-p",
-            &self.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-Atc",
-            sql,
-        ]))
-    }
-
-    /// psql straight to the cluster over TCP (not redirected: this process
-    /// is outside the test cgroup).
-    fn psql_direct(&self) {
-        let out = run(Command::new("psql")
-            .args(["-X", "-At", "-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(["-U", "postgres", "-d", "postgres", "-c", QUERY])
-            .env("PGPASSWORD", PASSWORD));
-        check(&out, false);
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let pid = std::fs::read_to_string(self.dir.join("data/postmaster.pid")).unwrap_or_default();
-        if let Some(pid) = pid.lines().next() {
-            let _ = Command::new("kill").args(["-INT", pid]).status();
-        }
-        let _ = self.child.wait();
-    }
+            &cluster.port.to_string(),
+        ])
+        .args(["-U", "postgres", "-d", "postgres", "-c", QUERY])
+        .env("PGPASSWORD", PASSWORD));
+    check(&out, false);
 }
 
 /// Checks that the result is complete and masked (or not).

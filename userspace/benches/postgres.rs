@@ -26,7 +26,6 @@
 //! them all).
 
 use std::{
-    net::TcpListener,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -34,8 +33,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use portcullis_testkit::{
+    free_port,
+    oidc::OidcProvider,
+    postgres::{Cluster, Setup},
+    run,
+};
+
 const PORTCULLIS: &str = env!("CARGO_BIN_EXE_portcullis");
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 const PASSWORD: &str = "bench-Secret-1";
 const ROUNDS: usize = 5;
 const SECONDS: &str = "8";
@@ -45,7 +50,7 @@ const CLIENTS: &str = "8";
 const PLAIN_HOST: &str = "127.0.0.1";
 const TLS_HOST: &str = "127.0.0.2";
 /// Long enough for the whole run: pgbench logs in again every round.
-const TOKEN_TTL_SECONDS: &str = "7200";
+const TOKEN_TTL_SECONDS: u64 = 7200;
 const COPY_SQL: &str =
     "copy (select g, repeat('x', 100) from generate_series(1, 2000000) g) to stdout";
 
@@ -60,10 +65,16 @@ fn main() {
         &["postgres:postgres", work.path().to_str().unwrap()],
     );
     let tls = Tls::generate(work.path());
-    let pg = Postgres::start(work.path(), &tls);
+    let pg = Cluster::start(&Setup {
+        password: PASSWORD,
+        listen: &format!("{PLAIN_HOST},{TLS_HOST}"),
+        tls: Some((&tls.cert, &tls.key)),
+        conf: "shared_buffers = 128MB\nmax_connections = 100\n",
+        ..Setup::default()
+    });
     let cgroup = Cgroup::new();
-    let provider = Provider::start(work.path());
-    let token = provider.service_token();
+    let provider = OidcProvider::start(TOKEN_TTL_SECONDS);
+    let token = provider.service_token("urn:portcullis");
     let gateway = Portcullis::start(work.path(), &cgroup, pg.port, &tls, &provider);
     let bouncer = Bouncer::start(work.path(), "bouncer", pg.port, None);
     let bouncer_tls = Bouncer::start(work.path(), "bouncer-tls", pg.port, Some(&tls));
@@ -368,23 +379,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// `program args` inside `cgroup` (redirected) or outside it.
 fn command(cgroup: Option<&Cgroup>, program: &str, args: &[&str]) -> Command {
     match cgroup {
@@ -523,87 +517,6 @@ impl Drop for Cgroup {
     }
 }
 
-/// A throwaway cluster (initdb as postgres, scram-sha-256 on loopback),
-/// listening on both bench addresses and offering TLS.
-struct Postgres {
-    port: u16,
-    child: Child,
-    data: PathBuf,
-}
-
-impl Postgres {
-    fn start(work: &Path, tls: &Tls) -> Self {
-        let data = work.join("data");
-        let pwfile = work.join("pw");
-        std::fs::write(&pwfile, PASSWORD).unwrap();
-        run("chown", &["postgres:postgres", pwfile.to_str().unwrap()]);
-        run(
-            "runuser",
-            &[
-                "-u",
-                "postgres",
-                "--",
-                &format!("{PG_BIN}/initdb"),
-                "-D",
-                data.to_str().unwrap(),
-                "-U",
-                "postgres",
-                "--auth-local=trust",
-                "--auth-host=scram-sha-256",
-                "--pwfile",
-                pwfile.to_str().unwrap(),
-                "--no-sync",
-            ],
-        );
-        let port = free_port();
-        let conf = format!(
-            "\nport = {port}\nlisten_addresses = '{PLAIN_HOST},{TLS_HOST}'\nunix_socket_directories = '{}'\n\
-             fsync = off\nsynchronous_commit = off\nshared_buffers = 128MB\nmax_connections = 100\nssl = on\n",
-            work.display()
-        );
-        let append = |file: &str, extra: &str| {
-            let mut text = std::fs::read_to_string(data.join(file)).unwrap();
-            text.push_str(extra);
-            std::fs::write(data.join(file), text).unwrap();
-        };
-        append("postgresql.conf", &conf);
-        append("pg_hba.conf", "host all all 127.0.0.0/8 scram-sha-256\n");
-        tls.install(&data, "server.crt", "server.key");
-        let child = Command::new("runuser")
-            .args(["-u", "postgres", "--"])
-            .arg(format!("{PG_BIN}/postgres"))
-            .arg("-D")
-            .arg(&data)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !Command::new(format!("{PG_BIN}/pg_isready"))
-            .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
-            .status()
-            .unwrap()
-            .success()
-        {
-            assert!(Instant::now() < deadline, "postgres did not start");
-            thread::sleep(Duration::from_millis(50));
-        }
-        Self { port, child, data }
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        if let Some(pid) = std::fs::read_to_string(self.data.join("postmaster.pid"))
-            .ok()
-            .and_then(|t| t.lines().next().map(str::to_string))
-        {
-            let _ = Command::new("kill").args(["-INT", &pid]).status();
-        }
-        let _ = self.child.wait();
-    }
-}
-
 /// `portcullis run` (release) with a postgres listener (offering TLS) and
 /// the cluster as two resources, one per address, the second reached over
 /// TLS; the gateway's audit store records every statement.
@@ -615,7 +528,13 @@ struct Portcullis {
 }
 
 impl Portcullis {
-    fn start(work: &Path, cgroup: &Cgroup, pg_port: u16, tls: &Tls, provider: &Provider) -> Self {
+    fn start(
+        work: &Path,
+        cgroup: &Cgroup,
+        pg_port: u16,
+        tls: &Tls,
+        provider: &OidcProvider,
+    ) -> Self {
         let secret = work.join("secret");
         std::fs::write(&secret, PASSWORD).unwrap();
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -715,75 +634,6 @@ impl Drop for Portcullis {
             .args(["kernel", "detach", "--pin-dir"])
             .arg(&self.pins)
             .output();
-    }
-}
-
-/// The OIDC provider the tests use (`node tests/oidc/provider.mjs`): it
-/// issues the service account's token that the gateway's clients log in
-/// with.
-struct Provider {
-    issuer: String,
-    child: Child,
-}
-
-impl Provider {
-    fn start(work: &Path) -> Self {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/oidc");
-        let port = free_port();
-        let log = work.join("provider.log");
-        let child = Command::new("node")
-            .arg(dir.join("provider.mjs"))
-            .args(["--port", &port.to_string(), "--ttl", TOKEN_TTL_SECONDS])
-            .current_dir(&dir)
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("node (cargo xtask setup installs it)");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("listening on")
-        {
-            assert!(Instant::now() < deadline, "the OIDC provider did not start");
-            thread::sleep(Duration::from_millis(50));
-        }
-        Self {
-            issuer: format!("http://127.0.0.1:{port}"),
-            child,
-        }
-    }
-
-    /// A client-credentials access token for the gateway.
-    fn service_token(&self) -> String {
-        let out = Command::new("curl")
-            .args([
-                "-fsS",
-                "-d",
-                "grant_type=client_credentials",
-                "-d",
-                "client_id=svc-reporting",
-                "-d",
-                "client_secret=svc-reporting-secret",
-                "-d",
-                "resource=urn:portcullis",
-                &format!("{}/token", self.issuer),
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "token request: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        body["access_token"].as_str().unwrap().to_string()
-    }
-}
-
-impl Drop for Provider {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
