@@ -933,9 +933,11 @@ fn psql_session_is_found_by_subject_replayed_and_filtered() {
     assert!(out.status.success(), "{}", text(&out));
     let hits: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert!(
-        hits.iter()
-            .any(|h| h["session"] == session.as_str() && h["seq"] == statement["seq"]),
-        "{hits:?} should name session {session} at seq {}",
+        hits.iter().any(|h| h["session"] == session.as_str()
+            && h["seq"] == statement["seq"]
+            && h["statement_seq"] == 1
+            && h["source"] == "statement"),
+        "{hits:?} should name session {session}, statement 1, at seq {}",
         statement["seq"]
     );
 

@@ -917,9 +917,12 @@ fn masked_values_are_in_the_subject_index() {
     assert!(lookup("bob@example.org").is_empty());
 
     // A disclosure is indexed as the result goes by, not when the session
-    // ends: a data-subject request finds it while the session is open.
+    // ends: a data-subject request finds it while the session is open. The
+    // hit names the statement that returned the value (the second here).
     let mut open = s
         .psql_cmd(&[
+            "-c",
+            "SELECT 1",
             "-c",
             "SELECT email FROM people WHERE id = 2",
             "-c",
@@ -938,6 +941,11 @@ fn masked_values_are_in_the_subject_index() {
     assert_eq!(hits.len(), 1, "{hits:?}");
     assert_eq!(hits[0]["source"], "masked");
     assert_ne!(hits[0]["session"], session.as_str());
+    assert_eq!(hits[0]["statement_seq"], 2, "{hits:?}");
+    let disclosed = s.gateway.wait_for_event("the disclosing statement", |e| {
+        e["event"] == "statement" && e["session"] == hits[0]["session"] && e["statement_seq"] == 2
+    });
+    assert_eq!(disclosed["text"], "SELECT email FROM people WHERE id = 2");
 }
 
 impl Setup {

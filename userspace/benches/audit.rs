@@ -105,6 +105,7 @@ fn event(n: usize) -> AuditEvent {
 fn statement(n: usize) -> AuditEvent {
     AuditEvent::Statement(Statement {
         session: format!("0193a1c2-{n:08x}-7d2e-9f00-5a1b2c3d4e5f"),
+        statement_seq: n as u64 + 1,
         resource: "orders".into(),
         protocol: "extended",
         text: "SELECT abalance FROM pgbench_accounts WHERE aid = $1;".into(),

@@ -118,6 +118,9 @@ pub struct DatabaseLogin {
 #[derive(Debug, Clone, Serialize)]
 pub struct Statement {
     pub session: String,
+    /// The statement's number in its session, from 1: what the
+    /// data-subject index's `statement_seq` points at.
+    pub statement_seq: u64,
     pub resource: String,
     /// `simple`, `extended` or `function`.
     pub protocol: &'static str,

@@ -30,11 +30,13 @@ fn statement(s: &Statement) -> String {
         .map_or(0, |e| e.sqlstate.len() + e.message.len());
     let optional = s.command_tag.as_ref().map_or(0, String::len);
     let mut out = String::with_capacity(
-        288 + s.session.len() + s.resource.len() + s.text.len() + parameters + error + optional,
+        320 + s.session.len() + s.resource.len() + s.text.len() + parameters + error + optional,
     );
     let mut number = itoa::Buffer::new();
     out.push_str(r#"{"event":"statement","session":"#);
     string(&mut out, &s.session);
+    out.push_str(r#","statement_seq":"#);
+    out.push_str(number.format(s.statement_seq));
     out.push_str(r#","resource":"#);
     string(&mut out, &s.resource);
     out.push_str(r#","protocol":"#);
@@ -124,6 +126,7 @@ mod tests {
     fn statement(text: &str) -> Statement {
         Statement {
             session: "6f1c0c9e-5b1e-4d0c-9d3e-2a7f1b9c8d00".into(),
+            statement_seq: 7,
             resource: "orders-db".into(),
             protocol: "simple",
             text: text.into(),

@@ -67,15 +67,23 @@ pub struct PurgeSummary {
 
 type Reply<T> = oneshot::Sender<Result<T, AuditError>>;
 
+/// The keyed hashes of personal values taken out of an event, and where
+/// the event was: its session and, for a statement, its number there.
+struct Redacted {
+    session: String,
+    statement_seq: Option<u64>,
+    hashes: Vec<Hash>,
+}
+
 enum Msg {
     Append {
         ticket: u64,
         at_us: u64,
         /// The event's JSON text.
         payload: String,
-        /// The session and keyed hashes of personal values taken out of
-        /// the payload, indexed under this record.
-        redacted: Option<(String, Vec<Hash>)>,
+        /// Personal values taken out of the payload, indexed under this
+        /// record.
+        redacted: Option<Redacted>,
     },
     Subject {
         ticket: u64,
@@ -214,8 +222,10 @@ impl Recorder for SledRecorder {
         // it refused or held alike.
         let key = &self.subject_key;
         let mut hashes = Vec::new();
+        let mut statement_seq = None;
         let session = match &mut event {
             AuditEvent::Statement(statement) => {
+                statement_seq = Some(statement.statement_seq);
                 redact(key, &mut statement.text, &mut hashes);
                 for parameter in statement.parameters.iter_mut().flatten() {
                     redact(key, parameter, &mut hashes);
@@ -237,7 +247,11 @@ impl Recorder for SledRecorder {
         };
         let redacted = session
             .filter(|_| !hashes.is_empty())
-            .map(|session| (session.clone(), hashes));
+            .map(|session| Redacted {
+                session: session.clone(),
+                statement_seq,
+                hashes,
+            });
         let payload = match json::event(&event) {
             Ok(p) => p,
             Err(e) => return Ack::done(Err(e.into())),
@@ -371,13 +385,13 @@ impl Writer {
                     redacted,
                 } => {
                     seq += 1;
-                    if let Some((session, hashes)) = redacted {
-                        for hash in hashes {
+                    if let Some(redacted) = redacted {
+                        for hash in redacted.hashes {
                             subjects.push((
                                 hash,
                                 SubjectHit {
-                                    session: Some(session.clone()),
-                                    statement_seq: None,
+                                    session: Some(redacted.session.clone()),
+                                    statement_seq: redacted.statement_seq,
                                     seq,
                                     at_us,
                                     source: "statement".into(),

@@ -742,8 +742,13 @@ fn replay_line(
 ) -> std::io::Result<()> {
     let offset = e.at_us.saturating_sub(start) as f64 / 1e6;
     let label = match e.name() {
+        // Numbered as recorded (what data-subject hits name); records
+        // from before statements carried their number are counted.
         "statement" => {
-            *statement += 1;
+            *statement = match e.fields.get("statement_seq").and_then(|n| n.as_u64()) {
+                Some(number) => number,
+                None => *statement + 1,
+            };
             format!("statement {statement}")
         }
         other => other.to_owned(),

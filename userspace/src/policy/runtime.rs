@@ -371,14 +371,18 @@ impl PolicyRuntime {
         }
     }
 
-    /// Indexes the keyed hashes of values masked since the last call
-    /// (statement number: the masked result's ordinal in the session). Done
+    /// Indexes the keyed hashes of values masked since the last call,
+    /// under the statements that returned them (see
+    /// [`Fired::set_statement`]). Done
     /// as results go by, not at the session's end: a data-subject request
     /// must find a disclosure while the session is still open, and after
     /// a crash.
     pub fn index_masked(&self, session: &str, fired: &mut Fired) {
         for s in fired.take_subjects() {
-            drop(self.recorder.subject_index_hash(session, s.result, s.hash));
+            drop(
+                self.recorder
+                    .subject_index_hash(session, s.statement, s.hash),
+            );
         }
     }
 

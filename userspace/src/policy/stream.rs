@@ -66,16 +66,16 @@ pub struct Fired {
     id: u64,
     names: Vec<String>,
     counts: Vec<u64>,
-    /// Masked result sets seen so far (numbers them from 1).
-    results: u64,
+    /// The statement whose results pass now, as the adapter numbers it.
+    statement: u64,
     subjects: Vec<SubjectHash>,
 }
 
-/// The keyed hash of a masked value, and the masked result set (its
-/// ordinal in the session, from 1) that returned it.
+/// The keyed hash of a masked value, and the statement (its number in the
+/// session, as the adapter records it) whose result returned it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SubjectHash {
-    pub result: u64,
+    pub statement: u64,
     pub hash: [u8; 32],
 }
 
@@ -90,7 +90,7 @@ impl Default for Fired {
             id: next_fired_id(),
             names: Vec::new(),
             counts: Vec::new(),
-            results: 0,
+            statement: 0,
             subjects: Vec::new(),
         }
     }
@@ -103,7 +103,7 @@ impl Clone for Fired {
             id: next_fired_id(),
             names: self.names.clone(),
             counts: self.counts.clone(),
-            results: self.results,
+            statement: self.statement,
             subjects: self.subjects.clone(),
         }
     }
@@ -131,6 +131,12 @@ impl Fired {
 
     pub fn is_empty(&self) -> bool {
         self.counts.iter().all(|n| *n == 0)
+    }
+
+    /// Names the statement whose results are masked next (the number it
+    /// is recorded under in the session): the subject index points there.
+    pub fn set_statement(&mut self, statement: u64) {
+        self.statement = statement;
     }
 
     /// Keyed hashes of the values masked since the last call (see
@@ -238,12 +244,11 @@ pub struct RowMasker {
 }
 
 /// Where a masker counts: the [`Fired`] it is bound to, its slot there
-/// per policy mask (`NO_SLOT` until first used), this result set's
-/// ordinal there, and the subject reporting.
+/// per policy mask (`NO_SLOT` until first used), and the subject
+/// reporting.
 struct Tally {
     fired_id: u64,
     slots: Vec<usize>,
-    result: u64,
     subjects: Option<Box<Subjects>>,
 }
 
@@ -332,7 +337,6 @@ impl RowMasker {
             tally: Tally {
                 fired_id: 0,
                 slots: vec![NO_SLOT; policy.masks.len()],
-                result: 0,
                 subjects: None,
             },
             policy,
@@ -519,15 +523,12 @@ impl RowMasker {
 }
 
 impl Tally {
-    /// Binds to `fired` (a new one: slots looked up afresh, and this
-    /// result set numbered there).
+    /// Binds to `fired` (a new one: slots looked up afresh).
     #[inline]
-    fn attach(&mut self, fired: &mut Fired) {
+    fn attach(&mut self, fired: &Fired) {
         if self.fired_id != fired.id {
             self.fired_id = fired.id;
             self.slots.fill(NO_SLOT);
-            fired.results += 1;
-            self.result = fired.results;
         }
     }
 
@@ -554,7 +555,7 @@ impl Tally {
     fn report(&mut self, value: &[u8], fired: &mut Fired) {
         if let Some(subjects) = self.subjects.as_deref_mut() {
             if !subjects.full {
-                subjects.report(value, self.result, fired);
+                subjects.report(value, fired);
             }
         }
     }
@@ -604,7 +605,7 @@ impl Subjects {
         self.seen = HashSet::default();
     }
 
-    fn report(&mut self, value: &[u8], result: u64, fired: &mut Fired) {
+    fn report(&mut self, value: &[u8], fired: &mut Fired) {
         if !self.seen.insert(fingerprint(self.seed, value)) {
             return;
         }
@@ -613,7 +614,10 @@ impl Subjects {
             return;
         }
         let hash = self.key.hash(value, &mut self.scratch);
-        let new = SubjectHash { result, hash };
+        let new = SubjectHash {
+            statement: fired.statement,
+            hash,
+        };
         // Values differing only in case or surrounding space hash alike.
         if !fired.subjects.iter().rev().take(8).any(|h| *h == new) {
             fired.subjects.push(new);
@@ -861,6 +865,7 @@ style = "redact"
             .index_subjects(SubjectKey::new(&key));
         let mut out = Vec::new();
         let mut fired = Fired::default();
+        fired.set_statement(3);
         for note in [
             &b"mail Ann@Example.com"[..],
             b"again Ann@Example.com",
@@ -876,22 +881,23 @@ style = "redact"
         let hashes: Vec<_> = fired
             .take_subjects()
             .iter()
-            .map(|s| (s.result, s.hash))
+            .map(|s| (s.statement, s.hash))
             .collect();
         assert_eq!(
             hashes,
             [
-                (1, subject_hash(&key, "ann@example.com")),
-                (1, subject_hash(&key, "123-45-6789")),
-                (1, subject_hash(&key, "bob@example.org")),
+                (3, subject_hash(&key, "ann@example.com")),
+                (3, subject_hash(&key, "123-45-6789")),
+                (3, subject_hash(&key, "bob@example.org")),
             ]
         );
-        // The next result set is numbered 2 in the session.
+        // The next statement's result names that statement.
         let mut next =
             masker("SELECT note FROM t", &[text("note")]).index_subjects(SubjectKey::new(&key));
+        fired.set_statement(5);
         next.mask_data_row(&row(&[Some(b"ann@example.com")]), &mut out, &mut fired)
             .unwrap();
-        assert_eq!(fired.take_subjects().last().unwrap().result, 2);
+        assert_eq!(fired.take_subjects().last().unwrap().statement, 5);
         assert_eq!(fired.counts()["emails"], 4);
         // Without index_subjects nothing is reported.
         let mut quiet = Fired::default();

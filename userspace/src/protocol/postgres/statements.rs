@@ -69,6 +69,8 @@ pub struct Responses {
     /// caller records after forwarding (see [`Responses::defer_records`]).
     finished: Vec<AuditEvent>,
     deferred: bool,
+    /// Statements recorded so far in the session.
+    recorded: u64,
     rows: u64,
     rows_by_tag: Option<u64>,
     tag: Option<String>,
@@ -111,6 +113,7 @@ pub fn tracker(
             ledger: Some(ledger),
             finished: Vec::new(),
             deferred: false,
+            recorded: 0,
             rows: 0,
             rows_by_tag: None,
             tag: None,
@@ -325,6 +328,13 @@ impl Responses {
         self.deferred = true;
     }
 
+    /// The number the statement whose responses pass now will be recorded
+    /// under (its `statement_seq`): responses come in request order, so it
+    /// is the next one to complete.
+    pub fn current_statement(&self) -> u64 {
+        self.recorded + 1
+    }
+
     /// Hands the completed statements to the recorder.
     pub fn flush_records(&mut self) {
         for event in self.finished.drain(..) {
@@ -521,8 +531,10 @@ impl Responses {
         parameters: Vec<Option<String>>,
         took: Duration,
     ) {
+        self.recorded += 1;
         let event = AuditEvent::Statement(Statement {
             session: self.session.clone(),
+            statement_seq: self.recorded,
             resource: self.resource.clone(),
             protocol,
             text,
@@ -682,13 +694,19 @@ mod tests {
             b'Q',
             b"insert into t values (1); select ';' from t; select 1/0; select 2\0",
         );
+        assert_eq!(resp.current_statement(), 1);
         resp.on_message(b'C', b"INSERT 0 1\0");
         resp.on_message(b'D', b"");
+        // The rows passing belong to the statement that will be number 2.
+        assert_eq!(resp.current_statement(), 2);
         resp.on_message(b'D', b"");
         resp.on_message(b'C', b"SELECT 2\0");
         resp.on_message(b'E', b"SERROR\0C22012\0Mdivision by zero\0\0");
         resp.on_message(b'Z', b"I");
         let s = statements(&recorder);
+        let numbers: Vec<u64> = s.iter().map(|s| s.statement_seq).collect();
+        assert_eq!(numbers, [1, 2, 3, 4]);
+        assert_eq!(resp.current_statement(), 5);
         let texts: Vec<&str> = s.iter().map(|s| s.text.as_str()).collect();
         assert_eq!(
             texts,

@@ -259,6 +259,7 @@ impl Results {
                     self.current.copy.as_mut()
                 };
                 if let Some(m) = masker {
+                    fired.set_statement(responses.current_statement());
                     if kind == b'D' {
                         m.mask_data_row(body, out, fired)
                             .map_err(|e| PgError::Upstream(e.to_string()))?;
