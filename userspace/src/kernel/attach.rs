@@ -189,33 +189,24 @@ fn attach_and_pin(
         name,
         message: "not found in the eBPF object (build mismatch?)".into(),
     })?;
-    let link: FdLink = if name == program_names::SOCK_OPS {
-        let program: &mut SockOps = program.try_into().map_err(program_err)?;
-        program.load().map_err(program_err)?;
-        let id = program
-            .attach(cgroup, CgroupAttachMode::Single)
-            .map_err(program_err)?;
-        let link = program.take_link(id).map_err(program_err)?;
-        link.try_into().map_err(|e| KernelError::Pin {
-            path: pin_path.to_owned(),
-            source: Box::new(e),
-        })?
+    // SockOps and CgroupSockAddr attach alike but share no trait.
+    macro_rules! attach_to_cgroup {
+        ($kind:ty) => {{
+            let program: &mut $kind = program.try_into().map_err(program_err)?;
+            program.load().map_err(program_err)?;
+            let id = program
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(program_err)?;
+            FdLink::try_from(program.take_link(id).map_err(program_err)?)
+                .map_err(|e| pin_error(pin_path, e))?
+        }};
+    }
+    let link = if name == program_names::SOCK_OPS {
+        attach_to_cgroup!(SockOps)
     } else {
-        let program: &mut CgroupSockAddr = program.try_into().map_err(program_err)?;
-        program.load().map_err(program_err)?;
-        let id = program
-            .attach(cgroup, CgroupAttachMode::Single)
-            .map_err(program_err)?;
-        let link = program.take_link(id).map_err(program_err)?;
-        link.try_into().map_err(|e| KernelError::Pin {
-            path: pin_path.to_owned(),
-            source: Box::new(e),
-        })?
+        attach_to_cgroup!(CgroupSockAddr)
     };
-    link.pin(pin_path).map_err(|e| KernelError::Pin {
-        path: pin_path.to_owned(),
-        source: Box::new(e),
-    })?;
+    link.pin(pin_path).map_err(|e| pin_error(pin_path, e))?;
     Ok(())
 }
 
@@ -259,6 +250,13 @@ fn attach_fast_path(ebpf: &mut Ebpf) -> Result<(), KernelError> {
 
 /// Keeps a verifier rejection readable: the error and the log's last lines,
 /// which say why (the full log runs to thousands of lines).
+fn pin_error(path: &Path, error: impl std::error::Error + Send + Sync + 'static) -> KernelError {
+    KernelError::Pin {
+        path: path.to_owned(),
+        source: Box::new(error),
+    }
+}
+
 fn program_error(name: &'static str, error: aya::programs::ProgramError) -> KernelError {
     const TAIL: usize = 12;
     let message = match error {

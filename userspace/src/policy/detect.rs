@@ -378,39 +378,28 @@ fn phone_at(text: &[u8], start: usize) -> Option<(usize, usize)> {
         }
         return ((8..=15).contains(&digits) && boundary_after(text, end)).then_some((start, end));
     }
-    let mut i = start;
-    if text[i] == b'(' {
-        if !digits_exact(text, i + 1, 3) || text.get(i + 4) != Some(&b')') {
+    let mut i = if text[start] == b'(' {
+        if !digits_exact(text, start + 1, 3) || text.get(start + 4) != Some(&b')') {
             return None;
         }
-        i += 5;
-        if text.get(i) == Some(&b' ') {
-            i += 1;
-        }
+        start + 5 + usize::from(text.get(start + 5) == Some(&b' '))
     } else {
-        if !digits_exact(text, i, 3) {
-            return None;
-        }
-        i += 3;
-        if !matches!(text.get(i), Some(b'-' | b'.' | b' ')) {
-            return None;
-        }
-        i += 1;
-    }
-    if !digits_exact(text, i, 3) {
-        return None;
-    }
-    i += 3;
-    if !matches!(text.get(i), Some(b'-' | b'.' | b' ')) {
-        return None;
-    }
-    i += 1;
+        separated_group(text, start, 3)?
+    };
+    i = separated_group(text, i, 3)?;
     if !digits_exact(text, i, 4) {
         return None;
     }
     let end = i + 4;
     (boundary_after(text, end) && !matches!(text.get(end), Some(b'-' | b'.')))
         .then_some((start, end))
+}
+
+/// `n` digits at `at` and a separator (`-`, `.` or a space) after them:
+/// where the next group starts.
+fn separated_group(text: &[u8], at: usize, n: usize) -> Option<usize> {
+    (digits_exact(text, at, n) && matches!(text.get(at + n), Some(b'-' | b'.' | b' ')))
+        .then_some(at + n + 1)
 }
 
 /// IBANs: country, check digits, 11 to 30 alphanumerics (optionally in
@@ -571,6 +560,22 @@ mod tests {
             ["+44 20 7946 0958", "(555) 123-4567", "555.123.4567"]
         );
         assert!(found(Builtin::Phone, "id 5551234567 date 2024-01-15").is_empty());
+        assert_eq!(
+            found(Builtin::Phone, "(555)123-4567 and 555 123 4567"),
+            ["(555)123-4567", "555 123 4567"]
+        );
+        for not_a_phone in [
+            "555-1234-567",
+            "555-123-45678",
+            "555-123-4567-8",
+            "(55) 123-4567",
+            "555--123-4567",
+        ] {
+            assert!(
+                found(Builtin::Phone, not_a_phone).is_empty(),
+                "{not_a_phone}"
+            );
+        }
     }
 
     #[test]
