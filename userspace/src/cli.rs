@@ -131,7 +131,7 @@ pub enum KernelCommand {
 /// Where the daemon's control socket is.
 #[derive(Debug, clap::Args)]
 pub struct SocketArg {
-    /// Control socket; defaults to [identity] control_socket of the config.
+    /// Control socket; defaults to `[identity] control_socket` of the config.
     #[arg(long = "socket", env = "PORTCULLIS_CONTROL_SOCKET")]
     socket: Option<PathBuf>,
 }

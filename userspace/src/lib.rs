@@ -1,6 +1,9 @@
 //! Portcullis: a data-access gateway whose bypass protection lives in the
 //! kernel.
 //!
+//! These docs are for the engineers who work on it: build them with
+//! `cargo doc --document-private-items`, whose links reach private modules.
+//!
 //! # Layout
 //!
 //! * [`config`]: the TOML configuration and its validation.
@@ -16,6 +19,9 @@
 //! * [`audit`]: the recording interface and its sinks.
 //! * [`daemon`]: `portcullis run`, start-up, reload and shutdown.
 //! * [`cli`]: the command-line interface.
+
+// Module docs name the private modules they are made of (see above).
+#![allow(rustdoc::private_intra_doc_links)]
 
 /// mimalloc rather than glibc's malloc, for the daemon and everything built
 /// on this crate (benches, tests): the audit writer and sled allocate and

@@ -16,7 +16,7 @@
 //! neither a signal-handling crate nor `unsafe`.
 //!
 //! The cleanup, shared by `--stop`, the supervisor and failed start-ups,
-//! lives in [`stop`].
+//! lives in [`stop`](mod@stop).
 
 use std::{
     fs,

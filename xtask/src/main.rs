@@ -4,11 +4,11 @@
 //! # Layout
 //!
 //! * [`setup`]: packages and toolchain for a fresh Debian 12 machine.
-//! * [`test`]: `lint` (rustfmt, clippy) and `test` (setup, lint, cargo test).
+//! * [`test`](mod@test): `lint` (rustfmt, clippy, rustdoc) and `test` (setup, lint, cargo test).
 //! * [`install`]: the gateway as a systemd service, and its removal.
 //! * [`demo`]: the gateway in front of a throwaway PostgreSQL, confined to a
 //!   child cgroup.
-//! * [`bench`]: every benchmark, with ratios against direct connections.
+//! * [`bench`](mod@bench): every benchmark, with ratios against direct connections.
 //! * [`util`]: running commands with errors that name them.
 
 use std::{path::PathBuf, process::ExitCode};
@@ -36,7 +36,7 @@ struct Cli {
 enum Task {
     /// Install what building and testing need (root; safe to run again).
     Setup,
-    /// cargo fmt --check and cargo clippy -D warnings.
+    /// cargo fmt --check, cargo clippy -D warnings, cargo doc (no broken links).
     Lint,
     /// Setup, lint, then the whole test suite (root: kernel tests attach eBPF).
     Test,

@@ -13,25 +13,37 @@ use crate::{
     util::{cargo, describe, report, run, target_dir},
 };
 
-/// rustfmt and clippy over the default members. Both run even if the first
-/// fails, so one round trip shows every problem.
+/// rustfmt, clippy and rustdoc (broken doc links, private items included:
+/// the docs are for the engineers) over the default members. All run even
+/// if one fails, so one round trip shows every problem.
 pub fn lint() -> Result<()> {
     let mut failed = Vec::new();
-    for args in [
-        &["fmt", "--all", "--", "--check"][..],
-        &["clippy", "--all-targets", "--", "-D", "warnings"][..],
+    for (args, rustdoc_flags) in [
+        (&["fmt", "--all", "--", "--check"][..], None),
+        (
+            &["clippy", "--all-targets", "--", "-D", "warnings"][..],
+            None,
+        ),
+        (
+            &["doc", "--no-deps", "--document-private-items"][..],
+            Some("-D warnings"),
+        ),
     ] {
         let mut command = cargo();
         command.args(args);
+        if let Some(flags) = rustdoc_flags {
+            command.env("RUSTDOCFLAGS", flags);
+        }
         if let Err(e) = run(&mut command) {
             eprintln!("[lint] {e:#}");
-            failed.push(describe(&command));
+            let env = rustdoc_flags.map_or(String::new(), |f| format!("RUSTDOCFLAGS='{f}' "));
+            failed.push(format!("{env}{}", describe(&command)));
         }
     }
     if !failed.is_empty() {
         bail!("lint failed: {}", failed.join("; "));
     }
-    report("lint", "fmt and clippy", "ok");
+    report("lint", "fmt, clippy and rustdoc", "ok");
     Ok(())
 }
 

@@ -107,7 +107,7 @@ pub fn plan(store: &Store, retention: &Retention, as_of_us: u64) -> Result<Purge
     Ok(plan)
 }
 
-/// Sorted seqs as inclusive ranges: [1,2,3,7] -> [[1,3],[7,7]].
+/// Sorted seqs as inclusive ranges: `[1,2,3,7]` -> `[[1,3],[7,7]]`.
 pub fn ranges(seqs: &[u64]) -> Vec<[u64; 2]> {
     let mut out: Vec<[u64; 2]> = Vec::new();
     for &seq in seqs {

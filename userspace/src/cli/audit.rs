@@ -118,7 +118,7 @@ pub enum ReportCommand {
 /// Where the daemon's auditor socket is.
 #[derive(Debug, Args)]
 pub struct AuditSocketArg {
-    /// The daemon's auditor socket; defaults to [audit] socket of the
+    /// The daemon's auditor socket; defaults to `[audit] socket` of the
     /// config (when you may read it), else <state_dir>/audit.sock.
     #[arg(long = "socket", global = true, env = "PORTCULLIS_AUDIT_SOCKET")]
     pub socket: Option<PathBuf>,

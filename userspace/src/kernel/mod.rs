@@ -7,7 +7,7 @@
 //! * [`attach`]: attach to a cgroup v2, or adopt what an earlier run pinned.
 //! * [`maps`]: the protected-destination trie, the connection table, counters.
 //! * [`events`]: the ring buffer of redirect and block events.
-//! * [`status`]: what is attached, for `portcullis kernel status`.
+//! * [`status`](mod@status): what is attached, for `portcullis kernel status`.
 
 mod addr;
 mod attach;

@@ -3,7 +3,7 @@
 //!
 //! # Layout
 //!
-//! * [`file`]: the policy file (TOML), validated with line-numbered errors.
+//! * [`file`](mod@file): the policy file (TOML), validated with line-numbered errors.
 //! * [`request`]: the protocol-neutral [`Request`] every adapter produces.
 //! * [`sql`]: PostgreSQL statements to requests, with PostgreSQL's parser.
 //! * [`engine`]: rules to a [`Decision`] (allow, block, mask, approval).

@@ -33,7 +33,7 @@ fn next_session_id() -> String {
 }
 
 /// Puts a redirected PostgreSQL client on the kernel fast path, before
-/// anything is read from it (see [`FastPath::join`]: PostgreSQL clients
+/// anything is read from it (see [`FastPath::join`](crate::kernel::FastPath::join): PostgreSQL clients
 /// wait for the server's answer at every step of the start-up, so nothing
 /// they send can overtake earlier bytes).
 fn join_fast_path(gateway: &Gateway, client: &TcpStream, protocol: Protocol, peer: SocketAddr) {
