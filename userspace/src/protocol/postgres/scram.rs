@@ -10,12 +10,31 @@
 //! When the upstream does not offer `-PLUS` on TLS the client says so
 //! (`y,,`), which a server that does support binding refuses: a downgrade
 //! is caught.
+//!
+//! The salted password (PBKDF2, 4,096 rounds by PostgreSQL's default: about
+//! half a millisecond) is derived once per password, salt and round count
+//! and kept in memory: every login to the same role asks for the same salt,
+//! and a gateway whose clients connect per query (scripts, agents) would
+//! otherwise spend most of its CPU on it. A new one is derived off the
+//! event loop, which serves other sessions meanwhile.
+
+use std::{
+    collections::HashMap,
+    sync::{LazyLock, Mutex},
+};
 
 use base64::{engine::general_purpose::STANDARD as B64, Engine};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
 type HmacSha256 = Hmac<Sha256>;
+
+/// Salted passwords kept; the cache starts afresh when full (rotated
+/// passwords and dropped roles leave entries behind).
+const SALTED_ENTRIES: usize = 1024;
+
+/// Salted passwords by [`salted_key`].
+static SALTED: LazyLock<Mutex<HashMap<[u8; 32], [u8; 32]>>> = LazyLock::new(Mutex::default);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScramError {
@@ -130,7 +149,7 @@ impl Scram {
     }
 
     /// Answers server-first-message with client-final-message.
-    pub fn client_final(&mut self, server_first: &[u8]) -> Result<String, ScramError> {
+    pub async fn client_final(&mut self, server_first: &[u8]) -> Result<String, ScramError> {
         let server_first =
             std::str::from_utf8(server_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         let mut nonce = None;
@@ -161,7 +180,7 @@ impl Scram {
         if iterations > 10_000_000 {
             return Err(ScramError::Iterations(iterations));
         }
-        let salted = hi(&self.password, &salt, iterations);
+        let salted = salted_password(&self.password, &salt, iterations).await;
         let client_key = hmac(&salted, b"Client Key");
         let stored_key: [u8; 32] = Sha256::digest(client_key).into();
         // c= is the GS2 header, followed by the binding data if any.
@@ -200,6 +219,42 @@ impl Scram {
     }
 }
 
+/// Hi(password, salt, iterations), from the cache or derived on a blocking
+/// thread: an upstream may ask for up to 10,000,000 rounds.
+async fn salted_password(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
+    let key = salted_key(password, salt, iterations);
+    let cached = SALTED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .copied();
+    if let Some(salted) = cached {
+        return salted;
+    }
+    let (owned_password, owned_salt) = (password.to_vec(), salt.to_vec());
+    let derived =
+        tokio::task::spawn_blocking(move || hi(&owned_password, &owned_salt, iterations)).await;
+    // Only a runtime shutting down fails the blocking task: derive here.
+    let salted = derived.unwrap_or_else(|_| hi(password, salt, iterations));
+    let mut cache = SALTED.lock().unwrap_or_else(|e| e.into_inner());
+    if cache.len() >= SALTED_ENTRIES {
+        cache.clear();
+    }
+    cache.insert(key, salted);
+    salted
+}
+
+/// The cache's key: a hash of the three inputs, each length-prefixed.
+fn salted_key(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    for part in [password, salt] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part);
+    }
+    hasher.update(iterations.to_be_bytes());
+    hasher.finalize().into()
+}
+
 fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
     // HMAC accepts keys of any length: new_from_slice cannot fail.
     let mut mac = match HmacSha256::new_from_slice(key) {
@@ -210,14 +265,23 @@ fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
-/// PBKDF2-HMAC-SHA-256 with one output block (RFC 5802's Hi()).
+/// PBKDF2-HMAC-SHA-256 with one output block (RFC 5802's Hi()). The
+/// keyed HMAC state is set up once and cloned per round: half the SHA-256
+/// blocks of keying every round afresh.
 fn hi(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
-    let mut block = salt.to_vec();
-    block.extend_from_slice(&1u32.to_be_bytes());
-    let mut u = hmac(password, &block);
+    // HMAC accepts keys of any length: new_from_slice cannot fail.
+    let Ok(keyed) = HmacSha256::new_from_slice(password) else {
+        unreachable!("HMAC takes keys of any length")
+    };
+    let mut round = keyed.clone();
+    round.update(salt);
+    round.update(&1u32.to_be_bytes());
+    let mut u: [u8; 32] = round.finalize().into_bytes().into();
     let mut out = u;
     for _ in 1..iterations {
-        u = hmac(password, &u);
+        let mut round = keyed.clone();
+        round.update(&u);
+        u = round.finalize().into_bytes().into();
         for (o, x) in out.iter_mut().zip(u) {
             *o ^= x;
         }
@@ -230,14 +294,14 @@ mod tests {
     use super::*;
 
     /// RFC 7677's SCRAM-SHA-256 example (user "user", password "pencil").
-    #[test]
-    fn rfc7677_vector() {
+    #[tokio::test]
+    async fn rfc7677_vector() {
         let mut s = Scram::new("pencil", "rOprNGfwEbeRWgbNEkqO".into(), Binding::None);
         // RFC 7677 uses n=user; PostgreSQL's n= is empty, so rebuild the
         // bare message the RFC signs.
         s.client_first_bare = "n=user,r=rOprNGfwEbeRWgbNEkqO".into();
         let server_first = b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";
-        let fin = s.client_final(server_first).unwrap();
+        let fin = s.client_final(server_first).await.unwrap();
         assert_eq!(
             fin,
             "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
@@ -247,21 +311,21 @@ mod tests {
         assert!(s.verify_final(b"v=AAAA").is_err());
     }
 
-    #[test]
-    fn bound_exchanges_carry_the_certificate_hash() {
+    #[tokio::test]
+    async fn bound_exchanges_carry_the_certificate_hash() {
         let hash = vec![7u8; 32];
         let s = Scram::new("pw", "abc".into(), Binding::ServerEndPoint(hash.clone()));
         assert_eq!(s.mechanism(), MECHANISM_PLUS);
         assert_eq!(s.client_first(), "p=tls-server-end-point,,n=,r=abc");
         let mut s = s;
-        let reply = s.client_final(b"r=abcdef,s=c2FsdA==,i=4096").unwrap();
+        let reply = s.client_final(b"r=abcdef,s=c2FsdA==,i=4096").await.unwrap();
         let mut expected = b"p=tls-server-end-point,,".to_vec();
         expected.extend_from_slice(&hash);
         assert!(reply.starts_with(&format!("c={},r=abcdef,p=", B64.encode(expected))));
 
         let mut s = Scram::new("pw", "abc".into(), Binding::Unused);
         assert_eq!(s.client_first(), "y,,n=,r=abc");
-        let reply = s.client_final(b"r=abcdef,s=c2FsdA==,i=4096").unwrap();
+        let reply = s.client_final(b"r=abcdef,s=c2FsdA==,i=4096").await.unwrap();
         assert!(reply.starts_with("c=eSws,"), "{reply}");
     }
 
@@ -274,13 +338,34 @@ mod tests {
         assert_eq!(certificate_hash(b"ed25519 has no single hash"), None);
     }
 
-    #[test]
-    fn foreign_nonce_is_refused() {
+    #[tokio::test]
+    async fn salted_passwords_are_cached_by_all_three_inputs() {
+        let salted = salted_password(b"pw", b"salt", 4096).await;
+        assert_eq!(salted, hi(b"pw", b"salt", 4096));
+        assert!(SALTED
+            .lock()
+            .unwrap()
+            .contains_key(&salted_key(b"pw", b"salt", 4096)));
+        assert_eq!(salted_password(b"pw", b"salt", 4096).await, salted);
+        let others: [(&[u8], &[u8], u32); 3] = [
+            (b"pw2", b"salt", 4096),
+            (b"pw", b"salt2", 4096),
+            (b"pw", b"salt", 4097),
+        ];
+        for (password, salt, iterations) in others {
+            assert_ne!(salted_password(password, salt, iterations).await, salted);
+        }
+        // Length prefixes keep ("ab", "c") apart from ("a", "bc").
+        assert_ne!(salted_key(b"ab", b"c", 1), salted_key(b"a", b"bc", 1));
+    }
+
+    #[tokio::test]
+    async fn foreign_nonce_is_refused() {
         let mut s = Scram::new("pw", "abc".into(), Binding::None);
         assert!(matches!(
-            s.client_final(b"r=xyz123,s=AAAA,i=4096"),
+            s.client_final(b"r=xyz123,s=AAAA,i=4096").await,
             Err(ScramError::Nonce)
         ));
-        assert!(s.client_final(b"garbage").is_err());
+        assert!(s.client_final(b"garbage").await.is_err());
     }
 }

@@ -140,7 +140,7 @@ pub async fn open(
                         let s = scram.as_mut().ok_or_else(|| {
                             PgError::Upstream("SASL continue without SASL start".into())
                         })?;
-                        let reply = s.client_final(r.rest())?;
+                        let reply = s.client_final(r.rest()).await?;
                         wire::encode(&SASLResponse::new(reply.into_bytes().into()), &mut out);
                     }
                     12 => {
