@@ -627,6 +627,41 @@ fn tls_on_both_sides_and_direct_clients() {
     s.assert_no_panic();
 }
 
+/// Secrets are read per session, and SCRAM's salted password is kept per
+/// password and salt: rotating either side needs no reload, and what the
+/// gateway keeps never lets a wrong password in.
+#[test]
+fn upstream_password_rotation_needs_no_restart() {
+    const ROTATED: &str = "rotated-Secret-7";
+    let s = Setup::new();
+    // The second login takes the salted password the first derived.
+    assert_eq!(s.query("select 1"), "1");
+    assert_eq!(s.query("select 1"), "1");
+    let refused = |why: &str| {
+        let out = s.psql(&["-Atc", "select 1"]);
+        assert!(
+            stderr(&out).contains("the database refused the gateway's login"),
+            "{why}: {}",
+            stderr(&out)
+        );
+    };
+    // The role's password changes upstream (and with it the salt): the
+    // gateway's secret is stale and refused, until the file is updated.
+    s.cluster
+        .sql(&format!("ALTER ROLE postgres PASSWORD '{ROTATED}'"));
+    refused("stale secret");
+    s.cluster.secret_file("main", ROTATED);
+    assert_eq!(s.query("select 2"), "2");
+    // A wrong secret for a salt the gateway has seen: still refused.
+    s.cluster.secret_file("main", PG_PASSWORD);
+    refused("wrong secret, known salt");
+    // Back to the first password under a new salt.
+    s.cluster
+        .sql(&format!("ALTER ROLE postgres PASSWORD '{PG_PASSWORD}'"));
+    assert_eq!(s.query("select 3"), "3");
+    s.assert_no_panic();
+}
+
 #[test]
 fn refusals_have_sqlstates_and_clear_messages() {
     // No grant for this principal: 42501.
