@@ -627,6 +627,72 @@ fn tls_on_both_sides_and_direct_clients() {
     s.assert_no_panic();
 }
 
+/// Every file under a directory made immutable (`chattr +i`) until dropped:
+/// writes to it then fail with EPERM, as on a failing disk.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(dir: PathBuf) -> Self {
+        let out = Command::new("chattr")
+            .arg("-R")
+            .arg("+i")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        let guard = Self(dir);
+        assert!(out.status.success(), "chattr: {}", stderr(&out));
+        guard
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr")
+            .arg("-R")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// No session goes unrecorded: while the audit store cannot commit, new
+/// sessions are refused before any statement reaches the upstream. The
+/// failed commits leave the chain intact. (sled refuses all writes after
+/// an I/O error in its own log until the store is reopened, so the daemon
+/// is restarted before sessions are served again.)
+#[test]
+fn sessions_are_refused_while_the_audit_store_cannot_commit() {
+    let mut s = Setup::new();
+    assert_eq!(s.query("select 1"), "1");
+    let frozen = Immutable::set(s.gateway.dir.path().join("state/audit"));
+    let out = s.psql(&["-Atc", "create table leaked (x int)"]);
+    assert!(!out.status.success(), "a session ran unrecorded");
+    assert!(
+        stderr(&out).contains("the gateway cannot record this session"),
+        "{}\n{}",
+        stderr(&out),
+        s.gateway.log()
+    );
+    assert_eq!(
+        s.cluster
+            .sql("select count(*) from pg_tables where tablename = 'leaked'"),
+        "0",
+        "the statement reached the upstream"
+    );
+    drop(frozen);
+    s.gateway.stop();
+    s.gateway.spawn();
+    assert_eq!(s.query("select 2"), "2");
+    let verify = s.gateway.cli(&["audit", "verify"]);
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        stdout(&verify),
+        stderr(&verify)
+    );
+    s.assert_no_panic();
+}
+
 /// Secrets are read per session, and SCRAM's salted password is kept per
 /// password and salt: rotating either side needs no reload, and what the
 /// gateway keeps never lets a wrong password in.

@@ -3,14 +3,24 @@
 //! An adapter gets a [`SessionContext`] (who, from where, to where) and the
 //! client stream; it authenticates the client if the protocol carries
 //! credentials, talks to the upstream, and reports what it relayed. Identity,
-//! policy and recording stay in shared code behind the context.
+//! policy and recording stay in shared code behind the context. Before
+//! anything of the client's reaches the upstream, an adapter waits for the
+//! session's start record ([`StartRecord::durable`]).
 
 pub mod postgres;
 pub mod tcp;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
 
-use crate::{identity::Principal, kernel::ConnectOrigin, proxy::Gateway};
+use crate::{
+    audit::{Ack, AuditError},
+    identity::Principal,
+    kernel::ConnectOrigin,
+    proxy::Gateway,
+};
 
 /// Everything an adapter knows about its session.
 pub struct SessionContext {
@@ -29,6 +39,31 @@ pub struct SessionContext {
     /// the relay cost about a microsecond per statement, and the relay
     /// logs nothing of its own.
     pub span: tracing::Span,
+    pub start: StartRecord,
+}
+
+/// The session's start record, committing while the adapter sets the
+/// session up (the client's start-up and login, the upstream's): a new
+/// connection waits for one commit less than if it were awaited first.
+/// No session goes unrecorded all the same: adapters wait for it before
+/// anything of the client's reaches the upstream, and fail closed if it
+/// cannot be stored.
+pub struct StartRecord(Mutex<Option<Ack>>);
+
+impl StartRecord {
+    pub fn new(ack: Ack) -> Self {
+        Self(Mutex::new(Some(ack)))
+    }
+
+    /// Waits until the start record is durable. The first caller gets the
+    /// outcome; later ones return at once.
+    pub async fn durable(&self) -> Result<(), AuditError> {
+        let ack = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match ack {
+            Some(ack) => ack.durable().await,
+            None => Ok(()),
+        }
+    }
 }
 
 /// What an adapter moved, for the session-end record.

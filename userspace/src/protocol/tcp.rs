@@ -15,6 +15,10 @@ pub async fn serve(ctx: &SessionContext, mut client: TcpStream) -> Result<Relaye
     let mut server = upstream::connect(destination, ctx.gateway.exempt_mark)
         .await
         .map_err(|e| format!("upstream {destination}: {e}"))?;
+    ctx.start
+        .durable()
+        .await
+        .map_err(|e| format!("the session's start could not be recorded: {e}"))?;
     let (from_client, from_server) = tokio::io::copy_bidirectional(&mut client, &mut server)
         .await
         .map_err(|e| e.to_string())?;

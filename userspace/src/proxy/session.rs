@@ -17,7 +17,7 @@ use crate::{
     audit::{AuditEvent, SessionEnd, SessionRefused, SessionStart},
     config::Protocol,
     kernel::{normalise_addr, ConnectOrigin, KernelError},
-    protocol::{self, Relayed, SessionContext},
+    protocol::{self, Relayed, SessionContext, StartRecord},
 };
 
 /// Session ids: start time of the process plus a counter, unique per host.
@@ -119,6 +119,23 @@ pub(super) async fn run(
         uid = ?origin.as_ref().map(|o| o.uid),
         principal = principal.as_ref().map_or("-", |p| p.name.as_str()),
     );
+    span.in_scope(|| match &origin {
+        Some(o) => info!(destination = %o.original_destination, pid = o.pid, command = %o.command, "session start"),
+        None => info!("session start (direct client)"),
+    });
+    // Adapters wait for this record before relaying (see StartRecord).
+    let start = StartRecord::new(
+        gateway
+            .recorder
+            .record(AuditEvent::SessionStart(SessionStart {
+                session: id.clone(),
+                listener: listener.to_string(),
+                protocol: protocol.name(),
+                peer,
+                principal: principal.clone(),
+                origin: origin.clone(),
+            })),
+    );
     let ctx = SessionContext {
         id,
         listener,
@@ -127,32 +144,9 @@ pub(super) async fn run(
         principal,
         gateway,
         span,
+        start,
     };
     let started = Instant::now();
-    let recorded = async {
-        match &ctx.origin {
-            Some(o) => info!(destination = %o.original_destination, pid = o.pid, command = %o.command, "session start"),
-            None => info!("session start (direct client)"),
-        }
-        record_durably(
-            &ctx.gateway,
-            AuditEvent::SessionStart(SessionStart {
-                session: ctx.id.clone(),
-                listener: ctx.listener.to_string(),
-                protocol: protocol.name(),
-                peer: ctx.peer,
-                principal: ctx.principal.clone(),
-                origin: ctx.origin.clone(),
-            }),
-        )
-        .await
-    }
-    .instrument(ctx.span.clone())
-    .await;
-    if !recorded {
-        // No session goes unrecorded: fail closed.
-        return;
-    }
     // Adapters run their set-up under the span, the relay outside it.
     let outcome = tokio::select! {
         outcome = serve(&ctx, client, protocol) => outcome,
@@ -163,6 +157,10 @@ pub(super) async fn run(
         Err(e) => (Relayed::default(), Some(e)),
     };
     async {
+        // Sessions that ended before relaying did not wait for it.
+        if let Err(e) = ctx.start.durable().await {
+            tracing::error!("audit record lost: {e}");
+        }
         info!(
             bytes_from_client = relayed.from_client,
             bytes_from_server = relayed.from_server,

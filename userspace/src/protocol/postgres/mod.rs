@@ -245,6 +245,10 @@ async fn open(
     .map_err(|_| PgError::Client("start-up timed out".into()))??;
     let mut startup = match opening {
         Opening::Cancel { pid, secret } => {
+            // A cancel acts on the upstream: recorded first.
+            ctx.start.durable().await.map_err(|e| {
+                PgError::Config(format!("the session's start could not be recorded: {e}"))
+            })?;
             let routed = pg.cancels.cancel(pid, &secret, mark).await?;
             info!(routed, "cancel request");
             return Ok(None);
@@ -309,7 +313,9 @@ async fn open(
         }
     };
 
-    let recorded = ctx
+    // The session's start and its login, committed together (see
+    // StartRecord) before the client's first message goes upstream.
+    let login_record = ctx
         .gateway
         .recorder
         .record(AuditEvent::DatabaseLogin(DatabaseLogin {
@@ -323,8 +329,9 @@ async fn open(
             client_tls: startup.tls,
             direct: ctx.origin.is_none(),
         }))
-        .durable()
-        .await;
+        .durable();
+    let (started, logged_in) = tokio::join!(ctx.start.durable(), login_record);
+    let recorded = started.and(logged_in);
     if let Err(e) = recorded {
         // No session goes unrecorded: fail closed.
         let _ = startup::fatal(
