@@ -355,6 +355,12 @@ impl Gateway {
         }
     }
 
+    /// Waits for the daemon to exit on its own; its exit status.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let child = self.child.take().expect("running");
+        wait_with_timeout(child, timeout).status
+    }
+
     /// SIGTERM, then waits for a clean exit (final audit checkpoint).
     pub fn stop(&mut self) {
         self.signal("TERM");

@@ -97,6 +97,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut store_failed = false;
     loop {
         tokio::select! {
             _ = hangup.recv() => {
@@ -120,6 +121,15 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
             }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
+            () = audit.writer_stopped() => {
+                // Only reopening the store mends it: exit with an error so
+                // the service manager restarts the daemon. Kernel
+                // enforcement stays attached, so protected destinations
+                // are refused meanwhile.
+                error!("the audit store cannot record: exiting for a restart");
+                store_failed = true;
+                break;
+            }
         }
     }
     info!("shutting down; kernel enforcement stays attached");
@@ -127,6 +137,11 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     signal_shutdown.fire();
     workers.finished().await;
     audit.stop().await;
+    if store_failed {
+        anyhow::bail!(
+            "the audit store failed (see the errors above); restart the daemon to reopen it"
+        );
+    }
     Ok(())
 }
 

@@ -195,6 +195,12 @@ impl Progress {
         (Arc::clone(&progress), Settle { sender, progress })
     }
 
+    /// Resolves once the writer is gone (its [`Settle`] dropped).
+    pub async fn writer_stopped(&self) {
+        let mut settled = self.settled.clone();
+        while settled.changed().await.is_ok() {}
+    }
+
     /// Waits until every ticket in `first..=last` is settled; the first
     /// failure among them, if any, is the error.
     pub async fn durable(&self, first: u64, last: u64) -> Result<(), AuditError> {

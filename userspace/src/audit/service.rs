@@ -91,6 +91,11 @@ impl AuditService {
         })
     }
 
+    /// Resolves if the writer stops on its own (see [`SledRecorder::stopped`]).
+    pub async fn writer_stopped(&self) {
+        self.recorder.stopped().await;
+    }
+
     pub fn recorder(&self) -> Arc<dyn Recorder> {
         Arc::clone(&self.recorder) as Arc<dyn Recorder>
     }

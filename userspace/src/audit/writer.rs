@@ -149,6 +149,7 @@ impl SledRecorder {
             checkpoint_number: last.as_ref().map_or(0, |c| c.number),
             checkpoint_seq: last.as_ref().map_or(0, |c| c.seq),
             checkpoint_time: Instant::now(),
+            index_failed: false,
             store,
         };
         let subject_key = writer.subject_key;
@@ -198,6 +199,12 @@ impl SledRecorder {
             let _ = thread.join();
         }
         result
+    }
+
+    /// Resolves when the writer has stopped on its own: its store failed in
+    /// a way only reopening it mends. Every record is refused from then on.
+    pub async fn stopped(&self) {
+        self.progress.writer_stopped().await;
     }
 
     /// A refused message is dropped and with it its reply sender, so the
@@ -309,11 +316,24 @@ struct Writer {
     checkpoint_number: u64,
     checkpoint_seq: u64,
     checkpoint_time: Instant,
+    /// A commit failed inside sled, which then refuses every later write
+    /// until the store is reopened: the writer stops (see
+    /// [`SledRecorder::stopped`]).
+    index_failed: bool,
 }
 
 impl Writer {
     fn run(mut self) {
         loop {
+            if self.index_failed {
+                error!(
+                    "the audit store's index failed and refuses writes until it is reopened: \
+                     the writer stops, and records are refused until the daemon restarts"
+                );
+                // Waiters of what is queued learn that the writer is gone.
+                drop(self.inbox.close());
+                return;
+            }
             let idle = if self.head_seq > self.checkpoint_seq {
                 self.policy
                     .interval
@@ -445,6 +465,7 @@ impl Writer {
             }
             Err(e) => {
                 error!("audit batch of {} not stored: {e}", last - first + 1);
+                self.index_failed |= matches!(e, AuditError::Store(_));
                 self.settle.failed(first, last, e.to_string());
                 // What reached the disk is the truth to continue from.
                 if let Ok(head) = self.store.head() {
