@@ -255,12 +255,17 @@ fn salted_key(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
     hasher.finalize().into()
 }
 
-fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
+/// HMAC-SHA-256 keyed with `key`.
+fn keyed(key: &[u8]) -> HmacSha256 {
     // HMAC accepts keys of any length: new_from_slice cannot fail.
-    let mut mac = match HmacSha256::new_from_slice(key) {
+    match HmacSha256::new_from_slice(key) {
         Ok(mac) => mac,
         Err(_) => unreachable!("HMAC takes keys of any length"),
-    };
+    }
+}
+
+fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
+    let mut mac = keyed(key);
     mac.update(data);
     mac.finalize().into_bytes().into()
 }
@@ -269,10 +274,7 @@ fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
 /// keyed HMAC state is set up once and cloned per round: half the SHA-256
 /// blocks of keying every round afresh.
 fn hi(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
-    // HMAC accepts keys of any length: new_from_slice cannot fail.
-    let Ok(keyed) = HmacSha256::new_from_slice(password) else {
-        unreachable!("HMAC takes keys of any length")
-    };
+    let keyed = keyed(password);
     let mut round = keyed.clone();
     round.update(salt);
     round.update(&1u32.to_be_bytes());
