@@ -175,30 +175,43 @@ pub(super) struct Progress {
     /// failure is rare and loud, so a list is enough.
     failed: Mutex<Vec<(u64, u64, String)>>,
     hurry: Box<dyn Fn() + Send + Sync>,
+    /// Never sent on: closes when the writer's [`Settle`] goes, without a
+    /// wake-up per commit as `settled` would give.
+    gone: watch::Receiver<()>,
 }
 
 /// The writer's side of [`Progress`].
 pub(super) struct Settle {
     sender: watch::Sender<u64>,
     progress: Arc<Progress>,
+    _gone: watch::Sender<()>,
 }
 
 impl Progress {
     /// `hurry` asks the writer to commit now (see [`Inbox::hurry`]).
     pub fn new(hurry: impl Fn() + Send + Sync + 'static) -> (Arc<Self>, Settle) {
         let (sender, settled) = watch::channel(0);
+        let (gone_sender, gone) = watch::channel(());
         let progress = Arc::new(Self {
             settled,
             failed: Mutex::new(Vec::new()),
             hurry: Box::new(hurry),
+            gone,
         });
-        (Arc::clone(&progress), Settle { sender, progress })
+        (
+            Arc::clone(&progress),
+            Settle {
+                sender,
+                progress,
+                _gone: gone_sender,
+            },
+        )
     }
 
     /// Resolves once the writer is gone (its [`Settle`] dropped).
     pub async fn writer_stopped(&self) {
-        let mut settled = self.settled.clone();
-        while settled.changed().await.is_ok() {}
+        let mut gone = self.gone.clone();
+        while gone.changed().await.is_ok() {}
     }
 
     /// Waits until every ticket in `first..=last` is settled; the first
@@ -249,6 +262,24 @@ impl Settle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn writer_stopped_waits_for_the_writer_to_go_not_for_commits() {
+        let (progress, settle) = Progress::new(|| {});
+        let stopped = progress.writer_stopped();
+        tokio::pin!(stopped);
+        settle.committed(5);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut stopped)
+                .await
+                .is_err(),
+            "a commit is not a stop"
+        );
+        drop(settle);
+        tokio::time::timeout(Duration::from_secs(1), stopped)
+            .await
+            .expect("resolves once the writer is gone");
+    }
 
     #[test]
     fn events_wait_for_the_interval_unless_hurried() {
