@@ -210,8 +210,8 @@ impl Progress {
 
     /// Resolves once the writer is gone (its [`Settle`] dropped).
     pub async fn writer_stopped(&self) {
-        let mut gone = self.gone.clone();
-        while gone.changed().await.is_ok() {}
+        // Nothing is ever sent: `changed` returns only when it closes.
+        let _ = self.gone.clone().changed().await;
     }
 
     /// Waits until every ticket in `first..=last` is settled; the first
