@@ -958,10 +958,11 @@ impl Setup {
     }
 }
 
-/// A raw client that keeps its BackendKeyData: sends `{sql}`, waits for the
-/// approval notice, cancels from a second connection with the key, runs
-/// `select 1` on the same session, then breaks the framing.
-const CANCELLING_CLIENT: &str = r#"
+/// The start of a raw client that keeps its BackendKeyData: `msg()` reads
+/// one message, `send()` writes one, `cancel()` sends a CancelRequest from
+/// a second connection, and `exchange()` reads up to ReadyForQuery,
+/// cancelling when the approval notice for `held` arrives.
+const RAW_CLIENT: &str = r#"
 import json, socket, struct
 port = {port}
 s = socket.create_connection(('127.0.0.1', port))
@@ -985,18 +986,19 @@ while True:
     if t == b'R' and b[:4] != b'\0\0\0\0': raise SystemExit('password requested')
     if t == b'K': key = struct.unpack('!ii', b)
     if t == b'Z': break
-def query(sql):
-    send(b'Q', sql.encode() + b'\0')
-    out = {'notices': [], 'errors': [], 'rows': []}
+def cancel():
+    c = socket.create_connection(('127.0.0.1', port))
+    c.sendall(struct.pack('!IIii', 16, 80877102, key[0], key[1]))
+    c.recv(1)
+    c.close()
+def exchange(held=False):
+    out = {'types': '', 'notices': [], 'errors': [], 'rows': []}
     while True:
         t, b = msg()
+        out['types'] += t.decode()
         if t == b'N':
             out['notices'].append(fields(b)['M'])
-            if 'approval request' in out['notices'][-1] and sql == '{sql}':
-                c = socket.create_connection(('127.0.0.1', port))
-                c.sendall(struct.pack('!IIii', 16, 80877102, key[0], key[1]))
-                c.recv(1)
-                c.close()
+            if held and 'approval request' in out['notices'][-1]: cancel()
         if t == b'E':
             f = fields(b)
             out['errors'].append(f['C'] + ': ' + f['M'])
@@ -1004,6 +1006,14 @@ def query(sql):
         if t == b'Z':
             out['status'] = b.decode()
             return out
+"#;
+
+/// Sends `{sql}`, cancels its approval wait, runs `select 1` on the same
+/// session, then breaks the framing.
+const CANCELLING_CLIENT: &str = r#"
+def query(sql):
+    send(b'Q', sql.encode() + b'\0')
+    return exchange(held=sql == '{sql}')
 held = query('{sql}')
 after = query('select 1')
 s.sendall(b'Q\0\0\0\x02')
@@ -1011,15 +1021,108 @@ t, b = msg()
 print(json.dumps({'held': held, 'after': after, 'broken': t.decode() + ' ' + fields(b).get('C', '')}))
 "#;
 
+/// The extended protocol: Parses of `DROP TABLE scratch` (named, unnamed,
+/// and inside a transaction) cancelled while they wait for approval, and
+/// what the session sees of their names afterwards.
+const CANCELLING_EXTENDED_CLIENT: &str = r#"
+def z(s): return s.encode() + b'\0'
+def parse(name, sql): send(b'P', z(name) + z(sql) + b'\0\0')
+def run(name):
+    send(b'B', b'\0' + z(name) + b'\0\0\0\0\0\0')
+    send(b'E', b'\0\0\0\0\0')
+def sync(held=False):
+    send(b'S', b'')
+    return exchange(held)
+out = {}
+parse('', 'select 1'); out['unnamed'] = sync()
+parse('s1', 'DROP TABLE scratch'); send(b'D', b'Ss1\0'); out['named'] = sync(held=True)
+run('s1'); out['named_after'] = sync()
+parse('s1', 'select 2'); run('s1'); out['named_again'] = sync()
+run(''); out['unnamed_kept'] = sync()
+parse('', 'DROP TABLE scratch'); run(''); out['unnamed_cancelled'] = sync(held=True)
+run(''); out['unnamed_after'] = sync()
+send(b'Q', z('BEGIN')); exchange()
+parse('s2', 'DROP TABLE scratch'); out['in_transaction'] = sync(held=True)
+send(b'Q', z('ROLLBACK')); out['rolled_back'] = exchange()
+parse('s2', 'select 3'); run('s2'); out['last'] = sync()
+print(json.dumps(out))
+"#;
+
+/// Runs a raw client script against the cluster's address, in the cgroup.
+fn raw_client(s: &Setup, script: &str, sql: &str) -> Value {
+    let code = format!("{RAW_CLIENT}{script}")
+        .replace("{port}", &s.cluster.port.to_string())
+        .replace("{sql}", sql);
+    let out = s.cgroup.python(&code);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{}", s.gateway.log()))
+}
+
+/// A cancelled Parse fails as PostgreSQL fails one: 57014 in its place,
+/// nothing after it until the Sync, and no statement left under its name.
+#[test]
+fn a_held_parse_is_cancelled_as_postgres_cancels_it() {
+    let s = Setup::new(None);
+    let out = raw_client(&s, CANCELLING_EXTENDED_CLIENT, "");
+    let cancelled = serde_json::json!(["57014: canceling statement due to user request"]);
+    let missing = |what: &str| serde_json::json!([format!("26000: {what} does not exist")]);
+    // The client sees the notice, the error and ReadyForQuery: none of the
+    // stand-in's own completions, nothing for the skipped Describe.
+    assert_eq!(out["named"]["types"], "NEZ", "{out}");
+    assert_eq!(out["named"]["errors"], cancelled, "{out}");
+    assert_eq!(
+        out["named_after"]["errors"],
+        missing("prepared statement \"s1\""),
+        "{out}"
+    );
+    assert_eq!(
+        out["named_again"]["rows"],
+        serde_json::json!(["2"]),
+        "{out}"
+    );
+    // A failed Parse of the unnamed statement leaves others alone...
+    assert_eq!(
+        out["unnamed_kept"]["rows"],
+        serde_json::json!(["1"]),
+        "{out}"
+    );
+    // ...and drops the unnamed one, as PostgreSQL drops it before parsing.
+    assert_eq!(out["unnamed_cancelled"]["types"], "NEZ", "{out}");
+    assert_eq!(out["unnamed_cancelled"]["errors"], cancelled, "{out}");
+    assert_eq!(
+        out["unnamed_after"]["errors"],
+        missing("unnamed prepared statement"),
+        "{out}"
+    );
+    // Inside a transaction the cancel aborts it, as any error does.
+    assert_eq!(out["in_transaction"]["errors"], cancelled, "{out}");
+    assert_eq!(out["in_transaction"]["status"], "E", "{out}");
+    assert_eq!(out["rolled_back"]["status"], "I", "{out}");
+    assert_eq!(out["last"]["rows"], serde_json::json!(["3"]), "{out}");
+    assert_eq!(
+        s.cluster
+            .sql("SELECT count(*) FROM pg_tables WHERE tablename = 'scratch'"),
+        "1"
+    );
+    let cancelled = s
+        .events("approval")
+        .into_iter()
+        .filter(|e| e["step"] == "cancelled")
+        .count();
+    assert_eq!(cancelled, 3);
+    // The Execute that came with the unnamed Parse is recorded with the error.
+    assert!(s
+        .events("statement")
+        .iter()
+        .any(|e| e["text"] == "DROP TABLE scratch" && e["error"]["sqlstate"] == "57014"));
+    assert!(!s.gateway.log().contains("panicked"));
+}
+
 #[test]
 fn a_held_statement_is_cancelled_by_a_cancel_request() {
     let s = Setup::new(None);
 
     // A raw client cancels with the key it was given; the session goes on.
-    let code = CANCELLING_CLIENT
-        .replace("{port}", &s.cluster.port.to_string())
-        .replace("{sql}", "DROP TABLE scratch");
-    let out: Value = serde_json::from_str(&s.cgroup.python(&code)).unwrap();
+    let out = raw_client(&s, CANCELLING_CLIENT, "DROP TABLE scratch");
     let held = &out["held"];
     assert!(
         held["notices"][0]

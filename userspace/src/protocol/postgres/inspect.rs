@@ -10,8 +10,8 @@
 //! is held: the client gets a NoticeResponse with the request id, and
 //! nothing more from it is read until an approver decides, the request
 //! times out (then it runs, or is replaced as if blocked), or the client
-//! cancels it with a CancelRequest (replaced by a `DO` block raising 57014,
-//! as a cancelled statement would).
+//! cancels it with a CancelRequest (a Query is replaced by a `DO` block
+//! raising 57014; a Parse fails with it, see [`Judge`]'s `fail_parse`).
 //!
 //! Server to client ([`Results`]), RowDescription, DataRow, CopyOutResponse
 //! and CopyData are rewritten when masks apply; every other message is
@@ -85,6 +85,8 @@ enum Expect {
     Bound(String),
     /// Close (or a malformed message): one reply.
     Other,
+    /// A message of the gateway's own: its reply is not the client's.
+    Hidden,
     Sync,
 }
 

@@ -168,8 +168,13 @@ impl Judge {
                 };
                 let rest = &body[end + 1..];
                 let sql = rest.split(|b| *b == 0).next().unwrap_or_default();
+                let verdict = self.judge(sql, out, to).await?;
+                if matches!(verdict, Err(Stopped::Cancelled)) {
+                    self.fail_parse(&name, out);
+                    return Ok(());
+                }
                 self.push(Expect::Parsed(name.clone()));
-                match self.judge(sql, out, to).await? {
+                match verdict {
                     Ok(proceed) => {
                         self.blocked.remove(&name);
                         self.statements.insert(name, Some(proceed));
@@ -256,7 +261,49 @@ impl Judge {
         }
         Ok(())
     }
+
+    /// A Parse whose approval wait was cancelled fails as PostgreSQL fails
+    /// a cancelled Parse: the server answers 57014 in its place and skips
+    /// to the Sync, and the client's statement name is left as it was (the
+    /// unnamed statement dropped, as a Parse of it drops it first), so a
+    /// later Bind of it gets 26000. The stand-in is a `DO` block prepared
+    /// under [`CANCELLED_PARSE`] and run from the unnamed portal, which
+    /// the failed transaction could not use anyway; the server's answers to
+    /// all but its error are hidden from the client.
+    fn fail_parse(&mut self, name: &str, out: &mut Vec<u8>) {
+        let closed: &[&str] = match name {
+            "" => &[CANCELLED_PARSE, ""],
+            _ => &[CANCELLED_PARSE],
+        };
+        for statement in closed {
+            let mut c = vec![b'S'];
+            cstr(statement, &mut c);
+            message(b'C', &c, out);
+            self.push(Expect::Hidden);
+        }
+        if name.is_empty() {
+            self.statements.remove("");
+            self.blocked.remove("");
+        }
+        let mut p = Vec::new();
+        cstr(CANCELLED_PARSE, &mut p);
+        cstr(&stand_in(&Stopped::Cancelled), &mut p);
+        p.extend_from_slice(&0i16.to_be_bytes());
+        message(b'P', &p, out);
+        self.push(Expect::Hidden);
+        let mut b = vec![0];
+        cstr(CANCELLED_PARSE, &mut b);
+        b.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        message(b'B', &b, out);
+        self.push(Expect::Hidden);
+        // Its ErrorResponse skips the queue to the Sync: nothing to expect.
+        message(b'E', &[0, 0, 0, 0, 0], out);
+    }
 }
+
+/// The name a cancelled Parse's stand-in is prepared under; closed before
+/// each use, so one left on the server by the last does no harm.
+const CANCELLED_PARSE: &str = "portcullis_cancelled_parse";
 
 /// The result-column format codes of a Bind, after its name fields.
 fn result_formats(r: &mut Reader<'_>) -> Result<Vec<i16>, Malformed> {

@@ -303,6 +303,11 @@ impl Results {
             {
                 self.pop();
             }
+            b'1' | b'2' | b'3' if self.front_is(|e| matches!(e, Expect::Hidden)) => {
+                self.pop();
+                responses.on_message(kind, body);
+                return Ok(());
+            }
             b'1' | b'2' | b'3' => {
                 let front = lock(&self.queue).front().map(|e| match e {
                     Expect::Parsed(name) => (Some(name.clone()), None),
