@@ -9,6 +9,9 @@
 //!   store, as in production.
 //! * A large result (`COPY (select ...) TO STDOUT` of ~230 MB through
 //!   psql): throughput and ratio to direct.
+//! * New connections (`pgbench -S -C`, plain TCP), as scripts and agents
+//!   that connect once per query make them: connections per second, ratio
+//!   to direct, CPU per connection.
 //!
 //! The gateway's local clients run in a throwaway child cgroup so the
 //! kernel redirects them; direct and PgBouncer clients run outside it. TLS
@@ -45,6 +48,9 @@ const PASSWORD: &str = "bench-Secret-1";
 const ROUNDS: usize = 5;
 const SECONDS: &str = "8";
 const CLIENTS: &str = "8";
+/// Clients of the new-connection rounds: each connection costs a backend
+/// start, so fewer clients already keep both cores busy.
+const CONNECTING_CLIENTS: &str = "4";
 /// The cluster listens on both; the gateway protects both, and relays
 /// connections to the second over TLS (a resource with `tls = "require"`).
 const PLAIN_HOST: &str = "127.0.0.1";
@@ -171,44 +177,22 @@ fn main() {
         .map(|mode| vec![Vec::new(); targets(mode.tls).len()])
         .collect();
     let mut copies = vec![Vec::new(); targets(false).len()];
+    let mut connections = vec![Vec::new(); targets(false).len()];
     for round in 0..ROUNDS {
         for (m, mode) in modes.iter().enumerate() {
             let targets = targets(mode.tls);
             for k in 0..targets.len() {
                 let t = (k + round) % targets.len();
-                let target = &targets[t];
-                let cpu_before = target.proxy.map(cpu_seconds);
-                let machine_before = machine_busy_seconds();
-                let (tps, latency, text) = pgbench(
-                    target,
-                    mode.sslmode(),
-                    &[
-                        "-S",
-                        "-M",
-                        mode.protocol,
-                        "-c",
-                        CLIENTS,
-                        "-j",
-                        "2",
-                        "-T",
-                        SECONDS,
-                        "-n",
-                    ],
-                );
-                assert!(tps > 0.0, "{} {}: {text}", target.name, mode.label());
-                let transactions = tps * SECONDS.parse::<f64>().unwrap();
-                let cpu_us = match (target.proxy, cpu_before) {
-                    (Some(pid), Some(before)) => (cpu_seconds(pid) - before) * 1e6 / transactions,
-                    _ => 0.0,
-                };
-                let machine_us = (machine_busy_seconds() - machine_before) * 1e6 / transactions;
-                results[m][t].push((tps, latency, cpu_us, machine_us));
+                let args = ["-S", "-M", mode.protocol, "-c", CLIENTS, "-j", "2"];
+                results[m][t].push(measure(&targets[t], mode.sslmode(), &args));
             }
         }
         let targets = targets(false);
         for k in 0..targets.len() {
             let t = (k + round) % targets.len();
             copies[t].push(copy_rate(&targets[t]));
+            let args = ["-S", "-C", "-c", CONNECTING_CLIENTS, "-j", "2"];
+            connections[t].push(measure(&targets[t], "disable", &args));
         }
     }
 
@@ -267,6 +251,33 @@ fn main() {
                 median(ratios)
             );
         }
+    }
+    println!(
+        "\nnew connections: pgbench -S -C (a connection per transaction), \
+         {CONNECTING_CLIENTS} clients, plain TCP (median); PgBouncer reuses its server \
+         connections, the gateway opens and records one per client"
+    );
+    println!(
+        "{:<10} {:>12} {:>12} {:>10} {:>16} {:>18}",
+        "target", "connections/s", "latency ms", "vs direct", "proxy CPU/conn", "machine CPU/conn"
+    );
+    let direct = median(connections[0].iter().map(|r| r.0).collect());
+    for (t, target) in targets(false).iter().enumerate() {
+        let rate = median(connections[t].iter().map(|r| r.0).collect());
+        let latency = median(connections[t].iter().map(|r| r.1).collect());
+        let cpu = match target.proxy {
+            Some(_) => format!(
+                "{:.0} µs",
+                median(connections[t].iter().map(|r| r.2).collect())
+            ),
+            None => "-".into(),
+        };
+        let machine = median(connections[t].iter().map(|r| r.3).collect());
+        println!(
+            "{:<10} {rate:>12.0} {latency:>12.3} {:>10.2} {cpu:>16} {machine:>15.0} µs",
+            target.name,
+            rate / direct
+        );
     }
     println!("\nlarge result: {COPY_SQL} (median MB/s)");
     let direct = median(copies[0].clone());
@@ -400,6 +411,25 @@ fn command(cgroup: Option<&Cgroup>, program: &str, args: &[&str]) -> Command {
             cmd
         }
     }
+}
+
+/// One timed pgbench run against `target` (`args` without the duration):
+/// TPS, mean latency in ms, the proxy's CPU and the whole machine's CPU per
+/// transaction in µs.
+fn measure(target: &Target, sslmode: &str, args: &[&str]) -> (f64, f64, f64, f64) {
+    let cpu_before = target.proxy.map(cpu_seconds);
+    let machine_before = machine_busy_seconds();
+    let mut args = args.to_vec();
+    args.extend(["-T", SECONDS, "-n"]);
+    let (tps, latency, text) = pgbench(target, sslmode, &args);
+    assert!(tps > 0.0, "{} {args:?}: {text}", target.name);
+    let transactions = tps * SECONDS.parse::<f64>().unwrap();
+    let cpu_us = match (target.proxy, cpu_before) {
+        (Some(pid), Some(before)) => (cpu_seconds(pid) - before) * 1e6 / transactions,
+        _ => 0.0,
+    };
+    let machine_us = (machine_busy_seconds() - machine_before) * 1e6 / transactions;
+    (tps, latency, cpu_us, machine_us)
 }
 
 /// Runs pgbench against `target`; returns (tps, mean latency ms, output).
