@@ -416,6 +416,12 @@ fn blocks_answer_42501_with_the_reason_and_the_session_goes_on() {
             .any(|h| h["session"] == personal["session"] && h["seq"] == personal["seq"]),
         "{hits:?} should name the policy_block record {personal}"
     );
+    // Sessions ended cleanly through the policy hook leave their upstream
+    // for the next: the stand-ins left nothing open on it.
+    assert!(s
+        .events("database_login")
+        .iter()
+        .any(|e| e["upstream_reused"] == true));
     assert!(!s.gateway.log().contains("panicked"));
 }
 

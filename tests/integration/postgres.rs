@@ -38,6 +38,8 @@ struct Options {
     cluster_tls: bool,
     /// Resource address override (for "upstream down").
     address: Option<String>,
+    /// Idle upstreams kept for reuse (`upstream_pool`).
+    upstream_pool: usize,
 }
 
 impl Default for Options {
@@ -49,6 +51,7 @@ impl Default for Options {
             upstream_tls: "disable",
             cluster_tls: false,
             address: None,
+            upstream_pool: 10,
         }
     }
 }
@@ -104,6 +107,7 @@ name = "orders"
 protocol = "postgres"
 address = "{address}"
 tls = "{tls}"
+upstream_pool = {pool}
 {ca}
 [[resource.grant]]
 {users}
@@ -124,6 +128,7 @@ password_file = "{secret}"
             tls = o.upstream_tls,
             users = o.grant_users,
             secret = secret.display(),
+            pool = o.upstream_pool,
         );
         let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
         let gateway = Gateway::start_with_config(
@@ -624,6 +629,18 @@ fn tls_on_both_sides_and_direct_clients() {
         .unwrap();
     let out = wait_with_timeout(out, Duration::from_secs(30));
     assert_eq!(stdout(&out).trim(), "7", "{}", stderr(&out));
+
+    // An upstream TLS connection serves the next session too.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        s.query("select ssl from pg_stat_ssl where pid = pg_backend_pid()"),
+        "t"
+    );
+    assert!(s
+        .gateway
+        .events()
+        .iter()
+        .any(|e| e["event"] == "database_login" && e["upstream_reused"] == true));
     s.assert_no_panic();
 }
 
@@ -715,7 +732,11 @@ fn sessions_are_refused_while_the_audit_store_cannot_commit() {
 #[test]
 fn upstream_password_rotation_needs_no_restart() {
     const ROTATED: &str = "rotated-Secret-7";
-    let s = Setup::new();
+    // Every session logs in upstream: none takes an idle upstream.
+    let s = Setup::with(Options {
+        upstream_pool: 0,
+        ..Options::default()
+    });
     // The second login takes the salted password the first derived.
     assert_eq!(s.query("select 1"), "1");
     assert_eq!(s.query("select 1"), "1");
@@ -741,6 +762,78 @@ fn upstream_password_rotation_needs_no_restart() {
     s.cluster
         .sql(&format!("ALTER ROLE postgres PASSWORD '{PG_PASSWORD}'"));
     assert_eq!(s.query("select 3"), "3");
+    s.assert_no_panic();
+}
+
+/// A session that ends cleanly leaves its upstream for the next one, reset
+/// as a new backend would be; one that ends inside a transaction, or whose
+/// idle upstream went away, does not.
+#[test]
+fn idle_upstreams_are_reset_and_reused() {
+    let s = Setup::new();
+    let backend = |sql: &str| -> String {
+        let out = s.query(&format!("{sql}select pg_backend_pid()"));
+        out.lines().last().unwrap_or_default().to_string()
+    };
+    // The upstream goes back to the pool after the session: wait for it.
+    let settle = || std::thread::sleep(Duration::from_millis(300));
+    let first = backend(
+        "set work_mem = '1MB'; create temp table scratch (x int); \
+         prepare p as select 1; listen channel; select pg_advisory_lock(7); ",
+    );
+    settle();
+    let state = s.query(
+        "select pg_backend_pid(), current_setting('work_mem'), \
+         (select count(*) from pg_prepared_statements), \
+         (select count(*) from pg_class where relname = 'scratch'), \
+         (select count(*) from pg_listening_channels()), \
+         (select count(*) from pg_locks where locktype = 'advisory')",
+    );
+    assert_eq!(state, format!("{first}|4MB|0|0|0|0"), "{}", s.gateway.log());
+    settle();
+
+    // Ended inside a transaction: that backend is closed, not kept.
+    let out = s.psql(&["-Atc", "begin", "-c", "select pg_backend_pid()"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().last(),
+        Some(&*first)
+    );
+    settle();
+    let gone = format!("select count(*) from pg_stat_activity where pid = {first}");
+    assert_eq!(s.cluster.sql(&gone), "0");
+    let fresh = backend("");
+    assert_ne!(fresh, first);
+
+    // An idle upstream the server ended is noticed, not handed out.
+    settle();
+    s.cluster
+        .sql(&format!("select pg_terminate_backend({fresh})"));
+    settle();
+    assert_ne!(backend(""), fresh);
+
+    let logins: Vec<(bool, String)> = s
+        .gateway
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "database_login")
+        .map(|e| {
+            (
+                e["upstream_reused"].as_bool().unwrap(),
+                e["upstream_pid"].to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        logins,
+        [
+            (false, first.clone()),
+            (true, first.clone()),
+            (true, first),
+            (false, fresh.clone()),
+            (false, logins[4].1.clone()),
+        ],
+    );
     s.assert_no_panic();
 }
 

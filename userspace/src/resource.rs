@@ -52,10 +52,20 @@ pub struct ResourceConfig {
     pub ca_file: Option<PathBuf>,
     #[serde(default, rename = "grant")]
     pub grants: Vec<Grant>,
+    /// PostgreSQL: upstream connections kept idle, per upstream role,
+    /// database and client start-up parameters, for the next session to
+    /// take instead of logging in anew (reset with `DISCARD ALL` in
+    /// between); 0 turns reuse off.
+    #[serde(default = "default_upstream_pool")]
+    pub upstream_pool: usize,
+}
+
+fn default_upstream_pool() -> usize {
+    10
 }
 
 /// TLS towards the upstream, named as libpq's sslmode.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "kebab-case")]
 pub enum UpstreamTls {
     /// Plain TCP (for upstreams on loopback or a trusted network).

@@ -112,6 +112,10 @@ pub struct DatabaseLogin {
     pub client_tls: bool,
     /// Whether the client connected directly (token) rather than redirected.
     pub direct: bool,
+    /// The upstream backend's process id (PostgreSQL's logs name it).
+    pub upstream_pid: i32,
+    /// Whether that backend served an earlier session (reset in between).
+    pub upstream_reused: bool,
 }
 
 /// One statement: a simple Query, or an Execute of the extended protocol.

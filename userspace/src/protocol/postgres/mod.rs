@@ -11,7 +11,8 @@
 //!    password), the grant that maps it to an upstream role.
 //! 3. [`upstream`]: the gateway logs in with the secret it holds
 //!    (SCRAM-SHA-256 via [`scram`], MD5 or cleartext), optionally over
-//!    verified TLS ([`tls`]).
+//!    verified TLS ([`tls`]); or takes an upstream an earlier session left
+//!    in the [`pool`].
 //! 4. [`relay`]: bytes both ways with back-pressure; [`frame`] finds message
 //!    boundaries and [`statements`] records each statement; with a policy,
 //!    [`inspect`] judges statements and masks results on the way.
@@ -23,6 +24,7 @@ mod auth;
 mod cancel;
 mod frame;
 mod inspect;
+mod pool;
 mod relay;
 mod scram;
 mod startup;
@@ -51,8 +53,10 @@ use tracing::{info, warn, Instrument};
 pub use self::stream::PgStream;
 use self::{
     cancel::{CancelKey, CancelRegistry},
+    pool::{PoolKey, UpstreamPool},
     relay::Counters,
     startup::Opening,
+    upstream::Upstream,
 };
 use super::{Relayed, SessionContext};
 use crate::{
@@ -104,22 +108,28 @@ pub struct PostgresGateway {
     /// TLS acceptor per PostgreSQL listener with a certificate.
     tls: HashMap<String, TlsAcceptor>,
     cancels: Arc<CancelRegistry>,
+    pool: Arc<UpstreamPool>,
 }
 
 impl PostgresGateway {
     /// Loads certificates and CA files now, so a bad path fails start-up.
     pub fn from_config(config: &Config) -> Result<Self, PgError> {
-        Self::with_cancels(config, Arc::default())
+        Self::sharing(config, Arc::default(), Arc::default())
     }
 
     /// The gateway for a reloaded configuration: new resources, grants and
     /// certificates for new sessions; the cancel keys of running sessions
-    /// are kept, so their cancel requests still find them.
+    /// are kept, so their cancel requests still find them, and so are idle
+    /// upstreams (a changed resource no longer matches theirs).
     pub fn reloaded(&self, config: &Config) -> Result<Self, PgError> {
-        Self::with_cancels(config, Arc::clone(&self.cancels))
+        Self::sharing(config, Arc::clone(&self.cancels), Arc::clone(&self.pool))
     }
 
-    fn with_cancels(config: &Config, cancels: Arc<CancelRegistry>) -> Result<Self, PgError> {
+    fn sharing(
+        config: &Config,
+        cancels: Arc<CancelRegistry>,
+        pool: Arc<UpstreamPool>,
+    ) -> Result<Self, PgError> {
         let mut tls = HashMap::new();
         for l in &config.listeners {
             if let (Protocol::Postgres, Some(cert), Some(key)) =
@@ -144,6 +154,7 @@ impl PostgresGateway {
             resources,
             tls,
             cancels,
+            pool,
         })
     }
 
@@ -197,9 +208,15 @@ async fn session(
         principal: open.principal,
         held: Arc::clone(&open.key.held),
     });
+    let Upstream {
+        stream,
+        greeting,
+        pid,
+        secret,
+    } = open.upstream;
     let relayed = relay::run(
         open.client,
-        open.upstream,
+        stream,
         requests,
         responses,
         Arc::clone(counters),
@@ -207,6 +224,17 @@ async fn session(
     )
     .await;
     drop(open.key);
+    let relayed = relayed.map(|reusable| {
+        if let (Some(stream), Some((key, limit))) = (reusable, open.reuse) {
+            let upstream = Upstream {
+                stream,
+                greeting,
+                pid,
+                secret,
+            };
+            tokio::spawn(Arc::clone(&pg.pool).give_back(key, upstream, limit));
+        }
+    });
     let recorded = match acks.await {
         Ok(acks) => acks.durable().await,
         Err(_) => Ok(()),
@@ -219,7 +247,10 @@ async fn session(
 /// A session logged in on both sides, ready to relay.
 struct Open {
     client: PgStream,
-    upstream: PgStream,
+    upstream: Upstream,
+    /// Where the upstream goes if the session leaves it reusable, and how
+    /// many may wait there.
+    reuse: Option<(PoolKey, usize)>,
     /// The resource's name.
     resource: String,
     principal: Principal,
@@ -269,18 +300,32 @@ async fn open(
     };
 
     let resource = login.resource;
-    let opened = tokio::time::timeout(
-        LOGIN_TIMEOUT,
-        upstream::open(
+    let limit = resource.config.upstream_pool;
+    let pool_key = (limit > 0).then(|| {
+        PoolKey::new(
             resource,
-            login.grant,
+            &login.grant.upstream_user,
             &login.database,
             &startup.params,
-            mark,
-        ),
-    )
-    .await
-    .unwrap_or_else(|_| Err(PgError::Upstream("upstream login timed out".into())));
+        )
+    });
+    let pooled = pool_key.as_ref().and_then(|key| pg.pool.take(key));
+    let reused = pooled.is_some();
+    let opened = match pooled {
+        Some(upstream) => Ok(upstream),
+        None => tokio::time::timeout(
+            LOGIN_TIMEOUT,
+            upstream::open(
+                resource,
+                login.grant,
+                &login.database,
+                &startup.params,
+                mark,
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| Err(PgError::Upstream("upstream login timed out".into()))),
+    };
     let upstream = match opened {
         Ok(upstream) => upstream,
         Err(e) => {
@@ -328,6 +373,8 @@ async fn open(
             application_name: startup.param("application_name").map(str::to_string),
             client_tls: startup.tls,
             direct: ctx.origin.is_none(),
+            upstream_pid: upstream.pid,
+            upstream_reused: reused,
         }))
         .durable();
     let (started, logged_in) = tokio::join!(ctx.start.durable(), login_record);
@@ -362,11 +409,14 @@ async fn open(
         principal = %login.principal.subject,
         upstream_user = %login.grant.upstream_user,
         database = %login.database,
+        upstream_pid = upstream.pid,
+        reused,
         "database session open"
     );
     Ok(Some(Open {
         client: startup.stream,
-        upstream: upstream.stream,
+        reuse: pool_key.map(|key| (key, limit)),
+        upstream,
         resource: resource.config.name.clone(),
         principal: login.principal,
         key,

@@ -42,6 +42,9 @@ use super::{
 /// write, small enough that thousands of sessions stay cheap.
 pub const BUFFER: usize = 64 * 1024;
 
+/// A Terminate message, as every client sends it.
+const TERMINATE: &[u8] = &[b'X', 0, 0, 0, 4];
+
 /// Byte counts, shared so they survive whichever direction ends first.
 #[derive(Default)]
 pub struct Counters {
@@ -73,6 +76,11 @@ impl ToClient {
 /// or an upstream hang-up end the session normally. With a `policy`, its
 /// [`inspect`](super::inspect) hook judges and masks on the way.
 ///
+/// Returns the upstream when the client ended with a Terminate that left
+/// it reusable (nothing outstanding, no transaction open, both streams
+/// between messages): that Terminate is not forwarded, and the caller may
+/// hand the upstream to another session.
+///
 /// The relay runs as a task of its own, aborted if this future is dropped
 /// (the session cancelled at shutdown). A socket event then polls only
 /// the relay, not the session's whole chain of futures above it (the
@@ -85,31 +93,53 @@ pub async fn run(
     responses: Responses,
     counters: Arc<Counters>,
     policy: Option<Guard>,
-) -> Result<(), PgError> {
+) -> Result<Option<PgStream>, PgError> {
     let relay = Relay {
         requests,
         responses,
         counters,
         policy,
     };
-    let task = match (client, upstream) {
+    let failed =
+        |e: JoinError| PgError::Io(std::io::Error::other(format!("the relay task failed: {e}")));
+    match (client, upstream) {
         // Owned halves of a TCP stream need no lock between them.
         (PgStream::Plain(client), PgStream::Plain(upstream)) => {
             let (client_read, client_write) = client.into_split();
-            let (upstream_read, upstream_write) = upstream.into_split();
-            tokio::spawn(relay.between(client_read, client_write, upstream_read, upstream_write))
+            let (mut upstream_read, mut upstream_write) = upstream.into_split();
+            let task = tokio::spawn(async move {
+                let result = relay
+                    .between(
+                        client_read,
+                        client_write,
+                        &mut upstream_read,
+                        &mut upstream_write,
+                    )
+                    .await;
+                (result, upstream_read, upstream_write)
+            });
+            let (result, read, write) = AbortOnDrop(task).await.map_err(failed)?;
+            Ok(result?
+                .then(|| read.reunite(write).ok().map(PgStream::Plain))
+                .flatten())
         }
         (client, upstream) => {
             let (client_read, client_write) = tokio::io::split(client);
-            let (upstream_read, upstream_write) = tokio::io::split(upstream);
-            tokio::spawn(relay.between(client_read, client_write, upstream_read, upstream_write))
+            let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
+            let task = tokio::spawn(async move {
+                let result = relay
+                    .between(
+                        client_read,
+                        client_write,
+                        &mut upstream_read,
+                        &mut upstream_write,
+                    )
+                    .await;
+                (result, upstream_read, upstream_write)
+            });
+            let (result, read, write) = AbortOnDrop(task).await.map_err(failed)?;
+            Ok(result?.then(|| read.unsplit(write)))
         }
-    };
-    match AbortOnDrop(task).await {
-        Ok(result) => result,
-        Err(e) => Err(PgError::Io(std::io::Error::other(format!(
-            "the relay task failed: {e}"
-        )))),
     }
 }
 
@@ -139,14 +169,15 @@ struct Relay {
 }
 
 impl Relay {
-    /// Relays between the halves until either side closes.
+    /// Relays between the halves until either side closes; true when the
+    /// upstream is left reusable (see [`run`]).
     async fn between(
         self,
         client_read: impl AsyncRead + Unpin,
         mut client_write: impl AsyncWrite + Unpin,
         upstream_read: impl AsyncRead + Unpin,
         upstream_write: impl AsyncWrite + Unpin,
-    ) -> Result<(), PgError> {
+    ) -> Result<bool, PgError> {
         let Self {
             requests,
             responses,
@@ -171,9 +202,11 @@ impl Relay {
             );
             tokio::select! {
                 result = to_upstream => result,
-                result = to_client => result,
+                result = to_client => result.map(|()| false),
             }
         };
+        // The upstream's stream must be between messages too.
+        let result = result.map(|reusable| reusable && to_client.at_boundary());
         if let Some(results) = &mut to_client.results {
             results.finish();
         }
@@ -192,13 +225,15 @@ impl Relay {
     }
 }
 
+/// Client to upstream until the client hangs up or terminates; true when
+/// it terminated leaving the upstream reusable (its Terminate not sent on).
 async fn client_to_upstream(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
     mut requests: Requests,
     mut judge: Option<Judge>,
     counters: &Counters,
-) -> Result<(), PgError> {
+) -> Result<bool, PgError> {
     let mut scanner = Scanner::new(statements::client_inspects);
     let mut buf = BytesMut::with_capacity(BUFFER);
     loop {
@@ -207,14 +242,24 @@ async fn client_to_upstream(
             // A client that hangs up without Terminate: PostgreSQL treats
             // the closed socket the same way.
             let _ = to.shutdown().await;
-            return Ok(());
+            return Ok(false);
         }
         let at_boundary = match judge.as_mut() {
             None => {
                 scanner
                     .feed(&buf, |kind, body| requests.on_message(kind, body))
                     .map_err(|e| PgError::ClientProtocol(e.to_string()))?;
-                to.write_all(&buf).await?;
+                // A reusable upstream is not told to terminate. Nothing
+                // may follow the Terminate in the read (PostgreSQL would
+                // ignore it; here it would reach the next session).
+                let forward = match buf.strip_suffix(TERMINATE) {
+                    Some(before) if requests.reusable => before,
+                    _ => {
+                        requests.reusable = false;
+                        &buf[..]
+                    }
+                };
+                to.write_all(forward).await?;
                 scanner.at_boundary()
             }
             Some(judge) => {
@@ -227,8 +272,11 @@ async fn client_to_upstream(
             .from_client
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
         if requests.terminated && at_boundary {
+            if requests.reusable {
+                return Ok(true);
+            }
             let _ = to.shutdown().await;
-            return Ok(());
+            return Ok(false);
         }
     }
 }

@@ -11,7 +11,10 @@ use std::{
     borrow::Cow,
     collections::{HashMap, VecDeque},
     fmt::Write as _,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU8, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -54,11 +57,17 @@ pub struct Requests {
     portals: ByName<(Arc<str>, Vec<Option<String>>)>,
     /// Set when the client sent Terminate.
     pub terminated: bool,
+    /// Set with `terminated` when nothing was outstanding and no
+    /// transaction open: the upstream could serve another session.
+    pub reusable: bool,
+    /// The upstream's last transaction status (ReadyForQuery's byte).
+    status: Arc<AtomicU8>,
 }
 
 /// The upstream half: completes statements and records them.
 pub struct Responses {
     queue: Queue,
+    status: Arc<AtomicU8>,
     session: String,
     resource: String,
     recorder: Arc<dyn Recorder>,
@@ -82,9 +91,10 @@ pub fn client_inspects(kind: u8) -> bool {
     matches!(kind, b'Q' | b'P' | b'B' | b'E' | b'C' | b'F')
 }
 
-/// Inspected upstream message types; DataRow is only counted.
+/// Inspected upstream message types (ReadyForQuery for its transaction
+/// status); DataRow is only counted.
 pub fn upstream_inspects(kind: u8) -> bool {
-    matches!(kind, b'C' | b'E')
+    matches!(kind, b'C' | b'E' | b'Z')
 }
 
 /// The two halves of one session's tracking, and where the record
@@ -96,6 +106,8 @@ pub fn tracker(
     recorder: Arc<dyn Recorder>,
 ) -> (Requests, Responses, oneshot::Receiver<Acks>) {
     let queue: Queue = Arc::default();
+    // A session starts after the login's ReadyForQuery: idle.
+    let status = Arc::new(AtomicU8::new(b'I'));
     let (ledger, acks_rx) = oneshot::channel();
     (
         Requests {
@@ -103,9 +115,12 @@ pub fn tracker(
             statements: ByName::default(),
             portals: ByName::default(),
             terminated: false,
+            reusable: false,
+            status: Arc::clone(&status),
         },
         Responses {
             queue,
+            status,
             session,
             resource,
             recorder,
@@ -199,7 +214,15 @@ impl Requests {
                 }
             }
             b'S' => self.push(Expect::Sync),
-            b'X' => self.terminated = true,
+            b'X' => {
+                self.terminated = true;
+                self.reusable = self.status.load(Ordering::Relaxed) == b'I'
+                    && self
+                        .queue
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .is_empty();
+            }
             _ => {}
         }
     }
@@ -373,7 +396,12 @@ impl Responses {
                     self.error = None;
                 }
             }
-            b'Z' => self.ready(),
+            b'Z' => {
+                if let Some(status) = body.first() {
+                    self.status.store(*status, Ordering::Relaxed);
+                }
+                self.ready();
+            }
             _ => {}
         }
     }

@@ -234,7 +234,7 @@ async fn start_tls(
 }
 
 /// One typed message from the upstream during start-up.
-async fn read_message(stream: &mut PgStream) -> Result<(u8, Vec<u8>), PgError> {
+pub(super) async fn read_message(stream: &mut PgStream) -> Result<(u8, Vec<u8>), PgError> {
     let mut header = [0u8; 5];
     stream.read_exact(&mut header).await?;
     let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;

@@ -82,6 +82,13 @@ impl Judge {
                 Piece::Collected(kind) => {
                     let body = std::mem::take(&mut self.framer.body);
                     requests.on_message(kind, &body);
+                    if kind == b'X' && requests.reusable {
+                        // The upstream serves on: not told to terminate,
+                        // and whatever followed is ignored, as PostgreSQL
+                        // ignores it.
+                        self.framer.body = body;
+                        break;
+                    }
                     self.on_message(kind, &body, &mut out, to).await?;
                     self.framer.body = body;
                     self.framer.shrink();
