@@ -83,11 +83,14 @@ impl Judge {
                     let body = std::mem::take(&mut self.framer.body);
                     requests.on_message(kind, &body);
                     if kind == b'X' && requests.reusable {
-                        // The upstream serves on: not told to terminate,
-                        // and whatever followed is ignored, as PostgreSQL
-                        // ignores it.
-                        self.framer.body = body;
-                        break;
+                        // The upstream may serve on: not told to terminate,
+                        // unless something follows (it would reach the next
+                        // session), as in the relay.
+                        if at == data.len() {
+                            self.framer.body = body;
+                            break;
+                        }
+                        requests.reusable = false;
                     }
                     self.on_message(kind, &body, &mut out, to).await?;
                     self.framer.body = body;
