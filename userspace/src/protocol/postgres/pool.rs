@@ -21,7 +21,10 @@ use std::{
     collections::HashMap,
     path::PathBuf,
     pin::Pin,
-    sync::{Arc, Mutex, Weak},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, Weak,
+    },
     task::{Context, Poll, Waker},
     time::{Duration, Instant},
 };
@@ -41,7 +44,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time the upstream has to answer the reset.
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What makes two sessions' upstreams interchangeable.
+/// What makes two sessions' upstreams interchangeable. Made on the
+/// session's worker thread.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     resource: String,
@@ -53,6 +57,10 @@ pub struct PoolKey {
     /// The client's other start-up parameters, as sent upstream: after the
     /// reset, the backend's settings are these.
     params: Vec<(String, String)>,
+    /// The worker whose event loop the connection is registered with: a
+    /// session takes only its own worker's, so that none of its reads
+    /// wakes another thread (see [`crate::proxy::Workers`]).
+    worker: std::thread::ThreadId,
 }
 
 impl PoolKey {
@@ -70,6 +78,7 @@ impl PoolKey {
             upstream_user: upstream_user.to_string(),
             database: database.to_string(),
             params: params.to_vec(),
+            worker: std::thread::current().id(),
         }
     }
 }
@@ -84,7 +93,7 @@ struct Idle {
 pub struct UpstreamPool {
     idle: Mutex<HashMap<PoolKey, Vec<Idle>>>,
     /// Whether the task that closes expired upstreams runs.
-    reaping: Mutex<bool>,
+    reaping: AtomicBool,
 }
 
 impl UpstreamPool {
@@ -142,8 +151,7 @@ impl UpstreamPool {
     /// Starts the task that terminates upstreams idle for longer than
     /// [`IDLE_TIMEOUT`], once; it ends with the pool.
     fn reap_in_background(self: &Arc<Self>) {
-        let mut reaping = self.reaping.lock().unwrap_or_else(|e| e.into_inner());
-        if std::mem::replace(&mut *reaping, true) {
+        if self.reaping.swap(true, Ordering::Relaxed) {
             return;
         }
         let pool: Weak<Self> = Arc::downgrade(self);
