@@ -40,6 +40,8 @@ struct Options {
     address: Option<String>,
     /// Idle upstreams kept for reuse (`upstream_pool`).
     upstream_pool: usize,
+    /// Proxy worker threads.
+    workers: usize,
 }
 
 impl Default for Options {
@@ -52,6 +54,9 @@ impl Default for Options {
             cluster_tls: false,
             address: None,
             upstream_pool: 10,
+            // Sessions and their cancel requests may land on different
+            // threads, which must not matter.
+            workers: 2,
         }
     }
 }
@@ -87,12 +92,10 @@ impl Setup {
             Some(cert) => format!("ca_file = \"{}\"\n", cert.display()),
             None => String::new(),
         };
-        // Two proxy workers: sessions and their cancel requests may land
-        // on different threads, which must not matter.
         let extra = format!(
             r#"
 [proxy]
-workers = 2
+workers = {workers}
 
 [[listener]]
 name = "pg"
@@ -129,6 +132,7 @@ password_file = "{secret}"
             users = o.grant_users,
             secret = secret.display(),
             pool = o.upstream_pool,
+            workers = o.workers,
         );
         let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
         let gateway = Gateway::start_with_config(
@@ -770,7 +774,11 @@ fn upstream_password_rotation_needs_no_restart() {
 /// idle upstream went away, does not.
 #[test]
 fn idle_upstreams_are_reset_and_reused() {
-    let s = Setup::new();
+    // One worker: each keeps its own idle upstreams.
+    let s = Setup::with(Options {
+        workers: 1,
+        ..Options::default()
+    });
     let backend = |sql: &str| -> String {
         let out = s.query(&format!("{sql}select pg_backend_pid()"));
         out.lines().last().unwrap_or_default().to_string()

@@ -100,45 +100,25 @@ pub async fn run(
         counters,
         policy,
     };
-    let failed =
-        |e: JoinError| PgError::Io(std::io::Error::other(format!("the relay task failed: {e}")));
     match (client, upstream) {
         // Owned halves of a TCP stream need no lock between them.
         (PgStream::Plain(client), PgStream::Plain(upstream)) => {
             let (client_read, client_write) = client.into_split();
-            let (mut upstream_read, mut upstream_write) = upstream.into_split();
-            let task = tokio::spawn(async move {
-                let result = relay
-                    .between(
-                        client_read,
-                        client_write,
-                        &mut upstream_read,
-                        &mut upstream_write,
-                    )
-                    .await;
-                (result, upstream_read, upstream_write)
-            });
-            let (result, read, write) = AbortOnDrop(task).await.map_err(failed)?;
-            Ok(result?
+            let (upstream_read, upstream_write) = upstream.into_split();
+            let (reusable, read, write) = relay
+                .spawn(client_read, client_write, upstream_read, upstream_write)
+                .await?;
+            Ok(reusable
                 .then(|| read.reunite(write).ok().map(PgStream::Plain))
                 .flatten())
         }
         (client, upstream) => {
             let (client_read, client_write) = tokio::io::split(client);
-            let (mut upstream_read, mut upstream_write) = tokio::io::split(upstream);
-            let task = tokio::spawn(async move {
-                let result = relay
-                    .between(
-                        client_read,
-                        client_write,
-                        &mut upstream_read,
-                        &mut upstream_write,
-                    )
-                    .await;
-                (result, upstream_read, upstream_write)
-            });
-            let (result, read, write) = AbortOnDrop(task).await.map_err(failed)?;
-            Ok(result?.then(|| read.unsplit(write)))
+            let (upstream_read, upstream_write) = tokio::io::split(upstream);
+            let (reusable, read, write) = relay
+                .spawn(client_read, client_write, upstream_read, upstream_write)
+                .await?;
+            Ok(reusable.then(|| read.unsplit(write)))
         }
     }
 }
@@ -169,6 +149,38 @@ struct Relay {
 }
 
 impl Relay {
+    /// Runs [`Relay::between`] as a task of its own; hands the upstream's
+    /// halves back with its result, for reuse.
+    async fn spawn<UR, UW>(
+        self,
+        client_read: impl AsyncRead + Unpin + Send + 'static,
+        client_write: impl AsyncWrite + Unpin + Send + 'static,
+        mut upstream_read: UR,
+        mut upstream_write: UW,
+    ) -> Result<(bool, UR, UW), PgError>
+    where
+        UR: AsyncRead + Unpin + Send + 'static,
+        UW: AsyncWrite + Unpin + Send + 'static,
+    {
+        let task = tokio::spawn(async move {
+            let result = self
+                .between(
+                    client_read,
+                    client_write,
+                    &mut upstream_read,
+                    &mut upstream_write,
+                )
+                .await;
+            (result, upstream_read, upstream_write)
+        });
+        match AbortOnDrop(task).await {
+            Ok((result, read, write)) => Ok((result?, read, write)),
+            Err(e) => Err(PgError::Io(std::io::Error::other(format!(
+                "the relay task failed: {e}"
+            )))),
+        }
+    }
+
     /// Relays between the halves until either side closes; true when the
     /// upstream is left reusable (see [`run`]).
     async fn between(
