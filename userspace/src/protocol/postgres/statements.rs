@@ -50,6 +50,10 @@ enum Expect {
 
 type Queue = Arc<Mutex<VecDeque<Expect>>>;
 
+fn lock(queue: &Queue) -> std::sync::MutexGuard<'_, VecDeque<Expect>> {
+    queue.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The client half: remembers prepared statements and portals.
 pub struct Requests {
     queue: Queue,
@@ -140,10 +144,7 @@ pub fn tracker(
 
 impl Requests {
     fn push(&self, expect: Expect) {
-        self.queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_back(expect);
+        lock(&self.queue).push_back(expect);
     }
 
     /// A complete client message; malformed ones are the upstream's to
@@ -216,12 +217,8 @@ impl Requests {
             b'S' => self.push(Expect::Sync),
             b'X' => {
                 self.terminated = true;
-                self.reusable = self.status.load(Ordering::Relaxed) == b'I'
-                    && self
-                        .queue
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .is_empty();
+                self.reusable =
+                    self.status.load(Ordering::Relaxed) == b'I' && lock(&self.queue).is_empty();
             }
             _ => {}
         }
@@ -419,7 +416,7 @@ impl Responses {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Expect>> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.queue)
     }
 
     /// A statement's end (CommandComplete, EmptyQueryResponse,

@@ -191,11 +191,7 @@ impl Judge {
                         message(kind, body, out);
                     }
                     Err(stopped) => {
-                        let mut p = Vec::new();
-                        cstr(&name, &mut p);
-                        cstr(&stand_in(&stopped), &mut p);
-                        p.extend_from_slice(&0i16.to_be_bytes());
-                        message(b'P', &p, out);
+                        parse_stand_in(&name, &stopped, out);
                         self.statements.insert(name.clone(), None);
                         self.blocked.insert(name);
                     }
@@ -213,11 +209,7 @@ impl Judge {
                 if self.blocked.contains(&statement) {
                     // The statement is now a DO block without parameters
                     // or columns: bind it with none.
-                    let mut b = Vec::new();
-                    cstr(&portal, &mut b);
-                    cstr(&statement, &mut b);
-                    b.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-                    message(b'B', &b, out);
+                    bind_without_parameters(&portal, &statement, out);
                     self.portals.insert(portal, (statement, Vec::new()));
                 } else {
                     self.portals.insert(portal, (statement, formats));
@@ -295,16 +287,9 @@ impl Judge {
             self.statements.remove("");
             self.blocked.remove("");
         }
-        let mut p = Vec::new();
-        cstr(CANCELLED_PARSE, &mut p);
-        cstr(&stand_in(&Stopped::Cancelled), &mut p);
-        p.extend_from_slice(&0i16.to_be_bytes());
-        message(b'P', &p, out);
+        parse_stand_in(CANCELLED_PARSE, &Stopped::Cancelled, out);
         self.push(Expect::Hidden);
-        let mut b = vec![0];
-        cstr(CANCELLED_PARSE, &mut b);
-        b.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-        message(b'B', &b, out);
+        bind_without_parameters("", CANCELLED_PARSE, out);
         self.push(Expect::Hidden);
         // Its ErrorResponse skips the queue to the Sync: nothing to expect.
         message(b'E', &[0, 0, 0, 0, 0], out);
@@ -314,6 +299,24 @@ impl Judge {
 /// The name a cancelled Parse's stand-in is prepared under; closed before
 /// each use, so one left on the server by the last does no harm.
 const CANCELLED_PARSE: &str = "portcullis_cancelled_parse";
+
+/// A Parse of `stopped`'s stand-in under `name`.
+fn parse_stand_in(name: &str, stopped: &Stopped, out: &mut Vec<u8>) {
+    let mut p = Vec::new();
+    cstr(name, &mut p);
+    cstr(&stand_in(stopped), &mut p);
+    p.extend_from_slice(&0i16.to_be_bytes());
+    message(b'P', &p, out);
+}
+
+/// A Bind of a stand-in, which has no parameters or columns.
+fn bind_without_parameters(portal: &str, statement: &str, out: &mut Vec<u8>) {
+    let mut b = Vec::new();
+    cstr(portal, &mut b);
+    cstr(statement, &mut b);
+    b.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    message(b'B', &b, out);
+}
 
 /// The result-column format codes of a Bind, after its name fields.
 fn result_formats(r: &mut Reader<'_>) -> Result<Vec<i16>, Malformed> {
