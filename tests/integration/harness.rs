@@ -394,6 +394,33 @@ impl Gateway {
         serde_json::from_slice(&out.stdout).expect("audit events --json prints a JSON array")
     }
 
+    /// All events, once every session recorded as started has ended: a
+    /// session's statements are durable before its end is recorded, and
+    /// both go with the writer's next commit, not at once.
+    pub fn events_after_sessions_end(&self) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let events = self.events();
+            let sessions = |kind: &str| -> std::collections::HashSet<String> {
+                events
+                    .iter()
+                    .filter(|e| e["event"] == kind)
+                    .map(|e| e["session"].to_string())
+                    .collect()
+            };
+            let open = &sessions("session_start") - &sessions("session_end");
+            if open.is_empty() {
+                return events;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sessions {open:?} did not end; log: {}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until an event matching `pred` has been recorded.
     pub fn wait_for_event(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(10);

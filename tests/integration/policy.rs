@@ -267,7 +267,7 @@ password_file = "{secret}"
 
     fn events(&self, kind: &str) -> Vec<Value> {
         self.gateway
-            .events()
+            .events_after_sessions_end()
             .into_iter()
             .filter(|e| e["event"] == kind)
             .collect()

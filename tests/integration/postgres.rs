@@ -235,7 +235,7 @@ password_file = "{secret}"
 
     fn statements(&self) -> Vec<Value> {
         self.gateway
-            .events()
+            .events_after_sessions_end()
             .into_iter()
             .filter(|e| e["event"] == "statement")
             .collect()

@@ -215,11 +215,15 @@ impl Progress {
     }
 
     /// Waits until every ticket in `first..=last` is settled; the first
-    /// failure among them, if any, is the error.
-    pub async fn durable(&self, first: u64, last: u64) -> Result<(), AuditError> {
+    /// failure among them, if any, is the error. With `hurry`, asks the
+    /// writer to commit now; without, they go with the next commit, at the
+    /// end of the interval or when someone else hurries.
+    pub async fn durable(&self, first: u64, last: u64, hurry: bool) -> Result<(), AuditError> {
         let mut settled = self.settled.clone();
         if *settled.borrow() < last {
-            (self.hurry)();
+            if hurry {
+                (self.hurry)();
+            }
             if settled.wait_for(|&done| done >= last).await.is_err() {
                 // The writer stopped; it settles what it took before that.
                 if *settled.borrow() < last {
@@ -281,6 +285,37 @@ mod tests {
             .expect("resolves once the writer is gone");
     }
 
+    #[tokio::test]
+    async fn only_hurried_acks_hurry_the_writer() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let hurries = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&hurries);
+        let (progress, settle) = Progress::new(move || {
+            counted.fetch_add(1, Ordering::Relaxed);
+        });
+        let unhurried = progress.durable(1, 2, false);
+        tokio::pin!(unhurried);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), &mut unhurried)
+                .await
+                .is_err(),
+            "waits for a commit"
+        );
+        assert_eq!(hurries.load(Ordering::Relaxed), 0);
+        settle.committed(2);
+        assert!(unhurried.await.is_ok());
+        let hurried = progress.durable(3, 3, true);
+        tokio::pin!(hurried);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), &mut hurried)
+                .await
+                .is_err()
+        );
+        assert_eq!(hurries.load(Ordering::Relaxed), 1);
+        settle.committed(3);
+        assert!(hurried.await.is_ok());
+    }
+
     #[test]
     fn events_wait_for_the_interval_unless_hurried() {
         let inbox = Inbox::new(Duration::from_millis(50));
@@ -306,15 +341,15 @@ mod tests {
     async fn acks_see_commits_failures_and_a_stopped_writer() {
         let (progress, settle) = Progress::new(|| {});
         settle.committed(3);
-        assert!(progress.durable(1, 3).await.is_ok());
+        assert!(progress.durable(1, 3, true).await.is_ok());
         settle.failed(4, 6, "disk full".into());
-        assert!(progress.durable(5, 5).await.is_err());
+        assert!(progress.durable(5, 5, true).await.is_err());
         settle.committed(9);
-        assert!(progress.durable(7, 9).await.is_ok());
-        assert!(progress.durable(3, 9).await.is_err());
+        assert!(progress.durable(7, 9, true).await.is_ok());
+        assert!(progress.durable(3, 9, true).await.is_err());
         drop(settle);
         assert!(matches!(
-            progress.durable(10, 10).await,
+            progress.durable(10, 10, true).await,
             Err(AuditError::WriterGone)
         ));
     }

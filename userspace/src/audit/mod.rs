@@ -144,9 +144,20 @@ impl Ack {
     /// Waits until the event is durable; asks the writer to commit now
     /// rather than at the end of its group-commit interval.
     pub async fn durable(self) -> Result<(), AuditError> {
+        self.wait(true).await
+    }
+
+    /// Waits until the event is durable, committed with whatever comes
+    /// next: for records nobody is held up by (a session's end), which
+    /// would otherwise each cost a commit of their own.
+    pub async fn durable_unhurried(self) -> Result<(), AuditError> {
+        self.wait(false).await
+    }
+
+    async fn wait(self, hurry: bool) -> Result<(), AuditError> {
         match self.0 {
             AckInner::Done(result) => result.unwrap_or(Ok(())),
-            AckInner::Ticket { ticket, progress } => progress.durable(ticket, ticket).await,
+            AckInner::Ticket { ticket, progress } => progress.durable(ticket, ticket, hurry).await,
         }
     }
 }
@@ -182,15 +193,17 @@ impl Acks {
         }
     }
 
-    /// Waits until every pushed event is durable; the first failure is the
-    /// error. Failures are known per commit batch, so an error means a batch
-    /// overlapping this stream's events was lost.
-    pub async fn durable(self) -> Result<(), AuditError> {
+    /// Waits until every pushed event is durable, committed with whatever
+    /// comes next (as [`Ack::durable_unhurried`]: the stream has ended and
+    /// nobody waits on it); the first failure is the error. Failures are
+    /// known per commit batch, so an error means a batch overlapping this
+    /// stream's events was lost.
+    pub async fn durable_unhurried(self) -> Result<(), AuditError> {
         if let Some(e) = self.failed {
             return Err(e);
         }
         match self.tickets {
-            Some((first, last, progress)) => progress.durable(first, last).await,
+            Some((first, last, progress)) => progress.durable(first, last, false).await,
             None => Ok(()),
         }
     }

@@ -167,17 +167,20 @@ pub(super) async fn run(
             error = error.as_deref().unwrap_or(""),
             "session end"
         );
-        record_durably(
-            &ctx.gateway,
-            AuditEvent::SessionEnd(SessionEnd {
+        // Nobody waits for the end record: it goes with the next commit.
+        let end = ctx
+            .gateway
+            .recorder
+            .record(AuditEvent::SessionEnd(SessionEnd {
                 session: ctx.id.clone(),
                 bytes_from_client: relayed.from_client,
                 bytes_from_server: relayed.from_server,
                 duration_ms: started.elapsed().as_millis() as u64,
                 error,
-            }),
-        )
-        .await;
+            }));
+        if let Err(e) = end.durable_unhurried().await {
+            tracing::error!("audit record lost: {e}");
+        }
     }
     .instrument(ctx.span.clone())
     .await

@@ -224,19 +224,22 @@ async fn session(
     )
     .await;
     drop(open.key);
-    let relayed = relayed.map(|reusable| {
-        if let (Some(stream), Some((key, limit))) = (reusable, open.reuse) {
-            let upstream = Upstream {
-                stream,
-                greeting,
-                pid,
-                secret,
-            };
-            tokio::spawn(Arc::clone(&pg.pool).give_back(key, upstream, limit));
-        }
-    });
+    let (reusable, relayed) = match relayed {
+        Ok(reusable) => (reusable, Ok(())),
+        Err(e) => (None, Err(e)),
+    };
+    if let (Some(stream), Some((key, limit))) = (reusable, open.reuse) {
+        let upstream = Upstream {
+            stream,
+            greeting,
+            pid,
+            secret,
+        };
+        tokio::spawn(Arc::clone(&pg.pool).give_back(key, upstream, limit));
+    }
+    // The client has gone: the statements go with the writer's next commit.
     let recorded = match acks.await {
-        Ok(acks) => acks.durable().await,
+        Ok(acks) => acks.durable_unhurried().await,
         Err(_) => Ok(()),
     };
     relayed?;
