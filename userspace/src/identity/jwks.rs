@@ -6,7 +6,10 @@
 //! set is also re-fetched when older than [`MAX_AGE`], so a key the
 //! provider withdrew (compromised, retired) stops being trusted.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use openidconnect::{core::CoreJsonWebKeySet, reqwest, JsonWebKeySetUrl};
 use tokio::sync::Mutex;
@@ -26,7 +29,9 @@ pub struct JwksCache {
 }
 
 struct State {
-    keys: CoreJsonWebKeySet,
+    /// Shared, so that a token verified against this very set can be told
+    /// from one verified against an earlier set (see `VerifiedTokens`).
+    keys: Arc<CoreJsonWebKeySet>,
     /// When `keys` were downloaded.
     fetched_at: Instant,
     /// When a download was last tried (successful or not).
@@ -45,7 +50,7 @@ impl JwksCache {
             uri,
             http,
             state: Mutex::new(State {
-                keys,
+                keys: Arc::new(keys),
                 fetched_at: Instant::now(),
                 attempted_at: Instant::now(),
             }),
@@ -55,26 +60,26 @@ impl JwksCache {
     /// The cached keys, re-fetched first if older than [`MAX_AGE`] (if the
     /// provider cannot be reached then, the cached set stays in use and the
     /// next call tries again after [`REFETCH_INTERVAL`]).
-    pub async fn keys(&self) -> CoreJsonWebKeySet {
+    pub async fn keys(&self) -> Arc<CoreJsonWebKeySet> {
         let mut state = self.state.lock().await;
         if state.fetched_at.elapsed() >= MAX_AGE && state.attempted_at.elapsed() >= REFETCH_INTERVAL
         {
             self.download_into(&mut state, "periodic").await;
         }
-        state.keys.clone()
+        Arc::clone(&state.keys)
     }
 
     /// Re-fetches the key set after a token named an unknown key, unless
     /// that happened less than [`REFETCH_INTERVAL`] ago. Returns the new
     /// set, or `None` when nothing was fetched.
-    pub async fn refetch_for_unknown_key(&self) -> Option<CoreJsonWebKeySet> {
+    pub async fn refetch_for_unknown_key(&self) -> Option<Arc<CoreJsonWebKeySet>> {
         let mut state = self.state.lock().await;
         if state.attempted_at.elapsed() < REFETCH_INTERVAL {
             return None;
         }
         self.download_into(&mut state, "unknown key id")
             .await
-            .then(|| state.keys.clone())
+            .then(|| Arc::clone(&state.keys))
     }
 
     /// Downloads the set into `state`; false (and the cached set kept) if
@@ -87,7 +92,7 @@ impl JwksCache {
                     keys = keys.keys().len(),
                     "identity provider keys re-fetched ({why})"
                 );
-                state.keys = keys;
+                state.keys = Arc::new(keys);
                 state.fetched_at = Instant::now();
                 true
             }

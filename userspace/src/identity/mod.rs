@@ -22,6 +22,7 @@ mod jwks;
 mod oidc;
 mod principal;
 mod unix;
+mod verified;
 mod verify;
 
 use std::{future::Future, pin::Pin};

@@ -20,7 +20,7 @@ use openidconnect::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::jwks::JwksCache;
+use super::{jwks::JwksCache, verified::VerifiedTokens};
 
 /// Every claim that is not one of the standard ones, by name (groups,
 /// `client_id`, `nbf`, provider-specific claims named in the config).
@@ -82,6 +82,7 @@ pub struct TokenVerifier {
     audiences: BTreeSet<String>,
     skew: Duration,
     jwks: JwksCache,
+    verified: VerifiedTokens,
 }
 
 impl TokenVerifier {
@@ -100,59 +101,81 @@ impl TokenVerifier {
             audiences,
             skew,
             jwks,
+            verified: VerifiedTokens::default(),
         }
     }
 
-    /// Verifies `token` and returns its claims.
+    /// Verifies `token` and returns its claims. A token that passed
+    /// against the current keys before is not checked again until it
+    /// expires (see [`VerifiedTokens`]).
     pub async fn verify(&self, token: &str) -> Result<Claims, Rejection> {
-        let token: Token = token.trim().parse().map_err(|e| {
+        let text = token.trim();
+        let mut keys = self.jwks.keys().await;
+        if let Some(claims) = self.verified.get(text, &keys, self.clock()) {
+            return Ok(claims);
+        }
+        let token: Token = text.parse().map_err(|e| {
             Rejection::new(
                 "token is not a signed JWT",
                 format!("token is not a JWT: {e}"),
             )
         })?;
-        let mut result = self.check(&token, self.jwks.keys().await);
+        let mut result = self.check(&token, &keys);
         if let Err(ClaimsVerificationError::SignatureVerification(
             SignatureVerificationError::NoMatchingKey,
         )) = result
         {
             // The provider may have rotated its keys since we fetched them.
-            if let Some(keys) = self.jwks.refetch_for_unknown_key().await {
-                result = self.check(&token, keys);
+            if let Some(fetched) = self.jwks.refetch_for_unknown_key().await {
+                keys = fetched;
+                result = self.check(&token, &keys);
             }
         }
         let claims = result.map_err(rejection)?;
         self.check_audience(&claims)?;
         self.check_not_before(&claims)?;
+        self.verified.insert(text, &claims, keys, self.clock());
         Ok(claims)
+    }
+
+    /// Now, set back by the allowed skew: what `exp` is compared with.
+    fn clock(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::Utc::now() - self.skew_chrono()
+    }
+
+    fn skew_chrono(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.skew).unwrap_or(chrono::Duration::zero())
     }
 
     fn check(
         &self,
         token: &Token,
-        keys: CoreJsonWebKeySet,
+        keys: &CoreJsonWebKeySet,
     ) -> Result<Claims, ClaimsVerificationError> {
-        let skew = chrono::Duration::from_std(self.skew).unwrap_or(chrono::Duration::zero());
-        let verifier =
-            IdTokenVerifier::new_public_client(self.client_id.clone(), self.issuer.clone(), keys)
-                .set_allowed_algs(ASYMMETRIC)
-                .set_allowed_jose_types(
-                    JOSE_TYPES
-                        .iter()
-                        .filter_map(|t| JsonWebTokenType::new(t.to_string()).normalize().ok()),
-                )
-                // Checked below against the client id and every configured audience.
-                .require_audience_match(false)
-                // `exp` is compared with a clock set back by the allowed skew.
-                .set_time_fn(move || chrono::Utc::now() - skew)
-                .set_issue_time_verifier_fn(move |iat| {
-                    let now = chrono::Utc::now();
-                    if iat > now + skew {
-                        Err(format!("token issued in the future (iat {iat}, now {now})"))
-                    } else {
-                        Ok(())
-                    }
-                });
+        let skew = self.skew_chrono();
+        let verifier = IdTokenVerifier::new_public_client(
+            self.client_id.clone(),
+            self.issuer.clone(),
+            keys.clone(),
+        )
+        .set_allowed_algs(ASYMMETRIC)
+        .set_allowed_jose_types(
+            JOSE_TYPES
+                .iter()
+                .filter_map(|t| JsonWebTokenType::new(t.to_string()).normalize().ok()),
+        )
+        // Checked below against the client id and every configured audience.
+        .require_audience_match(false)
+        // `exp` is compared with a clock set back by the allowed skew.
+        .set_time_fn(move || chrono::Utc::now() - skew)
+        .set_issue_time_verifier_fn(move |iat| {
+            let now = chrono::Utc::now();
+            if iat > now + skew {
+                Err(format!("token issued in the future (iat {iat}, now {now})"))
+            } else {
+                Ok(())
+            }
+        });
         // No nonce was sent: the device and client-credentials grants have none.
         token.claims(&verifier, |_: Option<&Nonce>| Ok(())).cloned()
     }
