@@ -114,9 +114,16 @@ impl UpstreamPool {
                 idle?
             };
             let mut upstream = idle.upstream;
-            if idle.since.elapsed() < IDLE_TIMEOUT && quiet(&mut upstream.stream) {
+            if !quiet(&mut upstream.stream) {
+                // It spoke (an error before closing) or hung up: gone.
+                continue;
+            }
+            if idle.since.elapsed() < IDLE_TIMEOUT {
                 return Some(upstream);
             }
+            // Expired before the reaper came by: ended as the reaper ends
+            // them, so PostgreSQL does not log an unexpected EOF.
+            tokio::spawn(terminate(upstream.stream));
         }
     }
 
