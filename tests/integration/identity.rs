@@ -445,6 +445,31 @@ fn bad_tokens_are_rejected_with_a_reason() {
     assert_eq!(service.name, "svc-reporting");
 }
 
+/// Verified tokens are remembered (a client connecting once per query
+/// pays for one signature check), but never past their expiry.
+#[test]
+fn a_remembered_token_is_refused_once_it_expires() {
+    let provider = OidcProvider::start(300);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let identity = in_process(&provider, 0);
+    let claims = provider.claims(2);
+    let expires = claims["exp"].as_u64().unwrap();
+    let token = provider.sign("rs256", claims);
+    for _ in 0..2 {
+        assert_eq!(
+            verify(&runtime, &identity, &token).unwrap().name,
+            "alice@example.test"
+        );
+    }
+    wait_until("the token's expiry", Duration::from_secs(10), || {
+        unix_now() > expires
+    });
+    assert_eq!(
+        verify(&runtime, &identity, &token).unwrap_err(),
+        "token expired or not yet valid"
+    );
+}
+
 #[test]
 fn service_account_login_binds_a_machine_identity() {
     let provider = OidcProvider::start(300);
