@@ -21,7 +21,15 @@ pub fn lint() -> Result<()> {
     for (args, rustdoc_flags) in [
         (&["fmt", "--all", "--", "--check"][..], None),
         (
-            &["clippy", "--all-targets", "--", "-D", "warnings"][..],
+            // The workspace: the kernel programs too, built for the host.
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ][..],
             None,
         ),
         (

@@ -20,8 +20,12 @@
 //! CAP_NET_ADMIN) and are left alone, but only in the gateway's own network
 //! namespace. Counters live in a per-CPU array so the hot path takes no lock
 //! and logs nothing.
-#![no_std]
-#![no_main]
+//!
+//! The crate is built for `bpfel-unknown-none` (userspace/build.rs). On the
+//! host it compiles to an empty program, so that `cargo clippy --workspace`
+//! checks this code too.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
 use aya_ebpf::{
     bindings::{
@@ -260,7 +264,7 @@ fn join_fast_path(ctx: &SockOpsContext) {
         _pad: [0; 2],
     };
     // SAFETY: only tested for presence.
-    if unsafe { CONNECTIONS.get(&client) }.is_none() {
+    if unsafe { CONNECTIONS.get(client) }.is_none() {
         return;
     }
     // SAFETY: ops is the live context; the helper only reads the socket.
@@ -311,7 +315,7 @@ fn handle_connect(ctx: &SockAddrContext, dest: [u8; 16], port: u16, is_v6: bool)
     }
     // SAFETY: the socket cookie helper is valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if PENDING.insert(&cookie, &record, 0).is_err() {
+    if PENDING.insert(cookie, record, 0).is_err() {
         // Without a record the gateway would refuse the connection anyway:
         // fail now, and visibly.
         bump(counter::BLOCKED);
@@ -405,7 +409,7 @@ fn rekey_redirected(ctx: &SockOpsContext) {
     // SAFETY: the socket cookie helper is valid for sock_ops programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(record) = (unsafe { PENDING.get(&cookie) }).copied() else {
+    let Some(record) = (unsafe { PENDING.get(cookie) }).copied() else {
         return;
     };
     // Every context field is read up front with a volatile load: the
@@ -453,11 +457,11 @@ fn rekey_redirected(ctx: &SockOpsContext) {
         port: local_port as u16,
         _pad: [0; 2],
     };
-    if CONNECTIONS.insert(&key, &record, 0).is_err() {
+    if CONNECTIONS.insert(key, record, 0).is_err() {
         bump(counter::RECORDS_LOST);
         warn!(ctx, "portcullis: could not store connection record");
     }
-    let _ = PENDING.remove(&cookie);
+    let _ = PENDING.remove(cookie);
 }
 
 #[inline(always)]
@@ -513,11 +517,14 @@ unsafe fn read<T: Copy>(p: *const T) -> T {
     core::ptr::read_volatile(p)
 }
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
 
 #[link_section = "license"]
 #[no_mangle]
