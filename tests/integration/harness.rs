@@ -19,6 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use portcullis_testkit::cgroup::Cgroup;
 pub use portcullis_testkit::free_port;
 use serde_json::Value;
 
@@ -48,9 +49,16 @@ pub fn require_root() {
     );
 }
 
-/// A child cgroup of the cgroup v2 root, removed (with its processes) on drop.
-pub struct TestCgroup {
-    pub path: PathBuf,
+/// The kit's child cgroup, named for this test process (so that a later
+/// run can sweep it up if this one is killed), with a test's helpers.
+pub struct TestCgroup(Cgroup);
+
+impl std::ops::Deref for TestCgroup {
+    type Target = Cgroup;
+
+    fn deref(&self) -> &Cgroup {
+        &self.0
+    }
 }
 
 /// Removes what an earlier test run left behind when it was killed before
@@ -82,7 +90,7 @@ fn sweep_leftovers_of_dead_runs(cgroup_root: &Path) {
                 .output();
         }
         for cgroup in leftovers(cgroup_root) {
-            drop(TestCgroup { path: cgroup });
+            drop(Cgroup::adopt(cgroup));
         }
     });
 }
@@ -92,23 +100,7 @@ impl TestCgroup {
         require_root();
         let root = portcullis::kernel::root_cgroup().expect("cgroup v2 mounted");
         sweep_leftovers_of_dead_runs(&root);
-        let path = root.join(unique("portcullis-test"));
-        std::fs::create_dir(&path).unwrap();
-        Self { path }
-    }
-
-    /// A command that runs `program args...` inside this cgroup.
-    pub fn command(&self, program: &str, args: &[&str]) -> Command {
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg(format!(
-                "echo $$ > {}/cgroup.procs && exec \"$@\"",
-                self.path.display()
-            ))
-            .arg("sh")
-            .arg(program)
-            .args(args);
-        cmd
+        Self(Cgroup::create(&root, &unique("portcullis-test")))
     }
 
     /// Runs to completion inside the cgroup, with a timeout.
@@ -131,24 +123,6 @@ impl TestCgroup {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        // Kill whatever is left in the cgroup, then remove it (which also
-        // detaches any link still attached to it).
-        for _ in 0..50 {
-            let procs = std::fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default();
-            if procs.trim().is_empty() {
-                break;
-            }
-            for pid in procs.split_whitespace() {
-                let _ = Command::new("kill").args(["-9", pid]).status();
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        let _ = std::fs::remove_dir(&self.path);
     }
 }
 

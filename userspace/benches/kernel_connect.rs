@@ -17,8 +17,7 @@
 
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
-    process::Command,
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -26,6 +25,7 @@ use portcullis::{
     config::Config,
     kernel::{self, Enforcement},
 };
+use portcullis_testkit::cgroup::Cgroup;
 
 const CONNECTS: usize = 20_000;
 const ROUNDS: usize = 5;
@@ -80,14 +80,6 @@ fn acceptor() -> TcpListener {
     listener
 }
 
-struct Cgroup(PathBuf);
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 struct Pins(PathBuf);
 
 impl Drop for Pins {
@@ -96,19 +88,13 @@ impl Drop for Pins {
     }
 }
 
-fn measure(cgroup: &Path, addr: SocketAddr) -> (f64, usize) {
+fn measure(cgroup: &Cgroup, addr: SocketAddr) -> (f64, usize) {
     let exe = std::env::current_exe().unwrap();
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "echo $$ > {}/cgroup.procs && exec \"$@\"",
-            cgroup.display()
-        ))
-        .arg("sh")
-        .arg(exe)
-        .arg("--connect-loop")
-        .arg(addr.to_string())
-        .arg(CONNECTS.to_string())
+    let out = cgroup
+        .command(
+            exe.to_str().unwrap(),
+            &["--connect-loop", &addr.to_string(), &CONNECTS.to_string()],
+        )
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -125,12 +111,10 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 fn run_benchmark() {
-    let cgroup = Cgroup(
-        kernel::root_cgroup()
-            .unwrap()
-            .join(format!("portcullis-bench-{}", std::process::id())),
+    let cgroup = Cgroup::create(
+        &kernel::root_cgroup().unwrap(),
+        &format!("portcullis-bench-{}", std::process::id()),
     );
-    std::fs::create_dir(&cgroup.0).expect("create a child cgroup (run as root)");
     let pins = Pins(PathBuf::from(format!(
         "/sys/fs/bpf/portcullis-bench-{}",
         std::process::id()
@@ -159,7 +143,7 @@ fn run_benchmark() {
         port = {b}
         to = "block"
         "#,
-        cg = cgroup.0.display(),
+        cg = cgroup.path.display(),
         pins = pins.0.display(),
         p = protected.port(),
         b = blocked.port(),
@@ -176,11 +160,11 @@ fn run_benchmark() {
     let mut attached: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
     for _ in 0..ROUNDS {
         for (i, (_, addr)) in targets.iter().enumerate() {
-            detached[i].push(measure(&cgroup.0, *addr).0);
+            detached[i].push(measure(&cgroup, *addr).0);
         }
         let enforcement = Enforcement::start(&config.kernel, &rules).expect("attach (run as root)");
         for (i, (name, addr)) in targets.iter().enumerate() {
-            let (rate, failures) = measure(&cgroup.0, *addr);
+            let (rate, failures) = measure(&cgroup, *addr);
             if *name != "protected (block)" {
                 assert_eq!(
                     failures, 0,

@@ -27,6 +27,7 @@ use std::{
 };
 
 use portcullis_testkit::{
+    cgroup::Cgroup,
     free_port,
     postgres::{Cluster, Setup},
 };
@@ -80,7 +81,10 @@ fn main() {
     }
     let dir = tempfile::tempdir().expect("temp dir");
     let cluster = people_cluster();
-    let cgroup = Cgroup::new();
+    let cgroup = Cgroup::create(
+        &portcullis::kernel::root_cgroup().expect("cgroup v2 mounted (run as root)"),
+        &format!("portcullis-bench-masking-{}", std::process::id()),
+    );
     let gateway = Daemon::start(dir.path(), &cgroup.path, cluster.port);
 
     let mut direct = Vec::new();
@@ -93,11 +97,11 @@ fn main() {
         direct.push(timed(|| psql_direct(&cluster)));
         gateway.set_policy(UNMASKED);
         let cpu = gateway.cpu_secs();
-        unmasked.push(timed(|| gateway.psql(&cgroup.path, cluster.port, false)));
+        unmasked.push(timed(|| gateway.psql(&cgroup, cluster.port, false)));
         cpu_unmasked.push(gateway.cpu_secs() - cpu);
         gateway.set_policy(MASKED);
         let cpu = gateway.cpu_secs();
-        masked.push(timed(|| gateway.psql(&cgroup.path, cluster.port, true)));
+        masked.push(timed(|| gateway.psql(&cgroup, cluster.port, true)));
         cpu_masked.push(gateway.cpu_secs() - cpu);
         eprintln!(
             "round {}: direct {:.2}s, unmasked {:.2}s (gateway cpu {:.2}s), masked {:.2}s (gateway cpu {:.2}s)",
@@ -270,25 +274,6 @@ fn check(out: &str, masked: bool) {
     );
 }
 
-struct Cgroup {
-    path: PathBuf,
-}
-
-impl Cgroup {
-    fn new() -> Self {
-        let root = portcullis::kernel::root_cgroup().expect("cgroup v2 mounted (run as root)");
-        let path = root.join(format!("portcullis-bench-masking-{}", std::process::id()));
-        std::fs::create_dir(&path).expect("create the bench cgroup (run as root)");
-        Self { path }
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.path);
-    }
-}
-
 struct Daemon {
     child: Child,
     policy: PathBuf,
@@ -411,13 +396,25 @@ password_file = "{secret}"
     }
 
     /// psql inside the cgroup: redirected through the gateway.
-    fn psql(&self, cgroup: &Path, port: u16, masked: bool) {
-        let out = run(Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "echo $$ > {}/cgroup.procs && exec psql -X -At -h 127.0.0.1 -p {port} -U postgres -d postgres -c '{QUERY}'",
-                cgroup.display()
-            )));
+    fn psql(&self, cgroup: &Cgroup, port: u16, masked: bool) {
+        let port = port.to_string();
+        let out = run(&mut cgroup.command(
+            "psql",
+            &[
+                "-X",
+                "-At",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-c",
+                QUERY,
+            ],
+        ));
         check(&out, masked);
     }
 }

@@ -37,6 +37,7 @@ use std::{
 };
 
 use portcullis_testkit::{
+    cgroup::Cgroup,
     free_port,
     oidc::OidcProvider,
     postgres::{Cluster, Setup},
@@ -78,7 +79,10 @@ fn main() {
         conf: "shared_buffers = 128MB\nmax_connections = 100\n",
         ..Setup::default()
     });
-    let cgroup = Cgroup::new();
+    let cgroup = Cgroup::create(
+        &portcullis::kernel::root_cgroup().unwrap(),
+        &format!("portcullis-bench-pg-{}", std::process::id()),
+    );
     let provider = OidcProvider::start(TOKEN_TTL_SECONDS);
     let token = provider.service_token("urn:portcullis");
     let gateway = Portcullis::start(work.path(), &cgroup, pg.port, &tls, &provider);
@@ -393,18 +397,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// `program args` inside `cgroup` (redirected) or outside it.
 fn command(cgroup: Option<&Cgroup>, program: &str, args: &[&str]) -> Command {
     match cgroup {
-        Some(cg) => {
-            let mut cmd = Command::new("sh");
-            cmd.arg("-c")
-                .arg(format!(
-                    "echo $$ > {}/cgroup.procs && exec \"$@\"",
-                    cg.0.display()
-                ))
-                .arg("sh")
-                .arg(program)
-                .args(args);
-            cmd
-        }
+        Some(cg) => cg.command(program, args),
         None => {
             let mut cmd = Command::new(program);
             cmd.args(args);
@@ -529,24 +522,6 @@ impl Tls {
     }
 }
 
-struct Cgroup(PathBuf);
-
-impl Cgroup {
-    fn new() -> Self {
-        let path = portcullis::kernel::root_cgroup()
-            .unwrap()
-            .join(format!("portcullis-bench-pg-{}", std::process::id()));
-        std::fs::create_dir(&path).expect("create a child cgroup (run as root)");
-        Self(path)
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 /// `portcullis run` (release) with a postgres listener (offering TLS) and
 /// the cluster as two resources, one per address, the second reached over
 /// TLS; the gateway's audit store records every statement.
@@ -594,7 +569,7 @@ tls_cert = "{cert}"
 tls_key = "{key}"
 "#,
             state = work.join("state").display(),
-            cg = cgroup.0.display(),
+            cg = cgroup.path.display(),
             pins = pins.display(),
             issuer = provider.issuer,
             control = work.join("control.sock").display(),

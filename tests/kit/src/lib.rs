@@ -1,10 +1,12 @@
-//! Real servers that the integration tests (`tests/integration`) and the
-//! benches (`userspace/benches`) both start: a throwaway PostgreSQL cluster
-//! and the test OIDC provider. Each is stopped when dropped.
+//! What the integration tests (`tests/integration`) and the benches
+//! (`userspace/benches`) both need: a throwaway child cgroup, and real
+//! servers (a throwaway PostgreSQL cluster, the test OIDC provider). Each
+//! is removed or stopped when dropped.
 //!
 //! Everything here panics with a message on failure: it runs only in tests
 //! and benches, where a panic is the report.
 
+pub mod cgroup;
 pub mod oidc;
 pub mod postgres;
 
