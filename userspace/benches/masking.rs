@@ -94,14 +94,14 @@ fn main() {
     // shared machine.
     let (mut cpu_unmasked, mut cpu_masked) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
-        direct.push(timed(|| psql_direct(&cluster)));
+        direct.push(timed(|| psql(None, cluster.port, false)));
         gateway.set_policy(UNMASKED);
         let cpu = gateway.cpu_secs();
-        unmasked.push(timed(|| gateway.psql(&cgroup, cluster.port, false)));
+        unmasked.push(timed(|| psql(Some(&cgroup), cluster.port, false)));
         cpu_unmasked.push(gateway.cpu_secs() - cpu);
         gateway.set_policy(MASKED);
         let cpu = gateway.cpu_secs();
-        masked.push(timed(|| gateway.psql(&cgroup, cluster.port, true)));
+        masked.push(timed(|| psql(Some(&cgroup), cluster.port, true)));
         cpu_masked.push(gateway.cpu_secs() - cpu);
         eprintln!(
             "round {}: direct {:.2}s, unmasked {:.2}s (gateway cpu {:.2}s), masked {:.2}s (gateway cpu {:.2}s)",
@@ -245,21 +245,34 @@ fn people_cluster() -> Cluster {
     cluster
 }
 
-/// psql straight to the cluster over TCP (not redirected: this process
-/// is outside the test cgroup).
-fn psql_direct(cluster: &Cluster) {
-    let out = run(Command::new("psql")
-        .args([
-            "-X",
-            "-At",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &cluster.port.to_string(),
-        ])
-        .args(["-U", "postgres", "-d", "postgres", "-c", QUERY])
-        .env("PGPASSWORD", PASSWORD));
-    check(&out, false);
+/// The bench's query by psql to `port`: from inside `cgroup`, redirected
+/// through the gateway, or without one straight to the cluster (this
+/// process is outside the cgroup).
+fn psql(cgroup: Option<&Cgroup>, port: u16, masked: bool) {
+    let port = port.to_string();
+    let args = [
+        "-X",
+        "-At",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-U",
+        "postgres",
+        "-d",
+        "postgres",
+        "-c",
+        QUERY,
+    ];
+    let mut command = match cgroup {
+        Some(cgroup) => cgroup.command("psql", &args),
+        None => {
+            let mut direct = Command::new("psql");
+            direct.args(args).env("PGPASSWORD", PASSWORD);
+            direct
+        }
+    };
+    check(&run(&mut command), masked);
 }
 
 /// Checks that the result is complete and masked (or not).
@@ -393,29 +406,6 @@ password_file = "{secret}"
             assert!(Instant::now() < deadline, "policy not reloaded");
             thread::sleep(Duration::from_millis(20));
         }
-    }
-
-    /// psql inside the cgroup: redirected through the gateway.
-    fn psql(&self, cgroup: &Cgroup, port: u16, masked: bool) {
-        let port = port.to_string();
-        let out = run(&mut cgroup.command(
-            "psql",
-            &[
-                "-X",
-                "-At",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-c",
-                QUERY,
-            ],
-        ));
-        check(&out, masked);
     }
 }
 
