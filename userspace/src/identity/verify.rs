@@ -80,7 +80,8 @@ pub struct TokenVerifier {
     issuer: IssuerUrl,
     client_id: ClientId,
     audiences: BTreeSet<String>,
-    skew: Duration,
+    /// The allowed clock skew (at most 600 s, see the config).
+    skew: chrono::Duration,
     jwks: JwksCache,
     verified: VerifiedTokens,
 }
@@ -99,7 +100,7 @@ impl TokenVerifier {
             issuer,
             client_id,
             audiences,
-            skew,
+            skew: chrono::Duration::from_std(skew).unwrap_or(chrono::Duration::zero()),
             jwks,
             verified: VerifiedTokens::default(),
         }
@@ -140,11 +141,7 @@ impl TokenVerifier {
 
     /// Now, set back by the allowed skew: what `exp` is compared with.
     fn clock(&self) -> chrono::DateTime<chrono::Utc> {
-        chrono::Utc::now() - self.skew_chrono()
-    }
-
-    fn skew_chrono(&self) -> chrono::Duration {
-        chrono::Duration::from_std(self.skew).unwrap_or(chrono::Duration::zero())
+        chrono::Utc::now() - self.skew
     }
 
     fn check(
@@ -152,7 +149,7 @@ impl TokenVerifier {
         token: &Token,
         keys: &CoreJsonWebKeySet,
     ) -> Result<Claims, ClaimsVerificationError> {
-        let skew = self.skew_chrono();
+        let skew = self.skew;
         let verifier = IdTokenVerifier::new_public_client(
             self.client_id.clone(),
             self.issuer.clone(),
@@ -205,7 +202,7 @@ impl TokenVerifier {
             ));
         };
         let now = chrono::Utc::now().timestamp();
-        let skew = i64::try_from(self.skew.as_secs()).unwrap_or(i64::MAX);
+        let skew = self.skew.num_seconds();
         if nbf > now.saturating_add(skew) {
             return Err(Rejection::new(
                 "token not yet valid",
