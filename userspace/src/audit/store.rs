@@ -53,6 +53,25 @@ pub const CHECKPOINT_FILE: &str = "last-checkpoint.json";
 
 const META_CHECKPOINT: &[u8] = b"checkpoint";
 
+/// What a commit names in the chain tree: each block's first seq and where
+/// the block is (in stores written before segments, the block itself).
+#[derive(Default)]
+pub(super) struct ChainEntries(Vec<(u64, Vec<u8>)>);
+
+impl ChainEntries {
+    pub(super) fn insert(&mut self, first: u64, value: Vec<u8>) {
+        self.0.push((first, value));
+    }
+
+    fn batch(&self) -> sled::Batch {
+        let mut batch = sled::Batch::default();
+        for (first, value) in &self.0 {
+            batch.insert(&first.to_be_bytes(), value.as_slice());
+        }
+        batch
+    }
+}
+
 /// Where the store lives under a state directory.
 pub fn audit_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("audit")
@@ -291,14 +310,14 @@ impl Store {
     pub(super) fn append_blocks(
         &self,
         blocks: &[(u64, Vec<u8>)],
-        chain: &mut sled::Batch,
+        chain: &mut ChainEntries,
     ) -> Result<(), AuditError> {
         let extents = self
             .segments
             .append(blocks.iter().map(|(_, bytes)| bytes.as_slice()))?;
         self.segments.sync()?;
         for ((first, _), extent) in blocks.iter().zip(extents) {
-            chain.insert(&first.to_be_bytes(), &extent.encode());
+            chain.insert(*first, extent.encode().to_vec());
         }
         Ok(())
     }
@@ -353,7 +372,7 @@ impl Store {
                 for (key, extent) in blocks {
                     moved.push((key, self.segments.read(extent)?));
                 }
-                let mut chain = sled::Batch::default();
+                let mut chain = ChainEntries::default();
                 self.append_blocks(&moved, &mut chain)?;
                 self.apply(chain, None)?;
                 self.sync()?;
@@ -369,15 +388,26 @@ impl Store {
     /// entries for records that survived, nor names records that did not.
     pub(super) fn apply(
         &self,
-        chain: sled::Batch,
+        chain: ChainEntries,
         subjects: Option<sled::Batch>,
     ) -> Result<(), AuditError> {
         use sled::{transaction::TransactionError, Transactional};
         let Some(subjects) = subjects else {
-            // The common case: a batch is atomic by itself, and a
-            // transaction would halve group-commit throughput.
-            return Ok(self.chain.apply_batch(chain)?);
+            return match chain.0.as_slice() {
+                // The common case, a commit of one block. One insert is
+                // atomic by itself; a batch would first write a manifest
+                // to sled's log, a second log write (and wake-up of
+                // sled's I/O threads) per commit.
+                [(first, value)] => {
+                    self.chain.insert(first.to_be_bytes(), value.as_slice())?;
+                    Ok(())
+                }
+                // A batch is atomic by itself, and a transaction would
+                // halve group-commit throughput.
+                _ => Ok(self.chain.apply_batch(chain.batch())?),
+            };
         };
+        let chain = chain.batch();
         (&self.chain, &self.subjects)
             .transaction(|(c, s)| {
                 c.apply_batch(&chain)?;

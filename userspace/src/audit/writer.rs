@@ -27,7 +27,7 @@ use super::{
     record::{Checkpoint, Hash, Record, GENESIS},
     retention::{self, Retention},
     segment::Extent,
-    store::{Store, SubjectHit},
+    store::{ChainEntries, Store, SubjectHit},
     subject::{detect, redact, subject_hash},
     Ack, AuditError, AuditEvent, Recorder,
 };
@@ -483,7 +483,7 @@ impl Writer {
         blocks: &[(u64, Vec<u8>)],
         subjects: Vec<(Hash, SubjectHit)>,
     ) -> Result<(), AuditError> {
-        let mut chain = sled::Batch::default();
+        let mut chain = ChainEntries::default();
         self.store.append_blocks(blocks, &mut chain)?;
         let index = if subjects.is_empty() {
             None
@@ -606,7 +606,7 @@ impl Writer {
         purge_block.push(purge_seq, &bytes)?;
         let mut blocks = purge_block.finish();
         let replaced = self.rewrite_purged(&plan.seqs, purge_seq, &mut blocks)?;
-        let mut chain = sled::Batch::default();
+        let mut chain = ChainEntries::default();
         self.store.append_blocks(&blocks, &mut chain)?;
         let mut index = sled::Batch::default();
         for item in self.store.subjects.iter() {

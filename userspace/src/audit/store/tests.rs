@@ -68,12 +68,12 @@ fn store_with(records: &[Record], format: Format) -> (tempfile::TempDir, Store) 
         blocks.push(r.seq, &r.encode()).unwrap();
     }
     let blocks = blocks.finish();
-    let mut batch = sled::Batch::default();
+    let mut batch = ChainEntries::default();
     match format {
         Format::Segments(_) => store.append_blocks(&blocks, &mut batch).unwrap(),
         Format::InlineBlocks(_) | Format::OneRecordPerValue => {
             for (first, bytes) in blocks {
-                batch.insert(&first.to_be_bytes(), bytes);
+                batch.insert(first, bytes);
             }
         }
     }
@@ -569,7 +569,7 @@ fn heavy_recording_writes_no_blob_files() {
             prev = r.hash;
             blocks.push(seq, &r.encode()).unwrap();
         }
-        let mut batch = sled::Batch::default();
+        let mut batch = ChainEntries::default();
         store.append_blocks(&blocks.finish(), &mut batch).unwrap();
         store.apply(batch, None).unwrap();
         store.sync().unwrap();
