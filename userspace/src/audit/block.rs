@@ -26,7 +26,7 @@ pub const BLOCK_BYTES: usize = 32 * 1024;
 /// Separates the records of a block. Compact JSON never holds a raw
 /// newline: inside strings it is escaped, and there is no whitespace
 /// between tokens.
-const SEPARATOR: u8 = b'\n';
+pub const SEPARATOR: u8 = b'\n';
 
 /// The lines of a block, in order. An empty value is one empty line, so
 /// that verification reports it rather than skipping it.

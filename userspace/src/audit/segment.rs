@@ -10,9 +10,10 @@
 //! Files are `segments/NNNNNNNN.seg`, append-only, and a new one starts
 //! once the active one passes [`SEGMENT_BYTES`]. A commit appends its
 //! blocks and `fdatasync`s the segment before sled records their extents,
-//! so an extent never names bytes that are not durable. A crash in between
-//! leaves unreferenced bytes at the end of the segment: nothing reads
-//! them, and the next append goes after them.
+//! so an extent never names bytes that are not durable. sled is synced
+//! about once a second, not per commit: what a crash takes from its index
+//! is found again in the segments' tail when the store opens (see
+//! `Store::reindex_tail`).
 //!
 //! A retention purge appends the rewritten blocks like any others and then
 //! punches a hole where the old ones were, so emptied payloads leave the
@@ -25,10 +26,14 @@
 use std::{
     collections::{hash_map::Entry, BTreeSet, HashMap},
     fs::{DirBuilder, File, OpenOptions},
+    io::{Read, Seek, SeekFrom},
     os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt},
     os::unix::io::AsRawFd,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
+    },
 };
 
 use super::AuditError;
@@ -75,7 +80,7 @@ impl Extent {
         })
     }
 
-    fn end(self) -> u64 {
+    pub fn end(self) -> u64 {
         self.offset.saturating_add(u64::from(self.len))
     }
 }
@@ -94,6 +99,9 @@ pub struct Segments {
     /// chain until its bytes are read; freeing bytes and deleting files
     /// take it for writing, so they wait for such readers.
     in_use: RwLock<()>,
+    /// The last segment ends in bytes that are not records (see
+    /// [`Segments::start_next_segment`]).
+    next_segment: AtomicBool,
 }
 
 struct Active {
@@ -122,6 +130,7 @@ impl Segments {
             readers: Mutex::default(),
             active: Mutex::default(),
             in_use: RwLock::default(),
+            next_segment: AtomicBool::new(false),
         }
     }
 
@@ -246,7 +255,11 @@ impl Segments {
                         .create(&self.dir)
                         .map_err(io(&self.dir))?;
                 }
-                Some(self.last_number()?.unwrap_or(1))
+                let next = u32::from(self.next_segment.load(Ordering::Relaxed));
+                Some(
+                    self.last_number()?
+                        .map_or(1, |last| last.saturating_add(next)),
+                )
             }
         };
         if let Some(number) = next {
@@ -292,6 +305,35 @@ impl Segments {
             numbers.extend(number);
         }
         Ok(numbers)
+    }
+
+    /// The numbers of the segment files, none while the directory does not
+    /// exist (no append yet).
+    pub fn numbers_if_any(&self) -> Result<BTreeSet<u32>, AuditError> {
+        if self.dir.exists() {
+            self.numbers()
+        } else {
+            Ok(BTreeSet::new())
+        }
+    }
+
+    /// A segment's bytes from `offset` to its end.
+    pub fn read_from(&self, segment: u32, offset: u64) -> Result<Vec<u8>, AuditError> {
+        let path = self.path(segment);
+        let mut file = File::open(&path).map_err(io(&path))?;
+        file.seek(SeekFrom::Start(offset)).map_err(io(&path))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(io(&path))?;
+        Ok(bytes)
+    }
+
+    /// Makes the first append of this process start a new segment instead
+    /// of continuing the last one: its end holds bytes that are not
+    /// records (a write a crash cut short), and records appended after
+    /// them could not be found again by reading on from the records
+    /// before (see `Store::reindex_tail`).
+    pub fn start_next_segment(&self) {
+        self.next_segment.store(true, Ordering::Relaxed);
     }
 
     /// The highest segment number in the directory.

@@ -115,8 +115,15 @@ pub fn open(access: &Access) -> Result<Box<dyn AuditSource>, AuditError> {
         }
         Err(_) => {}
     }
+    let store = Store::open_existing(&access.state_dir)?;
+    // The daemon stopped without syncing the index (a crash): read what
+    // it would find when it starts. A store too damaged for that is read
+    // as it is, for `audit verify` to report on.
+    if let Err(e) = store.reindex_tail() {
+        tracing::warn!("records after the audit index's last entry not looked for: {e}");
+    }
     Ok(Box::new(LocalSource {
-        store: Store::open_existing(&access.state_dir)?,
+        store,
         state_dir: access.state_dir.clone(),
         retention: access.retention.clone(),
     }))

@@ -19,9 +19,13 @@
 //! flushes the drive's write cache nor the file's metadata, and it never
 //! syncs blob files (log items too large for a segment). [`Store::sync`]
 //! therefore follows `flush` with `fdatasync` on the log file and `fsync`
-//! on new blob files and their directory; the writer confirms a batch only
-//! after it. `sync` lists the blob directory only when its modification
-//! time says it may have changed.
+//! on new blob files and their directory. `sync` lists the blob directory
+//! only when its modification time says it may have changed.
+//!
+//! The writer confirms a batch once its blocks are durable in the
+//! segments, and syncs sled about once a second; what a crash takes from
+//! the index, opening finds again in the segments ([`Store::reindex_tail`],
+//! in `tail.rs`).
 //!
 //! sled allows one process per database, so the daemon owns it; the CLI
 //! asks the daemon over `audit.sock` and opens the files itself only when
@@ -274,8 +278,8 @@ impl Store {
     fn open_dir(dir: PathBuf) -> Result<Self, AuditError> {
         let db = sled::Config::new()
             .path(dir.join("chain"))
-            // Durability comes from the writer's explicit flush per batch;
-            // no background flusher racing it.
+            // Durability comes from the writer's explicit syncs (see
+            // `Writer::write`); no background flusher racing them.
             .flush_every_ms(None)
             .open()
             .map_err(|e| match e {
@@ -675,5 +679,6 @@ pub(super) fn key_u64(key: &[u8]) -> u64 {
     key.try_into().map_or(u64::MAX, u64::from_be_bytes)
 }
 
+mod tail;
 #[cfg(test)]
 mod tests;

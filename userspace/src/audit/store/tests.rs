@@ -604,3 +604,133 @@ fn sync_lists_the_blob_directory_only_when_it_changed() {
     assert_eq!(scan.synced.len(), 1, "{:?}", scan.synced);
     assert!(scan.settled.is_none());
 }
+
+/// `count` records chained after `after` (or from the start), stamped from
+/// `at_us` on: two calls with different stamps make different records for
+/// the same seqs.
+fn chain_after(after: Option<&Record>, count: u64, at_us: u64) -> Vec<Record> {
+    let (mut seq, mut prev) = after.map_or((0, GENESIS), |r| (r.seq, r.hash));
+    (0..count)
+        .map(|i| {
+            seq += 1;
+            let payload = format!(r#"{{"event":"test","n":{seq},"at":{at_us}}}"#);
+            let r = Record::new(
+                seq,
+                at_us + i,
+                prev,
+                RawValue::from_string(payload).unwrap(),
+            );
+            prev = r.hash;
+            r
+        })
+        .collect()
+}
+
+/// Appends `records` as one commit's blocks and makes them durable, but
+/// leaves them out of the index, as a crash before sled's sync does.
+fn append_unindexed(store: &Store, records: &[Record]) {
+    let mut blocks = Blocks::with_cap(300);
+    for r in records {
+        blocks.push(r.seq, &r.encode()).unwrap();
+    }
+    store
+        .append_blocks(&blocks.finish(), &mut ChainEntries::default())
+        .unwrap();
+}
+
+fn reopened(dir: &Path, store: Store) -> Store {
+    drop(store);
+    Store::open_existing(&dir.join("state")).unwrap()
+}
+
+#[test]
+fn records_the_index_lost_are_found_again_and_appends_skip_a_torn_end() {
+    let records = chain(5);
+    let (dir, store) = store_with(&records, Format::Segments(300));
+    let lost = chain_after(records.last(), 6, 10_000);
+    append_unindexed(&store, &lost[..2]);
+    append_unindexed(&store, &lost[2..4]);
+    // The first bytes of a commit the crash cut short.
+    let torn = lost[4].encode();
+    store.segments.append([&torn[..40]]).unwrap();
+    store.segments.sync().unwrap();
+
+    let store = reopened(dir.path(), store);
+    assert_eq!(store.reindex_tail().unwrap(), 4);
+    assert_eq!(store.head().unwrap().unwrap().hash, lost[3].hash);
+    for r in &lost[..4] {
+        assert_eq!(store.record(r.seq).unwrap().unwrap().hash, r.hash);
+    }
+    let result = verified(dir.path(), &store);
+    assert!(result.ok, "{:?}", result.problems);
+    assert_eq!(result.records, 9);
+    assert_eq!(store.reindex_tail().unwrap(), 0, "indexed once");
+
+    // What comes next does not go behind the torn bytes, so a second
+    // crash loses nothing either.
+    append_unindexed(&store, &lost[4..]);
+    assert_eq!(segment_files(&dir.path().join("state")).len(), 2);
+    let store = reopened(dir.path(), store);
+    assert_eq!(store.reindex_tail().unwrap(), 2);
+    assert_eq!(store.head().unwrap().unwrap().hash, lost[5].hash);
+    assert!(verified(dir.path(), &store).ok);
+}
+
+#[test]
+fn a_retried_commit_replaces_the_failed_one_whose_seqs_it_repeats() {
+    let records = chain(5);
+    let (dir, store) = store_with(&records, Format::Segments(300));
+    let failed = chain_after(records.last(), 2, 10_000);
+    let retried = chain_after(records.last(), 3, 20_000);
+    append_unindexed(&store, &failed);
+    append_unindexed(&store, &retried);
+
+    let store = reopened(dir.path(), store);
+    assert_eq!(store.reindex_tail().unwrap(), 3);
+    for r in &retried {
+        assert_eq!(store.record(r.seq).unwrap().unwrap().hash, r.hash);
+    }
+    let result = verified(dir.path(), &store);
+    assert!(result.ok, "{:?}", result.problems);
+    assert_eq!(result.records, 8);
+}
+
+#[test]
+fn copies_below_the_head_are_skipped_and_a_broken_link_ends_the_scan() {
+    let records = chain(5);
+    let (dir, store) = store_with(&records, Format::Segments(300));
+    // A compaction's copy of indexed blocks, then two lost records, then
+    // one that does not follow them (a gap) and one after it.
+    append_unindexed(&store, &records);
+    let lost = chain_after(records.last(), 4, 10_000);
+    append_unindexed(&store, &lost[..2]);
+    append_unindexed(&store, &lost[3..]);
+
+    let store = reopened(dir.path(), store);
+    assert_eq!(store.reindex_tail().unwrap(), 2);
+    assert_eq!(store.head().unwrap().unwrap().hash, lost[1].hash);
+    assert!(verified(dir.path(), &store).ok);
+
+    // A record whose hash does not match its fields is not taken either.
+    let mut forged = chain_after(Some(&lost[1]), 1, 30_000);
+    forged[0].at_us += 1;
+    append_unindexed(&store, &forged);
+    let store = reopened(dir.path(), store);
+    assert_eq!(store.reindex_tail().unwrap(), 0);
+    assert_eq!(store.head().unwrap().unwrap().seq, 7);
+}
+
+#[test]
+fn the_writer_continues_after_the_records_the_index_lost() {
+    let records = chain(5);
+    let (dir, store) = store_with(&records, Format::Segments(300));
+    let lost = chain_after(records.last(), 3, 10_000);
+    append_unindexed(&store, &lost);
+    let store = reopened(dir.path(), store);
+
+    continue_with_two_sessions(dir.path(), &store);
+    assert_eq!(store.record(8).unwrap().unwrap().hash, lost[2].hash);
+    let result = verified(dir.path(), &store);
+    assert!(result.ok, "{:?}", result.problems);
+    assert_eq!(result.records, 12);
+}
