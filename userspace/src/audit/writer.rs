@@ -548,14 +548,17 @@ impl Writer {
     }
 
     /// Syncs the index once commits left it unsynced for
-    /// [`INDEX_SYNC_INTERVAL`]. A failure there is sled's, which then
-    /// refuses every write: the writer stops, as after a failed commit.
+    /// [`INDEX_SYNC_INTERVAL`]. A failure inside sled means it refuses
+    /// every later write: the writer stops, as after a failed commit.
+    /// Other failures (syncing its files) are tried again an interval
+    /// later.
     fn sync_index_logged(&mut self) {
         match self.store.sync() {
             Ok(()) => self.index_is_synced(),
             Err(e) => {
                 error!("the audit index could not be synced: {e}");
                 self.index_failed |= matches!(e, AuditError::Store(_));
+                self.index_synced = Some(Instant::now());
             }
         }
     }

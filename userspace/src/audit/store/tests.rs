@@ -734,3 +734,38 @@ fn the_writer_continues_after_the_records_the_index_lost() {
     assert!(result.ok, "{:?}", result.problems);
     assert_eq!(result.records, 12);
 }
+
+/// What a crash would leave of the store under `dir` now: a copy of its
+/// files, opened without looking for lost records.
+fn crash_copy(dir: &Path) -> (tempfile::TempDir, Store) {
+    let copy = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(dir.join("state"))
+        .arg(copy.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let store = Store::open_existing(&copy.path().join("state")).unwrap();
+    (copy, store)
+}
+
+#[test]
+fn the_writer_syncs_the_index_on_its_first_commit_and_a_second_after_others() {
+    let (dir, store) = store_with(&chain(5), Format::Segments(300));
+    let recorder = writer(&dir.path().join("state"), &store);
+    record_sessions(&recorder, &[("s-1", "crm")]);
+    let (_copy, copied) = crash_copy(dir.path());
+    assert_eq!(copied.head().unwrap().unwrap().seq, 7, "first commit");
+    drop(copied);
+
+    record_sessions(&recorder, &[("s-2", "crm")]);
+    let (_copy, copied) = crash_copy(dir.path());
+    assert_eq!(copied.head().unwrap().unwrap().seq, 7, "left unsynced");
+    drop(copied);
+
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_copy, copied) = crash_copy(dir.path());
+    assert_eq!(copied.head().unwrap().unwrap().seq, 9, "synced when idle");
+    recorder.close().unwrap();
+}
