@@ -16,6 +16,8 @@
 //!   before it, its own hashes right): indexed;
 //! - a record at or below the indexed head: a copy that a compaction or
 //!   purge appended, indexed where it is already. Skipped;
+//! - zeros: what a segment grows by ahead of its blocks (see
+//!   `segment::GROWTH_BYTES`). Skipped;
 //! - a record that repeats seqs the scan already found, at the start of a
 //!   block: a commit failed after its blocks reached the file, and the
 //!   next commit wrote the same seqs again. The later one counts, as it
@@ -139,8 +141,18 @@ impl Tail {
         // break follows it: the next record is in the same block.
         let mut same_block = false;
         while at < bytes.len() {
-            // Records are compact JSON objects; whitespace or zeros here
-            // are not a record (serde would skip whitespace).
+            // Zeros a segment grew by ahead of its blocks; a restart left
+            // them behind, or nothing was written over them yet.
+            if bytes[at] == 0 {
+                at += bytes[at..]
+                    .iter()
+                    .position(|&b| b != 0)
+                    .unwrap_or(bytes.len() - at);
+                same_block = false;
+                continue;
+            }
+            // Records are compact JSON objects; whitespace here is not a
+            // record (serde would skip it).
             if bytes[at] != b'{' {
                 return false;
             }

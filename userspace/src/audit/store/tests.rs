@@ -15,7 +15,7 @@ use crate::audit::{
     keys::{self, Keys},
     record::GENESIS,
     retention::Retention,
-    segment::{Extent, SEGMENT_DIR},
+    segment::{self, Extent, SEGMENT_DIR},
     source::LocalSource,
     verify::{verify, Verification},
     writer::PurgeSummary,
@@ -773,4 +773,24 @@ fn the_writer_syncs_the_index_on_its_first_commit_and_a_second_after_others() {
     let (_copy, copied) = crash_copy(dir.path());
     assert_eq!(copied.head().unwrap().unwrap().seq, 9, "synced when idle");
     recorder.close().unwrap();
+}
+
+#[test]
+fn records_after_the_zeros_a_restart_left_are_found_again() {
+    let records = chain(5);
+    let (dir, store) = store_with(&records, Format::Segments(300));
+    // Restarted: appends go after the zeros the segment grew by.
+    let store = reopened(dir.path(), store);
+    let lost = chain_after(records.last(), 3, 10_000);
+    append_unindexed(&store, &lost);
+    let extent = store.block_at(5).unwrap().unwrap().extent.unwrap();
+    assert!(extent.end() < segment::GROWTH_BYTES);
+
+    let store = reopened(dir.path(), store);
+    assert_eq!(store.reindex_tail().unwrap(), 3);
+    let found = store.block_at(6).unwrap().unwrap();
+    assert_eq!(found.extent.unwrap().offset, segment::GROWTH_BYTES);
+    assert_eq!(store.head().unwrap().unwrap().hash, lost[2].hash);
+    assert!(verified(dir.path(), &store).ok);
+    assert_eq!(segment_files(&dir.path().join("state")).len(), 1);
 }
