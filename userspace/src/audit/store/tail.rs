@@ -50,7 +50,7 @@ impl Store {
     /// Indexes the records in the segments after the last indexed block
     /// that continue the chain, and makes the index durable. Returns how
     /// many records it indexed.
-    pub fn reindex_tail(&self) -> Result<u64, AuditError> {
+    pub(in crate::audit) fn reindex_tail(&self) -> Result<u64, AuditError> {
         let (head_seq, head_hash) = self
             .head()?
             .map_or((0, GENESIS), |record| (record.seq, record.hash));
