@@ -327,10 +327,16 @@ impl Segments {
         Ok(guard.as_mut().expect("set above"))
     }
 
-    /// The numbers of the segment files in the directory.
+    /// The numbers of the segment files in the directory; none while the
+    /// directory does not exist (no append yet).
     pub fn numbers(&self) -> Result<BTreeSet<u32>, AuditError> {
         let mut numbers = BTreeSet::new();
-        for entry in std::fs::read_dir(&self.dir).map_err(io(&self.dir))? {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(numbers),
+            Err(source) => return Err(io(&self.dir)(source)),
+        };
+        for entry in entries {
             let name = entry.map_err(io(&self.dir))?.file_name();
             let number = name
                 .to_str()
@@ -339,16 +345,6 @@ impl Segments {
             numbers.extend(number);
         }
         Ok(numbers)
-    }
-
-    /// The numbers of the segment files, none while the directory does not
-    /// exist (no append yet).
-    pub fn numbers_if_any(&self) -> Result<BTreeSet<u32>, AuditError> {
-        if self.dir.exists() {
-            self.numbers()
-        } else {
-            Ok(BTreeSet::new())
-        }
     }
 
     /// A segment's bytes from `offset` to its end.

@@ -67,6 +67,10 @@ impl ChainEntries {
         self.0.push((first, value));
     }
 
+    pub(super) fn insert_extent(&mut self, first: u64, extent: Extent) {
+        self.insert(first, extent.encode().to_vec());
+    }
+
     fn batch(&self) -> sled::Batch {
         let mut batch = sled::Batch::default();
         for (first, value) in &self.0 {
@@ -321,7 +325,7 @@ impl Store {
             .append(blocks.iter().map(|(_, bytes)| bytes.as_slice()))?;
         self.segments.sync()?;
         for ((first, _), extent) in blocks.iter().zip(extents) {
-            chain.insert(*first, extent.encode().to_vec());
+            chain.insert_extent(*first, extent);
         }
         Ok(())
     }

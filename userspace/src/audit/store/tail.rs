@@ -59,15 +59,11 @@ impl Store {
         // extent (empty, or an older store's inline block) has lost none:
         // anything in the segments then was never confirmed, or the index
         // was edited, which `audit verify` is there to report.
-        let indexed_end = match self.chain.last()? {
-            Some((_, value)) => Extent::decode(&value),
-            None => None,
-        };
-        let Some(indexed_end) = indexed_end else {
+        let Some(indexed_end) = self.chain.last()?.and_then(|(_, v)| Extent::decode(&v)) else {
             return Ok(0);
         };
         let (first, offset) = (indexed_end.segment, indexed_end.end());
-        let numbers = self.segments.numbers_if_any()?;
+        let numbers = self.segments.numbers()?;
         let mut tail = Tail::after(head_seq, head_hash);
         let mut clean_end = true;
         for &segment in numbers.range(first..) {
@@ -89,7 +85,7 @@ impl Store {
         if found > 0 {
             let mut chain = ChainEntries::default();
             for (first, extent) in tail.blocks {
-                chain.insert(first, extent.encode().to_vec());
+                chain.insert_extent(first, extent);
             }
             self.apply(chain, None)?;
             self.sync()?;
