@@ -9,8 +9,9 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Child, ChildStderr, Command, Output, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering},
         Arc,
@@ -216,6 +217,9 @@ pub struct Gateway {
     pub config_path: PathBuf,
     child: Option<Child>,
     log_path: PathBuf,
+    /// Copies the daemon's stderr into `log_path`, unless stalled.
+    log_pump: Option<thread::JoinHandle<()>>,
+    log_stalled: Arc<AtomicBool>,
     cgroup_path: PathBuf,
     /// TOML appended to the generated config (e.g. an `[identity]` section).
     extra_config: String,
@@ -239,6 +243,8 @@ impl Gateway {
             listener,
             config_path,
             child: None,
+            log_pump: None,
+            log_stalled: Arc::new(AtomicBool::new(false)),
             cgroup_path: cgroup.path.clone(),
             extra_config: extra.to_string(),
         };
@@ -274,6 +280,8 @@ impl Gateway {
     }
 
     /// Starts the daemon inside the test cgroup and waits until it is ready.
+    /// Its stderr is a one-page pipe that a thread copies into the log, so
+    /// that a test can stall it as a journal that stopped reading.
     pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -281,7 +289,7 @@ impl Gateway {
             .open(&self.log_path)
             .unwrap();
         let ready_before = self.log().matches("portcullis ready").count();
-        let child = Command::new("sh")
+        let mut child = Command::new("sh")
             .arg("-c")
             .arg(format!(
                 "echo $$ > {}/cgroup.procs && exec \"$@\"",
@@ -295,9 +303,14 @@ impl Gateway {
             .env("PORTCULLIS_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        // SAFETY: a plain fcntl on a pipe this process owns.
+        unsafe { libc::fcntl(stderr.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
+        let stalled = self.log_stalled.clone();
+        self.log_pump = Some(thread::spawn(move || pump_log(stderr, log, &stalled)));
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.log().matches("portcullis ready").count() == ready_before {
@@ -317,6 +330,40 @@ impl Gateway {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// Stops (or resumes) reading the daemon's stderr: once the pipe is
+    /// full, every write the daemon makes to it blocks, as with a journal
+    /// that stalled.
+    pub fn stall_log(&self, stalled: bool) {
+        self.log_stalled.store(stalled, Ordering::Relaxed);
+    }
+
+    /// Waits (briefly) for the log pump to copy what the daemon wrote
+    /// before it exited.
+    fn finish_log(&mut self) {
+        self.stall_log(false);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        if let Some(pump) = self.log_pump.take() {
+            while !pump.is_finished() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    /// Waits until the log holds `text`. The daemon writes its log from a
+    /// thread of its own, so a line can land just after what a test
+    /// waited on.
+    pub fn wait_for_log(&self, text: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.log().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "the log never said {text:?}: {}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
@@ -327,12 +374,15 @@ impl Gateway {
             let _ = child.kill();
             let _ = child.wait();
         }
+        self.finish_log();
     }
 
     /// Waits for the daemon to exit on its own; its exit status.
     pub fn wait_for_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let child = self.child.take().expect("running");
-        wait_with_timeout(child, timeout).status
+        let status = wait_with_timeout(child, timeout).status;
+        self.finish_log();
+        status
     }
 
     /// SIGTERM, then waits for a clean exit (final audit checkpoint).
@@ -340,6 +390,7 @@ impl Gateway {
         self.signal("TERM");
         if let Some(child) = self.child.take() {
             let out = wait_with_timeout(child, Duration::from_secs(20));
+            self.finish_log();
             assert!(out.status.success(), "gateway exit: {}", self.log());
         }
     }
@@ -455,6 +506,24 @@ impl Drop for Gateway {
             .output();
         if self.pin_dir.exists() {
             let _ = std::fs::remove_dir_all(&self.pin_dir);
+        }
+    }
+}
+
+/// Copies the daemon's stderr into its log file, pausing while `stalled`.
+fn pump_log(mut from: ChildStderr, mut to: std::fs::File, stalled: &AtomicBool) {
+    let mut buf = [0; 8192];
+    loop {
+        while stalled.load(Ordering::Relaxed) {
+            thread::sleep(Duration::from_millis(10));
+        }
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
         }
     }
 }

@@ -396,13 +396,7 @@ fn reload_swaps_the_protected_set_without_a_gap() {
     gateway.write_config(&[]);
     gateway.signal("HUP");
     rejected(2);
-    assert!(
-        gateway
-            .log()
-            .contains("the new config protects no destination"),
-        "{}",
-        gateway.log()
-    );
+    gateway.wait_for_log("the new config protects no destination");
     assert_eq!(
         cgroup.python(&py_connect("AF_INET", "127.0.0.1", added)),
         "EPERM"

@@ -732,10 +732,7 @@ fn reload_under_load_keeps_the_old_policy_when_the_new_one_is_invalid() {
         error.contains("line 1") && error.contains("needs a reason"),
         "{error}"
     );
-    assert!(s
-        .gateway
-        .log()
-        .contains("the previous policy stays in force"));
+    s.gateway.wait_for_log("the previous policy stays in force");
     // The old policy is still in force.
     let (_, err) = s.psql(&["-c", "TRUNCATE scratch"]);
     assert!(err.contains("TRUNCATE is not allowed"), "{err}");

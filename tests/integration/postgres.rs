@@ -1153,3 +1153,59 @@ fn reload_applies_resource_changes_and_keeps_them_when_invalid() {
     assert_eq!(s.query("select 2"), "2");
     s.assert_no_panic();
 }
+
+#[test]
+fn a_stalled_log_holds_up_no_session_and_loses_no_line() {
+    let s = Setup::new();
+    assert_eq!(s.query("select 1"), "1");
+    let ends_before = s.gateway.log().matches("session end").count();
+    // A journal that stopped reading: the daemon's stderr pipe (one page)
+    // fills within a few sessions.
+    s.gateway.stall_log(true);
+    let script = s.cluster.dir().join("select-one.sql");
+    std::fs::write(&script, "select 1;\n").unwrap();
+    let port = s.port();
+    let sessions = 200;
+    let child = s
+        .cgroup
+        .command(
+            "pgbench",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-n",
+                "-C",
+                "-c",
+                "1",
+                "-t",
+                &sessions.to_string(),
+                "-f",
+                script.to_str().unwrap(),
+                "postgres",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_with_timeout(child, Duration::from_secs(30));
+    assert!(
+        out.status.success() && stdout(&out).contains("number of failed transactions: 0"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    // Every line the daemon queued meanwhile reaches the log once it reads
+    // again.
+    s.gateway.stall_log(false);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.gateway.log().matches("session end").count() < ends_before + sessions {
+        assert!(Instant::now() < deadline, "{}", s.gateway.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.assert_no_panic();
+}
