@@ -16,7 +16,7 @@ use std::{
 };
 
 use tokio::sync::oneshot;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::{
     block::{self, Blocks},
@@ -393,6 +393,9 @@ impl Writer {
                         let result = self.checkpoint();
                         if self.index_dirty {
                             self.sync_index_logged();
+                        }
+                        if let Err(e) = self.store.close_segments() {
+                            warn!("the audit segment keeps its zeros ahead: {e}");
                         }
                         let _ = reply.send(result);
                         return;
