@@ -9,9 +9,9 @@
 //!   store, as in production.
 //! * A large result (`COPY (select ...) TO STDOUT` of ~230 MB through
 //!   psql): throughput and ratio to direct.
-//! * New connections (`pgbench -S -C`, plain TCP), as scripts and agents
-//!   that connect once per query make them: connections per second, ratio
-//!   to direct, CPU per connection.
+//! * New connections (`pgbench -S -C`, simple protocol, over plain TCP and
+//!   over TLS), as scripts and agents that connect once per query make
+//!   them: connections per second, ratio to direct, CPU per connection.
 //!
 //! The gateway's local clients run in a throwaway child cgroup so the
 //! kernel redirects them; direct and PgBouncer clients run outside it. TLS
@@ -181,7 +181,12 @@ fn main() {
         .map(|mode| vec![Vec::new(); targets(mode.tls).len()])
         .collect();
     let mut copies = vec![Vec::new(); targets(false).len()];
-    let mut connections = vec![Vec::new(); targets(false).len()];
+    let connecting = [Mode::new("simple", false), Mode::new("simple", true)];
+    // connections[mode][target], as results
+    let mut connections: Vec<Vec<Vec<_>>> = connecting
+        .iter()
+        .map(|mode| vec![Vec::new(); targets(mode.tls).len()])
+        .collect();
     for round in 0..ROUNDS {
         for (m, mode) in modes.iter().enumerate() {
             let targets = targets(mode.tls);
@@ -191,12 +196,18 @@ fn main() {
                 results[m][t].push(measure(&targets[t], mode.sslmode(), &args));
             }
         }
-        let targets = targets(false);
-        for k in 0..targets.len() {
-            let t = (k + round) % targets.len();
-            copies[t].push(copy_rate(&targets[t]));
-            let args = ["-S", "-C", "-c", CONNECTING_CLIENTS, "-j", "2"];
-            connections[t].push(measure(&targets[t], "disable", &args));
+        let plain = targets(false);
+        for k in 0..plain.len() {
+            let t = (k + round) % plain.len();
+            copies[t].push(copy_rate(&plain[t]));
+        }
+        for (m, mode) in connecting.iter().enumerate() {
+            let targets = targets(mode.tls);
+            for k in 0..targets.len() {
+                let t = (k + round) % targets.len();
+                let args = ["-S", "-C", "-c", CONNECTING_CLIENTS, "-j", "2"];
+                connections[m][t].push(measure(&targets[t], mode.sslmode(), &args));
+            }
         }
     }
 
@@ -258,30 +269,39 @@ fn main() {
     }
     println!(
         "\nnew connections: pgbench -S -C (a connection per transaction), \
-         {CONNECTING_CLIENTS} clients, plain TCP (median); PgBouncer reuses its server \
+         {CONNECTING_CLIENTS} clients (median); PgBouncer reuses its server \
          connections, the gateway opens and records one per client"
     );
     println!(
-        "{:<10} {:>12} {:>12} {:>10} {:>16} {:>18}",
-        "target", "connections/s", "latency ms", "vs direct", "proxy CPU/conn", "machine CPU/conn"
+        "{:<14} {:<10} {:>12} {:>12} {:>10} {:>16} {:>18}",
+        "protocol",
+        "target",
+        "connections/s",
+        "latency ms",
+        "vs direct",
+        "proxy CPU/conn",
+        "machine CPU/conn"
     );
-    let direct = median(connections[0].iter().map(|r| r.0).collect());
-    for (t, target) in targets(false).iter().enumerate() {
-        let rate = median(connections[t].iter().map(|r| r.0).collect());
-        let latency = median(connections[t].iter().map(|r| r.1).collect());
-        let cpu = match target.proxy {
-            Some(_) => format!(
-                "{:.0} µs",
-                median(connections[t].iter().map(|r| r.2).collect())
-            ),
-            None => "-".into(),
-        };
-        let machine = median(connections[t].iter().map(|r| r.3).collect());
-        println!(
-            "{:<10} {rate:>12.0} {latency:>12.3} {:>10.2} {cpu:>16} {machine:>15.0} µs",
-            target.name,
-            rate / direct
-        );
+    for (m, mode) in connecting.iter().enumerate() {
+        let direct = median(connections[m][0].iter().map(|r| r.0).collect());
+        for (t, target) in targets(mode.tls).iter().enumerate() {
+            let rate = median(connections[m][t].iter().map(|r| r.0).collect());
+            let latency = median(connections[m][t].iter().map(|r| r.1).collect());
+            let cpu = match target.proxy {
+                Some(_) => format!(
+                    "{:.0} µs",
+                    median(connections[m][t].iter().map(|r| r.2).collect())
+                ),
+                None => "-".into(),
+            };
+            let machine = median(connections[m][t].iter().map(|r| r.3).collect());
+            println!(
+                "{:<14} {:<10} {rate:>12.0} {latency:>12.3} {:>10.2} {cpu:>16} {machine:>15.0} µs",
+                mode.label(),
+                target.name,
+                rate / direct
+            );
+        }
     }
     println!("\nlarge result: {COPY_SQL} (median MB/s)");
     let direct = median(copies[0].clone());

@@ -398,8 +398,8 @@ impl Store {
     }
 
     /// Applies chain and subject-index changes atomically (one sled
-    /// transaction over both trees): after a crash the index never lacks
-    /// entries for records that survived, nor names records that did not.
+    /// transaction over both trees): a purge's rewritten blocks and the
+    /// subject entries it removes survive a crash together or not at all.
     pub(super) fn apply(
         &self,
         chain: ChainEntries,

@@ -503,11 +503,16 @@ impl Writer {
         }
     }
 
-    /// Appends the blocks and makes them durable, then indexes them and the
-    /// subject hits in one sled batch.
+    /// Makes the subject hits durable, then appends the blocks and makes
+    /// them durable, then indexes the blocks.
     ///
-    /// sled itself is synced only every [`INDEX_SYNC_INTERVAL`], and with
-    /// every commit that has subject hits (which only sled holds), not for
+    /// The hits go first because only sled holds them: a crash between
+    /// the two leaves hits that name a session and record that were never
+    /// stored (a data-subject request over-reports), never records whose
+    /// hits were lost (it would under-report, and the records are found
+    /// again after a crash, see below).
+    ///
+    /// sled is otherwise synced only every [`INDEX_SYNC_INTERVAL`], not for
     /// each commit: the blocks are durable, and what a crash takes from
     /// the index is found again in the segments when the store next opens
     /// (`Store::reindex_tail`). Under `pgbench -C`, a new connection per
@@ -517,25 +522,24 @@ impl Writer {
         blocks: &[(u64, Vec<u8>)],
         subjects: Vec<(Hash, SubjectHit)>,
     ) -> Result<(), AuditError> {
-        let mut chain = ChainEntries::default();
-        self.store.append_blocks(blocks, &mut chain)?;
-        let index = if subjects.is_empty() {
-            None
-        } else {
+        if !subjects.is_empty() {
             let mut index = sled::Batch::default();
             for (hash, hit) in subjects {
                 let mut key = hash.to_vec();
                 key.extend_from_slice(&self.store.db.generate_id()?.to_be_bytes());
                 index.insert(key, serde_json::to_vec(&hit)?);
             }
-            Some(index)
-        };
-        let sync = index.is_some()
-            || self
-                .index_synced
-                .is_none_or(|at| at.elapsed() >= INDEX_SYNC_INTERVAL);
-        self.store.apply(chain, index)?;
-        if sync {
+            self.store.subjects.apply_batch(index)?;
+            self.store.sync()?;
+            self.index_is_synced();
+        }
+        let mut chain = ChainEntries::default();
+        self.store.append_blocks(blocks, &mut chain)?;
+        self.store.apply(chain, None)?;
+        if self
+            .index_synced
+            .is_none_or(|at| at.elapsed() >= INDEX_SYNC_INTERVAL)
+        {
             self.store.sync()?;
             self.index_is_synced();
         } else {

@@ -17,6 +17,7 @@ use crate::audit::{
     retention::Retention,
     segment::{self, Extent, SEGMENT_DIR},
     source::LocalSource,
+    subject,
     verify::{verify, Verification},
     writer::PurgeSummary,
     AuditEvent, CheckpointPolicy, Recorder, SessionEnd, SessionStart, SledRecorder,
@@ -793,4 +794,53 @@ fn records_after_the_zeros_a_restart_left_are_found_again() {
     assert_eq!(store.head().unwrap().unwrap().hash, lost[2].hash);
     assert!(verified(dir.path(), &store).ok);
     assert_eq!(segment_files(&dir.path().join("state")).len(), 1);
+}
+
+#[test]
+fn a_commit_whose_blocks_fail_leaves_its_subject_hits_not_records_without_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let store = Store::open(&state).unwrap();
+    let recorder = writer(&state, &store);
+    // The audit directory made immutable: the first append cannot create
+    // the segment directory, as a disk failing between the index's sync
+    // and the segment's.
+    let audit = state.join("audit");
+    let chattr = |flag: &str| {
+        let out = std::process::Command::new("chattr")
+            .arg(flag)
+            .arg(&audit)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    chattr("+i");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let (hit, start) = runtime.block_on(async {
+        let hit = recorder.subject_index("s-1", 1, "alice@example.test");
+        let start = recorder.record(AuditEvent::SessionStart(SessionStart {
+            session: "s-1".into(),
+            listener: "crm".into(),
+            protocol: "tcp",
+            peer: "127.0.0.1:40000".parse().unwrap(),
+            principal: None,
+            origin: None,
+        }));
+        (hit.durable().await, start.durable().await)
+    });
+    chattr("-i");
+    assert!(hit.is_err() && start.is_err(), "{hit:?} {start:?}");
+    recorder.close().unwrap();
+
+    // The request over-reports (a session nothing else names) rather than
+    // under-reports.
+    let key = Keys::load_or_create(&state).unwrap().subject;
+    let hits = store
+        .subject_hits(&subject::subject_hash(&key, "alice@example.test"))
+        .unwrap();
+    assert_eq!(hits.len(), 1, "{hits:?}");
+    assert_eq!(hits[0].session.as_deref(), Some("s-1"));
+    assert!(store.head().unwrap().is_none());
 }
