@@ -1164,35 +1164,17 @@ fn a_stalled_log_holds_up_no_session_and_loses_no_line() {
     s.gateway.stall_log(true);
     let script = s.cluster.dir().join("select-one.sql");
     std::fs::write(&script, "select 1;\n").unwrap();
-    let port = s.port();
     let sessions = 200;
-    let child = s
-        .cgroup
-        .command(
-            "pgbench",
-            &[
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-U",
-                "postgres",
-                "-n",
-                "-C",
-                "-c",
-                "1",
-                "-t",
-                &sessions.to_string(),
-                "-f",
-                script.to_str().unwrap(),
-                "postgres",
-            ],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = wait_with_timeout(child, Duration::from_secs(30));
+    let out = s.pgbench(&[
+        "-n",
+        "-C",
+        "-c",
+        "1",
+        "-t",
+        &sessions.to_string(),
+        "-f",
+        script.to_str().unwrap(),
+    ]);
     assert!(
         out.status.success() && stdout(&out).contains("number of failed transactions: 0"),
         "{}{}",

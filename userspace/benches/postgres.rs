@@ -176,14 +176,14 @@ fn main() {
     ];
     // results[mode][target] = (tps, latency ms, proxy CPU µs per
     // transaction, whole machine's CPU µs per transaction) per round
-    let mut results: Vec<Vec<Vec<_>>> = modes
+    let mut results: Rounds = modes
         .iter()
         .map(|mode| vec![Vec::new(); targets(mode.tls).len()])
         .collect();
     let mut copies = vec![Vec::new(); targets(false).len()];
     let connecting = [Mode::new("simple", false), Mode::new("simple", true)];
     // connections[mode][target], as results
-    let mut connections: Vec<Vec<Vec<_>>> = connecting
+    let mut connections: Rounds = connecting
         .iter()
         .map(|mode| vec![Vec::new(); targets(mode.tls).len()])
         .collect();
@@ -214,32 +214,7 @@ fn main() {
     println!(
         "\npgbench -S, {CLIENTS} clients, {SECONDS} s x {ROUNDS} rounds (median); gateway records every statement"
     );
-    println!(
-        "{:<14} {:<10} {:>10} {:>12} {:>10} {:>14} {:>16}",
-        "protocol", "target", "tps", "latency ms", "vs direct", "proxy CPU/txn", "machine CPU/txn"
-    );
-    for (m, mode) in modes.iter().enumerate() {
-        let direct = median(results[m][0].iter().map(|r| r.0).collect());
-        for (t, target) in targets(mode.tls).iter().enumerate() {
-            let tps = median(results[m][t].iter().map(|r| r.0).collect());
-            let latency = median(results[m][t].iter().map(|r| r.1).collect());
-            let cpu = match target.proxy {
-                Some(_) => format!(
-                    "{:.1} µs",
-                    median(results[m][t].iter().map(|r| r.2).collect())
-                ),
-                None => "-".into(),
-            };
-            let machine = median(results[m][t].iter().map(|r| r.3).collect());
-            println!(
-                "{:<14} {:<10} {tps:>10.0} {latency:>12.3} {:>10.2} {cpu:>14} {:>13.1} µs",
-                mode.label(),
-                target.name,
-                tps / direct,
-                machine
-            );
-        }
-    }
+    print_medians(&modes, &targets, &results, "txn", "tps", 1);
     println!(
         "\nTPS over PgBouncer's, round by round (gateway: local clients the kernel redirects; \
          remote: clients of the gateway's listener)"
@@ -272,37 +247,14 @@ fn main() {
          {CONNECTING_CLIENTS} clients (median); PgBouncer reuses its server \
          connections, the gateway opens and records one per client"
     );
-    println!(
-        "{:<14} {:<10} {:>12} {:>12} {:>10} {:>16} {:>18}",
-        "protocol",
-        "target",
+    print_medians(
+        &connecting,
+        &targets,
+        &connections,
+        "conn",
         "connections/s",
-        "latency ms",
-        "vs direct",
-        "proxy CPU/conn",
-        "machine CPU/conn"
+        0,
     );
-    for (m, mode) in connecting.iter().enumerate() {
-        let direct = median(connections[m][0].iter().map(|r| r.0).collect());
-        for (t, target) in targets(mode.tls).iter().enumerate() {
-            let rate = median(connections[m][t].iter().map(|r| r.0).collect());
-            let latency = median(connections[m][t].iter().map(|r| r.1).collect());
-            let cpu = match target.proxy {
-                Some(_) => format!(
-                    "{:.0} µs",
-                    median(connections[m][t].iter().map(|r| r.2).collect())
-                ),
-                None => "-".into(),
-            };
-            let machine = median(connections[m][t].iter().map(|r| r.3).collect());
-            println!(
-                "{:<14} {:<10} {rate:>12.0} {latency:>12.3} {:>10.2} {cpu:>16} {machine:>15.0} µs",
-                mode.label(),
-                target.name,
-                rate / direct
-            );
-        }
-    }
     println!("\nlarge result: {COPY_SQL} (median MB/s)");
     let direct = median(copies[0].clone());
     for (t, target) in targets(false).iter().enumerate() {
@@ -317,6 +269,53 @@ fn main() {
     drop(bouncer);
     drop(gateway);
     drop(provider);
+}
+
+/// What [`measure`] returned per mode, target and round.
+type Rounds = Vec<Vec<Vec<(f64, f64, f64, f64)>>>;
+
+/// A table of medians, a row per mode and target: the rate, the latency,
+/// the rate over direct's (the first target), the proxy's CPU and the
+/// machine's CPU per `unit` (a transaction or a connection), in µs with
+/// `cpu_decimals`.
+fn print_medians<'a>(
+    modes: &[Mode],
+    targets: &dyn Fn(bool) -> Vec<Target<'a>>,
+    results: &Rounds,
+    unit: &str,
+    rate_name: &str,
+    cpu_decimals: usize,
+) {
+    println!(
+        "{:<14} {:<10} {rate_name:>13} {:>12} {:>10} {:>16} {:>18}",
+        "protocol",
+        "target",
+        "latency ms",
+        "vs direct",
+        format!("proxy CPU/{unit}"),
+        format!("machine CPU/{unit}")
+    );
+    for (m, mode) in modes.iter().enumerate() {
+        let column = |t: usize, pick: fn(&(f64, f64, f64, f64)) -> f64| {
+            median(results[m][t].iter().map(pick).collect())
+        };
+        let direct = column(0, |r| r.0);
+        for (t, target) in targets(mode.tls).iter().enumerate() {
+            let rate = column(t, |r| r.0);
+            let cpu = match target.proxy {
+                Some(_) => format!("{:.cpu_decimals$} µs", column(t, |r| r.2)),
+                None => "-".into(),
+            };
+            println!(
+                "{:<14} {:<10} {rate:>13.0} {:>12.3} {:>10.2} {cpu:>16} {:>15.cpu_decimals$} µs",
+                mode.label(),
+                target.name,
+                column(t, |r| r.1),
+                rate / direct,
+                column(t, |r| r.3),
+            );
+        }
+    }
 }
 
 /// One way to reach the cluster.
