@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     audit::{service::AuditService, AuditEvent, Recorder},
@@ -279,7 +279,9 @@ async fn forward_kernel_events(mut reader: EventReader, recorder: Arc<dyn Record
         for event in batch {
             let o = &event.origin;
             match event.action {
-                KernelAction::Redirect => info!(
+                // The session's start, logged just after at info, names the
+                // same origin; the audit store keeps every redirect.
+                KernelAction::Redirect => debug!(
                     destination = %o.original_destination, uid = o.uid, pid = o.pid,
                     command = %o.command, rule = o.rule, "kernel redirected connect"
                 ),
