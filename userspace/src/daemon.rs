@@ -18,7 +18,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    audit::{service::AuditService, AuditEvent, Recorder},
+    audit::{service::AuditService, Acks, AuditEvent, Recorder},
     config::{Config, ProtectRule},
     control,
     identity::{IdentityProvider, OidcIdentity, UnixIdentity},
@@ -266,6 +266,11 @@ fn check_protection(
         .collect())
 }
 
+/// Records what the kernel reports (redirects and blocks) as it comes.
+/// Nobody waits on these records, so they go with the writer's next commit
+/// rather than each forcing one: a redirect's record would otherwise cost
+/// every local connection a commit of its own before the one its session
+/// start needs.
 async fn forward_kernel_events(mut reader: EventReader, recorder: Arc<dyn Recorder>) {
     loop {
         let batch = match reader.next_batch().await {
@@ -275,7 +280,7 @@ async fn forward_kernel_events(mut reader: EventReader, recorder: Arc<dyn Record
                 return;
             }
         };
-        let mut acks = Vec::with_capacity(batch.len());
+        let mut acks = Acks::default();
         for event in batch {
             let o = &event.origin;
             match event.action {
@@ -293,11 +298,11 @@ async fn forward_kernel_events(mut reader: EventReader, recorder: Arc<dyn Record
             }
             acks.push(recorder.record(AuditEvent::Kernel(event)));
         }
-        for ack in acks {
-            if let Err(e) = ack.durable().await {
-                error!("audit record lost: {e}");
+        tokio::spawn(async move {
+            if let Err(e) = acks.durable_unhurried().await {
+                error!("audit record of a kernel event lost: {e}");
             }
-        }
+        });
     }
 }
 
