@@ -58,11 +58,25 @@ impl StartRecord {
     /// Waits until the start record is durable. The first caller gets the
     /// outcome; later ones return at once.
     pub async fn durable(&self) -> Result<(), AuditError> {
-        let ack = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
-        match ack {
+        match self.take() {
             Some(ack) => ack.durable().await,
             None => Ok(()),
         }
+    }
+
+    /// As [`StartRecord::durable`], committed with whatever comes next: for
+    /// a session that ended without relaying (a refused login), which
+    /// nobody waits on. A flood of refused logins then costs a commit per
+    /// commit interval, not one each.
+    pub async fn durable_unhurried(&self) -> Result<(), AuditError> {
+        match self.take() {
+            Some(ack) => ack.durable_unhurried().await,
+            None => Ok(()),
+        }
+    }
+
+    fn take(&self) -> Option<Ack> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }
 

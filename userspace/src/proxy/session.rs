@@ -71,7 +71,7 @@ pub(super) async fn run(
         Err(unidentified) => {
             let reason = unidentified.to_string();
             warn!(%listener, %peer, "refused: {reason}");
-            record_durably(
+            record_refusal(
                 &gateway,
                 AuditEvent::ConnectionRefused {
                     listener: listener.to_string(),
@@ -96,7 +96,7 @@ pub(super) async fn run(
             origin.uid
         );
         warn!(%listener, %peer, "refused: {reason}");
-        record_durably(
+        record_refusal(
             &gateway,
             AuditEvent::SessionRefused(SessionRefused {
                 session: next_session_id(),
@@ -158,7 +158,7 @@ pub(super) async fn run(
     };
     async {
         // Sessions that ended before relaying did not wait for it.
-        if let Err(e) = ctx.start.durable().await {
+        if let Err(e) = ctx.start.durable_unhurried().await {
             tracing::error!("audit record lost: {e}");
         }
         info!(
@@ -217,10 +217,13 @@ async fn serve(
     }
 }
 
-/// Records `event` and waits until it is durable; false (and an error in
-/// the log) if it could not be.
-async fn record_durably(gateway: &Gateway, event: AuditEvent) -> bool {
-    match gateway.recorder.record(event).durable().await {
+/// Records a refusal and waits until it is durable, committed with
+/// whatever comes next (nobody waits on it but the refused client's
+/// socket, which closes after it); false (and an error in the log) if it
+/// could not be. A flood of refused connections then costs a commit per
+/// commit interval, not one each.
+async fn record_refusal(gateway: &Gateway, event: AuditEvent) -> bool {
+    match gateway.recorder.record(event).durable_unhurried().await {
         Ok(()) => true,
         Err(e) => {
             tracing::error!("audit record lost: {e}");
