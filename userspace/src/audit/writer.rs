@@ -522,6 +522,13 @@ impl Writer {
         blocks: &[(u64, Vec<u8>)],
         subjects: Vec<(Hash, SubjectHit)>,
     ) -> Result<(), AuditError> {
+        // Decided before the hits' sync, which does not cover this
+        // commit's chain entries: the writer's first commit must sync
+        // them whatever else it syncs (an index without extents is not
+        // scanned when the store opens).
+        let sync_chain = self
+            .index_synced
+            .is_none_or(|at| at.elapsed() >= INDEX_SYNC_INTERVAL);
         if !subjects.is_empty() {
             let mut index = sled::Batch::default();
             for (hash, hit) in subjects {
@@ -531,15 +538,11 @@ impl Writer {
             }
             self.store.subjects.apply_batch(index)?;
             self.store.sync()?;
-            self.index_is_synced();
         }
         let mut chain = ChainEntries::default();
         self.store.append_blocks(blocks, &mut chain)?;
         self.store.apply(chain, None)?;
-        if self
-            .index_synced
-            .is_none_or(|at| at.elapsed() >= INDEX_SYNC_INTERVAL)
-        {
+        if sync_chain {
             self.store.sync()?;
             self.index_is_synced();
         } else {

@@ -844,3 +844,32 @@ fn a_commit_whose_blocks_fail_leaves_its_subject_hits_not_records_without_them()
     assert_eq!(hits[0].session.as_deref(), Some("s-1"));
     assert!(store.head().unwrap().is_none());
 }
+
+#[test]
+fn a_first_commit_with_subject_hits_still_syncs_its_chain_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let store = Store::open(&state).unwrap();
+    let recorder = writer(&state, &store);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let hit = recorder.subject_index("s-1", 1, "alice@example.test");
+        let start = recorder.record(AuditEvent::SessionStart(SessionStart {
+            session: "s-1".into(),
+            listener: "crm".into(),
+            protocol: "tcp",
+            peer: "127.0.0.1:40000".parse().unwrap(),
+            principal: None,
+            origin: None,
+        }));
+        hit.durable().await.unwrap();
+        start.durable().await.unwrap();
+    });
+    // An index without extents is not scanned on open, so the first
+    // commit's must be durable in sled, subject hits or not.
+    let (_copy, copied) = crash_copy(dir.path());
+    assert_eq!(copied.head().unwrap().map(|r| r.seq), Some(1));
+    recorder.close().unwrap();
+}
