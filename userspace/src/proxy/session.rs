@@ -218,16 +218,11 @@ async fn serve(
 }
 
 /// Records a refusal and waits until it is durable, committed with
-/// whatever comes next (nobody waits on it but the refused client's
-/// socket, which closes after it); false (and an error in the log) if it
-/// could not be. A flood of refused connections then costs a commit per
-/// commit interval, not one each.
-async fn record_refusal(gateway: &Gateway, event: AuditEvent) -> bool {
-    match gateway.recorder.record(event).durable_unhurried().await {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::error!("audit record lost: {e}");
-            false
-        }
+/// whatever comes next: nobody waits on it but the refused client's
+/// socket, which closes after it. A flood of refused connections then
+/// costs a commit per commit interval, not one each.
+async fn record_refusal(gateway: &Gateway, event: AuditEvent) {
+    if let Err(e) = gateway.recorder.record(event).durable_unhurried().await {
+        tracing::error!("audit record lost: {e}");
     }
 }
