@@ -233,6 +233,17 @@ fn writer(state: &Path, store: &Store) -> SledRecorder {
     .unwrap()
 }
 
+fn session_start(session: &str, listener: &str) -> AuditEvent {
+    AuditEvent::SessionStart(SessionStart {
+        session: session.to_string(),
+        listener: listener.to_string(),
+        protocol: "tcp",
+        peer: "127.0.0.1:40000".parse().unwrap(),
+        principal: None,
+        origin: None,
+    })
+}
+
 /// Records a start and an end per session, all in one commit.
 fn record_sessions(recorder: &SledRecorder, sessions: &[(&str, &str)]) {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -241,14 +252,7 @@ fn record_sessions(recorder: &SledRecorder, sessions: &[(&str, &str)]) {
     runtime.block_on(async {
         let mut acks = Vec::new();
         for (session, listener) in sessions {
-            acks.push(recorder.record(AuditEvent::SessionStart(SessionStart {
-                session: session.to_string(),
-                listener: listener.to_string(),
-                protocol: "tcp",
-                peer: "127.0.0.1:40000".parse().unwrap(),
-                principal: None,
-                origin: None,
-            })));
+            acks.push(recorder.record(session_start(session, listener)));
         }
         for (session, _) in sessions {
             acks.push(recorder.record(AuditEvent::SessionEnd(SessionEnd {
@@ -796,6 +800,21 @@ fn records_after_the_zeros_a_restart_left_are_found_again() {
     assert_eq!(segment_files(&dir.path().join("state")).len(), 1);
 }
 
+/// Records session `s-1`'s start and a subject hit in it, in one commit;
+/// the outcome of each.
+fn record_start_with_hit(
+    recorder: &SledRecorder,
+) -> (Result<(), AuditError>, Result<(), AuditError>) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let hit = recorder.subject_index("s-1", 1, "alice@example.test");
+        let start = recorder.record(session_start("s-1", "crm"));
+        (hit.durable().await, start.durable().await)
+    })
+}
+
 #[test]
 fn a_commit_whose_blocks_fail_leaves_its_subject_hits_not_records_without_them() {
     let dir = tempfile::tempdir().unwrap();
@@ -815,21 +834,7 @@ fn a_commit_whose_blocks_fail_leaves_its_subject_hits_not_records_without_them()
         assert!(out.status.success(), "{out:?}");
     };
     chattr("+i");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let (hit, start) = runtime.block_on(async {
-        let hit = recorder.subject_index("s-1", 1, "alice@example.test");
-        let start = recorder.record(AuditEvent::SessionStart(SessionStart {
-            session: "s-1".into(),
-            listener: "crm".into(),
-            protocol: "tcp",
-            peer: "127.0.0.1:40000".parse().unwrap(),
-            principal: None,
-            origin: None,
-        }));
-        (hit.durable().await, start.durable().await)
-    });
+    let (hit, start) = record_start_with_hit(&recorder);
     chattr("-i");
     assert!(hit.is_err() && start.is_err(), "{hit:?} {start:?}");
     recorder.close().unwrap();
@@ -851,22 +856,9 @@ fn a_first_commit_with_subject_hits_still_syncs_its_chain_entries() {
     let state = dir.path().join("state");
     let store = Store::open(&state).unwrap();
     let recorder = writer(&state, &store);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let hit = recorder.subject_index("s-1", 1, "alice@example.test");
-        let start = recorder.record(AuditEvent::SessionStart(SessionStart {
-            session: "s-1".into(),
-            listener: "crm".into(),
-            protocol: "tcp",
-            peer: "127.0.0.1:40000".parse().unwrap(),
-            principal: None,
-            origin: None,
-        }));
-        hit.durable().await.unwrap();
-        start.durable().await.unwrap();
-    });
+    let (hit, start) = record_start_with_hit(&recorder);
+    hit.unwrap();
+    start.unwrap();
     // An index without extents is not scanned on open, so the first
     // commit's must be durable in sled, subject hits or not.
     let (_copy, copied) = crash_copy(dir.path());
