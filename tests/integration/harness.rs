@@ -353,11 +353,17 @@ impl Gateway {
     /// thread of its own, so a line can land just after what a test
     /// waited on.
     pub fn wait_for_log(&self, text: &str) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !self.log().contains(text) {
+        self.wait_for_log_count(text, 1, Duration::from_secs(5));
+    }
+
+    /// Waits up to `within` until the log holds `text` at least `count`
+    /// times.
+    pub fn wait_for_log_count(&self, text: &str, count: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.log().matches(text).count() < count {
             assert!(
                 Instant::now() < deadline,
-                "the log never said {text:?}: {}",
+                "the log never said {text:?} {count} times: {}",
                 self.log()
             );
             thread::sleep(Duration::from_millis(20));

@@ -354,11 +354,7 @@ fn reload_swaps_the_protected_set_without_a_gap() {
         reloads >= 5,
         "the hammer finished before the reloads ({reloads})"
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while gateway.log().matches("protected set reloaded").count() < 5 {
-        assert!(std::time::Instant::now() < deadline, "{}", gateway.log());
-        thread::sleep(Duration::from_millis(20));
-    }
+    gateway.wait_for_log_count("protected set reloaded", 5, Duration::from_secs(10));
     let out = wait_with_timeout(child, Duration::from_secs(60));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "EPERM");
 
@@ -379,11 +375,7 @@ fn reload_swaps_the_protected_set_without_a_gap() {
     .unwrap();
     gateway.signal("HUP");
     let rejected = |times: usize| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while gateway.log().matches("config reload rejected").count() < times {
-            assert!(std::time::Instant::now() < deadline, "{}", gateway.log());
-            thread::sleep(Duration::from_millis(20));
-        }
+        gateway.wait_for_log_count("config reload rejected", times, Duration::from_secs(10));
     };
     rejected(1);
     assert_eq!(
@@ -406,11 +398,7 @@ fn reload_swaps_the_protected_set_without_a_gap() {
     // protected.
     gateway.write_config(&[Protect::block("127.0.0.1", Some(kept))]);
     gateway.signal("HUP");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !gateway.log().contains("reload stopped protecting") {
-        assert!(std::time::Instant::now() < deadline, "{}", gateway.log());
-        thread::sleep(Duration::from_millis(20));
-    }
+    gateway.wait_for_log_count("reload stopped protecting", 1, Duration::from_secs(10));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while cgroup.python(&py_connect("AF_INET", "127.0.0.1", added)) != "ECONNREFUSED" {
         assert!(std::time::Instant::now() < deadline, "{}", gateway.log());

@@ -1184,10 +1184,10 @@ fn a_stalled_log_holds_up_no_session_and_loses_no_line() {
     // Every line the daemon queued meanwhile reaches the log once it reads
     // again.
     s.gateway.stall_log(false);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while s.gateway.log().matches("session end").count() < ends_before + sessions {
-        assert!(Instant::now() < deadline, "{}", s.gateway.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    s.gateway.wait_for_log_count(
+        "session end",
+        ends_before + sessions,
+        Duration::from_secs(10),
+    );
     s.assert_no_panic();
 }
