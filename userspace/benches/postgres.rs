@@ -188,27 +188,17 @@ fn main() {
         .map(|mode| vec![Vec::new(); targets(mode.tls).len()])
         .collect();
     for round in 0..ROUNDS {
-        for (m, mode) in modes.iter().enumerate() {
-            let targets = targets(mode.tls);
-            for k in 0..targets.len() {
-                let t = (k + round) % targets.len();
-                let args = ["-S", "-M", mode.protocol, "-c", CLIENTS, "-j", "2"];
-                results[m][t].push(measure(&targets[t], mode.sslmode(), &args));
-            }
-        }
+        measure_round(&modes, &targets, round, &mut results, |mode| {
+            vec!["-S", "-M", mode.protocol, "-c", CLIENTS, "-j", "2"]
+        });
         let plain = targets(false);
         for k in 0..plain.len() {
             let t = (k + round) % plain.len();
             copies[t].push(copy_rate(&plain[t]));
         }
-        for (m, mode) in connecting.iter().enumerate() {
-            let targets = targets(mode.tls);
-            for k in 0..targets.len() {
-                let t = (k + round) % targets.len();
-                let args = ["-S", "-C", "-c", CONNECTING_CLIENTS, "-j", "2"];
-                connections[m][t].push(measure(&targets[t], mode.sslmode(), &args));
-            }
-        }
+        measure_round(&connecting, &targets, round, &mut connections, |_| {
+            vec!["-S", "-C", "-c", CONNECTING_CLIENTS, "-j", "2"]
+        });
     }
 
     println!(
@@ -273,6 +263,24 @@ fn main() {
 
 /// What [`measure`] returned per mode, target and round.
 type Rounds = Vec<Vec<Vec<(f64, f64, f64, f64)>>>;
+
+/// One round of pgbench with `args` for every mode and target, starting
+/// with a different target each round so that drift affects all alike.
+fn measure_round<'a>(
+    modes: &[Mode],
+    targets: &dyn Fn(bool) -> Vec<Target<'a>>,
+    round: usize,
+    results: &mut Rounds,
+    args: impl Fn(&Mode) -> Vec<&'static str>,
+) {
+    for (m, mode) in modes.iter().enumerate() {
+        let targets = targets(mode.tls);
+        for k in 0..targets.len() {
+            let t = (k + round) % targets.len();
+            results[m][t].push(measure(&targets[t], mode.sslmode(), &args(mode)));
+        }
+    }
+}
 
 /// A table of medians, a row per mode and target: the rate, the latency,
 /// the rate over direct's (the first target), the proxy's CPU and the
