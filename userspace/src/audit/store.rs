@@ -225,8 +225,19 @@ pub struct SubjectHit {
     /// head when an adapter reported it.
     pub seq: u64,
     pub at_us: u64,
-    /// `detected` (found in a recorded event) or `reported` (by an adapter).
+    /// Where the value was found: `statement` (a statement's text or
+    /// parameters, hashed before it was recorded) or `detected` (in a
+    /// recorded event), or where an adapter saw it: `masked` (a result
+    /// value it hid) or `reported`.
     pub source: String,
+}
+
+impl SubjectHit {
+    /// Whether `seq` is the record the value was found in, not just the
+    /// chain's head when an adapter reported it.
+    pub(super) fn found_in_record(&self) -> bool {
+        matches!(self.source.as_str(), "statement" | "detected")
+    }
 }
 
 /// The open database.
@@ -622,16 +633,64 @@ impl Store {
         }
     }
 
-    /// Index entries for one keyed hash.
+    /// Index entries for one keyed hash, without those whose records were
+    /// never stored (see [`Store::stored_with_its_record`]).
     pub fn subject_hits(&self, hash: &Hash) -> Result<Vec<SubjectHit>, AuditError> {
         let mut hits = Vec::new();
+        // Hits come in the order they were indexed, so mostly a block's
+        // worth at a time: each block is read once.
+        let mut block = None;
         for item in self.subjects.scan_prefix(hash) {
             let (_, value) = item?;
-            if let Ok(hit) = serde_json::from_slice(&value) {
+            let Ok(hit) = serde_json::from_slice::<SubjectHit>(&value) else {
+                continue;
+            };
+            if self.stored_with_its_record(&hit, &mut block)? {
                 hits.push(hit);
             }
         }
         Ok(hits)
+    }
+
+    /// Whether the record `hit` was found in is in the chain.
+    ///
+    /// A commit makes its hits durable before its records (see
+    /// `Writer::write`). When the records never were (the commit failed,
+    /// or a crash came between), its hits name a seq the chain does not
+    /// reach, or one that a later commit gave to another session's record:
+    /// they are left out rather than point a data-subject request at
+    /// the wrong record. Hits an adapter reported (`masked`, `reported`)
+    /// name the chain's head when they came, not a record of their own,
+    /// and always count. `block` keeps the last block read.
+    fn stored_with_its_record(
+        &self,
+        hit: &SubjectHit,
+        block: &mut Option<Block>,
+    ) -> Result<bool, AuditError> {
+        if !hit.found_in_record() {
+            return Ok(true);
+        }
+        fn line(block: &Block, seq: u64) -> Option<&[u8]> {
+            seq.checked_sub(block.key)
+                .and_then(|index| block::line(&block.bytes, index))
+        }
+        if block.as_ref().is_none_or(|b| line(b, hit.seq).is_none()) {
+            *block = self.block_at(hit.seq)?;
+        }
+        let Some(line) = block.as_ref().and_then(|b| line(b, hit.seq)) else {
+            return Ok(false);
+        };
+        // A record that does not decode is `audit verify`'s to report; a
+        // request over-reports rather than miss it.
+        let Some(event) = Record::decode(line).ok().map(|r| r.event()) else {
+            return Ok(true);
+        };
+        let field = |name: &str| event.as_ref().and_then(|e| e.get(name));
+        let same_session = field("session").and_then(|v| v.as_str()) == hit.session.as_deref();
+        let same_statement = hit
+            .statement_seq
+            .is_none_or(|n| field("statement_seq").and_then(|v| v.as_u64()) == Some(n));
+        Ok(same_session && same_statement)
     }
 
     /// Records a signed checkpoint: tree, metadata, flush, then the file.

@@ -507,10 +507,10 @@ impl Writer {
     /// them durable, then indexes the blocks.
     ///
     /// The hits go first because only sled holds them: a crash between
-    /// the two leaves hits that name a session and record that were never
-    /// stored (a data-subject request over-reports), never records whose
-    /// hits were lost (it would under-report, and the records are found
-    /// again after a crash, see below).
+    /// the two, or a failed append, leaves hits that name a record that
+    /// was never stored (`Store::subject_hits` leaves them out), never
+    /// records whose hits were lost (a data-subject request would miss
+    /// them, and the records are found again after a crash, see below).
     ///
     /// sled is otherwise synced only every [`INDEX_SYNC_INTERVAL`], not for
     /// each commit: the blocks are durable, and what a crash takes from

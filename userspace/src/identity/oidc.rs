@@ -25,7 +25,7 @@ use super::{
     verify::{Claims, TokenVerifier},
     IdentityConfig, IdentityError, IdentityFuture, IdentityProvider, Principal,
 };
-use crate::audit::{AuditEvent, IdentityBinding, IdentityLogout, Recorder};
+use crate::audit::{AuditError, AuditEvent, IdentityBinding, IdentityLogout, Recorder};
 
 /// How often expiries and due refreshes are looked at.
 const MAINTENANCE_TICK: Duration = Duration::from_secs(1);
@@ -106,7 +106,7 @@ impl OidcIdentity {
             Ok(claims) => claims,
             Err(rejection) => {
                 warn!(uid, "login refused: {}", rejection.reason);
-                self.record(AuditEvent::IdentityRejected {
+                self.record_refusal(AuditEvent::IdentityRejected {
                     uid,
                     reason: rejection.reason,
                 })
@@ -287,14 +287,26 @@ impl OidcIdentity {
         }
     }
 
+    /// Records `event` and waits until it is durable, hurrying the audit
+    /// writer: a login takes effect only once its record does.
     async fn record(&self, event: AuditEvent) -> Result<(), IdentityError> {
-        self.recorder.record(event).durable().await.map_err(|e| {
-            tracing::error!("audit record lost: {e}");
-            IdentityError::Unavailable(
-                "the gateway cannot record the login; try again later".into(),
-            )
-        })
+        recorded(self.recorder.record(event).durable().await)
     }
+
+    /// Records a refused login and waits for the writer's next commit
+    /// without hurrying it: a flood of bad tokens then costs one commit
+    /// per commit interval, not one each (as refused sessions do).
+    async fn record_refusal(&self, event: AuditEvent) -> Result<(), IdentityError> {
+        recorded(self.recorder.record(event).durable_unhurried().await)
+    }
+}
+
+/// What an identity record's failure tells the user.
+fn recorded(result: Result<(), AuditError>) -> Result<(), IdentityError> {
+    result.map_err(|e| {
+        tracing::error!("audit record lost: {e}");
+        IdentityError::Unavailable("the gateway cannot record the login; try again later".into())
+    })
 }
 
 enum RefreshError {

@@ -29,12 +29,12 @@
 //!   append starts a new one, so no record is ever written behind such
 //!   bytes.
 //!
-//! Two things a crash can leave that the scan cannot tell apart from what
-//! was confirmed: the records of a commit that failed after its blocks
-//! were durable and was never retried (they are indexed: the events did
-//! happen, the gateway refused what waited for them), and the data-subject
-//! entries of a commit that had its blocks durable but not yet its sled
-//! sync (only sled holds them).
+//! What a crash can leave that the scan cannot tell apart from what was
+//! confirmed: the records of a commit that failed after its blocks were
+//! durable and was never retried. They are indexed: the events did
+//! happen, the gateway refused what waited for them. (The data-subject
+//! entries of a commit whose blocks never became durable stay in sled,
+//! where `Store::subject_hits` leaves them out.)
 
 use tracing::warn;
 

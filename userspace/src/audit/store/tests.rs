@@ -20,7 +20,7 @@ use crate::audit::{
     subject,
     verify::{verify, Verification},
     writer::PurgeSummary,
-    AuditEvent, CheckpointPolicy, Recorder, SessionEnd, SessionStart, SledRecorder,
+    AuditEvent, CheckpointPolicy, Recorder, SessionEnd, SessionStart, SledRecorder, Statement,
 };
 
 /// `n` chained records with payloads of varied length.
@@ -815,6 +815,72 @@ fn record_start_with_hit(
     })
 }
 
+/// Sets or clears (`+i`, `-i`) the immutable flag of the audit directory
+/// under `state`: an append that must create the segment directory fails,
+/// as a disk failing between the index's sync and the segment's would.
+fn chattr(flag: &str, state: &Path) {
+    let out = std::process::Command::new("chattr")
+        .arg(flag)
+        .arg(state.join("audit"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+fn statement(session: &str, text: &str) -> AuditEvent {
+    AuditEvent::Statement(Statement {
+        session: session.to_string(),
+        statement_seq: 1,
+        resource: "crm".to_string(),
+        protocol: "simple",
+        text: text.to_string(),
+        parameters: Vec::new(),
+        duration_us: 10,
+        rows_returned: 0,
+        rows: None,
+        command_tag: None,
+        error: None,
+    })
+}
+
+/// Records `event` alone and waits for its commit.
+fn record_alone(recorder: &SledRecorder, event: AuditEvent) -> Result<(), AuditError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(recorder.record(event).durable())
+}
+
+#[test]
+fn hits_whose_records_were_never_stored_are_not_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let store = Store::open(&state).unwrap();
+    let recorder = writer(&state, &store);
+    let address = "alice@example.test";
+    let lookup = "select * from users where email = 'alice@example.test'";
+    chattr("+i", &state);
+    let failed = record_alone(&recorder, statement("s-1", lookup));
+    chattr("-i", &state);
+    assert!(failed.is_err(), "{failed:?}");
+    let key = Keys::load_or_create(&state).unwrap().subject;
+    let hash = subject::subject_hash(&key, address);
+    let indexed = || store.subjects.scan_prefix(hash).count();
+    // The hit is in the index, durable before the commit failed; its seq
+    // is beyond the chain, as after a crash between the two.
+    assert_eq!(indexed(), 1);
+    assert!(store.subject_hits(&hash).unwrap().is_empty());
+
+    // The next commit gives that seq to another session's statement.
+    record_alone(&recorder, statement("s-2", "select 1")).unwrap();
+    record_alone(&recorder, statement("s-3", lookup)).unwrap();
+    recorder.close().unwrap();
+    assert_eq!(indexed(), 2);
+    let hits = store.subject_hits(&hash).unwrap();
+    assert_eq!(hits.len(), 1, "{hits:?}");
+    assert_eq!((hits[0].session.as_deref(), hits[0].seq), (Some("s-3"), 2));
+}
+
 #[test]
 fn a_commit_whose_blocks_fail_leaves_its_subject_hits_not_records_without_them() {
     let dir = tempfile::tempdir().unwrap();
@@ -824,18 +890,9 @@ fn a_commit_whose_blocks_fail_leaves_its_subject_hits_not_records_without_them()
     // The audit directory made immutable: the first append cannot create
     // the segment directory, as a disk failing between the index's sync
     // and the segment's.
-    let audit = state.join("audit");
-    let chattr = |flag: &str| {
-        let out = std::process::Command::new("chattr")
-            .arg(flag)
-            .arg(&audit)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-    };
-    chattr("+i");
+    chattr("+i", &state);
     let (hit, start) = record_start_with_hit(&recorder);
-    chattr("-i");
+    chattr("-i", &state);
     assert!(hit.is_err() && start.is_err(), "{hit:?} {start:?}");
     recorder.close().unwrap();
 
