@@ -382,6 +382,17 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::Random;
+
+    #[test]
+    fn damaged_configs_are_errors_not_panics() {
+        let shipped = include_str!("../../systemd/portcullis.toml");
+        let mut random = Random::new(0x1234_5678_9abc_def1);
+        for _ in 0..20_000 {
+            let _ = Config::parse(&random.mutate(shipped));
+            let _ = Config::parse(&random.mutate(SAMPLE));
+        }
+    }
 
     const SAMPLE: &str = r#"
         [[listener]]

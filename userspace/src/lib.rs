@@ -44,3 +44,60 @@ pub mod proxy;
 pub mod resource;
 #[cfg(test)]
 mod testing;
+
+/// `e: cause: cause` in one line: for errors whose `Display` leaves the
+/// cause out, and for the last word of a failed command. A cause whose text
+/// the line already holds (an error that names its source in its own
+/// message) is not repeated.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("cannot read {path}: {source}")]
+        Names {
+            path: &'static str,
+            source: std::io::Error,
+        },
+        #[error("cannot read {path}")]
+        Hides {
+            path: &'static str,
+            source: std::io::Error,
+        },
+    }
+
+    #[test]
+    fn a_chain_names_each_cause_once() {
+        let missing = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let names = Outer::Names {
+            path: "a.toml",
+            source: missing(),
+        };
+        assert_eq!(error_chain(&names), "cannot read a.toml: no such file");
+        let hides = Outer::Hides {
+            path: "a.toml",
+            source: missing(),
+        };
+        assert_eq!(error_chain(&hides), "cannot read a.toml: no such file");
+        let wrapped = anyhow::Error::from(names).context("starting");
+        assert_eq!(
+            error_chain(wrapped.as_ref()),
+            "starting: cannot read a.toml: no such file"
+        );
+    }
+}

@@ -22,7 +22,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("portcullis: {e:#}");
+            eprintln!("portcullis: {}", portcullis::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -53,6 +53,53 @@ impl Random {
     pub fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
         &from[self.below(from.len())]
     }
+
+    /// `text` with a few random edits: bytes dropped, runs cut out or
+    /// copied elsewhere, quotes, brackets, huge numbers and invalid UTF-8
+    /// put in. Mostly still close to the original, so a parser gets past
+    /// its first lines.
+    pub fn mutate(&mut self, text: &str) -> String {
+        const PIECES: &[&[u8]] = &[
+            b"\"",
+            b"'",
+            b"[",
+            b"]",
+            b"{",
+            b"}",
+            b"=",
+            b"\n",
+            b"\\",
+            b"$",
+            b"-1",
+            b"99999999999999999999",
+            b"\xff",
+            b"\0",
+            b"*",
+            b"(",
+        ];
+        let mut bytes = text.as_bytes().to_vec();
+        for _ in 0..1 + self.below(6) {
+            if bytes.is_empty() {
+                break;
+            }
+            let at = self.below(bytes.len());
+            let end = (at + self.below(40)).min(bytes.len());
+            match self.below(4) {
+                0 => drop(bytes.remove(at)),
+                1 => drop(bytes.drain(at..end)),
+                2 => {
+                    let piece = *self.pick(PIECES);
+                    bytes.splice(at..at, piece.iter().copied());
+                }
+                _ => {
+                    let run = bytes[at..end].to_vec();
+                    let to = self.below(bytes.len());
+                    bytes.splice(to..to, run);
+                }
+            }
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
 }
 
 /// A message body that parsers trip on: empty, truncated, lengths and

@@ -470,7 +470,36 @@ pub fn parse_time(text: &str) -> Result<u64, String> {
     if let Some(time) = parsed {
         return Ok(super::writer::micros(time));
     }
+    // A duration reaching back past what the clock can hold means from the
+    // start.
     humantime::parse_duration(t)
-        .map(|ago| super::writer::micros(SystemTime::now() - ago))
+        .map(|ago| {
+            SystemTime::now()
+                .checked_sub(ago)
+                .map_or(0, super::writer::micros)
+        })
         .map_err(|_| format!("'{text}' is not a time (examples: 2026-11-22, 2026-11-22T10:00:00Z, 2h for two hours ago)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_dates_timestamps_or_durations_ago() {
+        assert_eq!(parse_time("2026-11-22").unwrap(), 1_795_305_600_000_000);
+        assert_eq!(
+            parse_time("2026-11-22T10:00:00Z").unwrap(),
+            1_795_305_600_000_000 + 10 * 3_600_000_000
+        );
+        let now = super::super::writer::micros(SystemTime::now());
+        let ago = now - parse_time("2h").unwrap();
+        assert!((7_100_000_000..=7_200_000_000).contains(&ago), "{ago}");
+        // Before 1970, or further back than the clock reaches: from the
+        // start, no panic.
+        assert_eq!(parse_time("1000y").unwrap(), 0);
+        assert_eq!(parse_time("300000000000y").unwrap(), 0);
+        let err = parse_time("yesterday").unwrap_err();
+        assert!(err.contains("'yesterday' is not a time"), "{err}");
+    }
 }

@@ -12,7 +12,8 @@ use openidconnect::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{jwks::error_chain, IdentityError};
+use super::IdentityError;
+use crate::error_chain;
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct DeviceEndpoint {

@@ -14,7 +14,8 @@ use openidconnect::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{discovery, http, jwks::error_chain, IdentityError};
+use super::{discovery, http, IdentityError};
+use crate::error_chain;
 
 /// What the daemon tells `portcullis login` about its provider.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

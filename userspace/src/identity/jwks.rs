@@ -16,6 +16,7 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use super::IdentityError;
+use crate::error_chain;
 
 /// At most one re-fetch for unknown keys per this interval.
 pub const REFETCH_INTERVAL: Duration = Duration::from_secs(2);
@@ -117,16 +118,4 @@ async fn download(
                 error_chain(&e)
             ))
         })
-}
-
-/// `e: cause: cause` in one line, for errors whose `Display` hides the cause.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

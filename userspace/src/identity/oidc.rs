@@ -20,12 +20,15 @@ use super::{
     discovery::{self, Metadata},
     flows::{read_secret, LoginParams, LoginTokens},
     http,
-    jwks::{error_chain, JwksCache},
+    jwks::JwksCache,
     principal::PrincipalRules,
     verify::{Claims, TokenVerifier},
     IdentityConfig, IdentityError, IdentityFuture, IdentityProvider, Principal,
 };
-use crate::audit::{AuditError, AuditEvent, IdentityBinding, IdentityLogout, Recorder};
+use crate::{
+    audit::{AuditError, AuditEvent, IdentityBinding, IdentityLogout, Recorder},
+    error_chain,
+};
 
 /// How often expiries and due refreshes are looked at.
 const MAINTENANCE_TICK: Duration = Duration::from_secs(1);

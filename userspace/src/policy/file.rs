@@ -483,6 +483,15 @@ fn line_of(text: &str, key: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::Random;
+
+    #[test]
+    fn damaged_policies_are_errors_not_panics() {
+        let mut random = Random::new(0x0fed_cba9_8765_4321);
+        for _ in 0..20_000 {
+            let _ = Policy::parse(&random.mutate(SAMPLE));
+        }
+    }
 
     const SAMPLE: &str = r#"
 [settings]

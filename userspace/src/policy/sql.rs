@@ -430,6 +430,30 @@ impl Walk {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::Random;
+
+    /// What a client can send as a statement: anything.
+    #[test]
+    fn any_text_is_classified_or_refused_without_a_panic() {
+        const STATEMENTS: &[&str] = &[
+            "select * from t where a = 1 limit 5",
+            "insert into x values ($1, 'a''b') returning id",
+            "with a as (select 1) delete from t using a where t.id = a.id",
+            "copy (select * from events) to stdout with (format csv)",
+            "do $$ begin perform 1; end $$",
+            "select $tag$ x $tag$, e'\\'', U&\"a\" from \"T\".\"u\"",
+            "update t set a = (select max(b) from u) where c in (1, 2, 3)",
+            "/* c */ -- x\n select 1; select 2;",
+            "grant select on all tables in schema public to bob",
+            "explain analyze select * from t join u on t.a = u.b order by 1",
+        ];
+        let mut random = Random::new(0x5151_7777_aaaa_3333);
+        for _ in 0..20_000 {
+            let statement = *random.pick(STATEMENTS);
+            let text = random.mutate(statement);
+            let _ = classify(&text, &["events".to_string()]);
+        }
+    }
 
     fn one(sql: &str) -> Statement {
         let mut all = classify(sql, &["events".to_string()]).unwrap();
