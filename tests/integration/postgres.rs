@@ -440,9 +440,10 @@ fn pgbench_prepared_pipelined_and_fifty_sessions() {
     s.assert_no_panic();
 }
 
-#[test]
-fn cancel_request_reaches_the_upstream_backend() {
-    let s = Setup::new();
+/// psql's `select pg_sleep(30)`, cancelled by SIGINT after 2 s: its
+/// CancelRequest reaches the upstream backend, and the statement's record
+/// says so.
+fn cancel_a_sleep(s: &Setup) {
     let started = Instant::now();
     // psql sends a protocol CancelRequest on SIGINT.
     let child = s
@@ -481,6 +482,12 @@ fn cancel_request_reaches_the_upstream_backend() {
     );
     let e = s.wait_statement("cancelled", |e| e["text"] == "select pg_sleep(30)");
     assert_eq!(e["error"]["sqlstate"], "57014");
+}
+
+#[test]
+fn cancel_request_reaches_the_upstream_backend() {
+    let s = Setup::new();
+    cancel_a_sleep(&s);
     // A forged key cancels nothing and is not an error.
     let mut raw = TcpStream::connect(s.listener).unwrap();
     raw.write_all(&[0, 0, 0, 16, 4, 210, 22, 46, 0, 0, 0, 1, 0, 0, 0, 2])
@@ -633,6 +640,10 @@ fn tls_on_both_sides_and_direct_clients() {
         .unwrap();
     let out = wait_with_timeout(out, Duration::from_secs(30));
     assert_eq!(stdout(&out).trim(), "7", "{}", stderr(&out));
+
+    // A cancel request carries the upstream backend's secret: it goes
+    // over TLS too (the unit tests show the SSLRequest first).
+    cancel_a_sleep(&s);
 
     // An upstream TLS connection serves the next session too.
     std::thread::sleep(Duration::from_millis(300));

@@ -3,6 +3,8 @@
 //! upstream role. Every refusal carries the SQLSTATE and a message that
 //! tells the person what to do.
 
+use std::sync::Arc;
+
 use bytes::BytesMut;
 use pgwire::messages::startup::Authentication;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -32,7 +34,7 @@ impl Refusal {
 
 /// An authorized client.
 pub struct Login<'a> {
-    pub resource: &'a Resource,
+    pub resource: &'a Arc<Resource>,
     pub principal: Principal,
     pub grant: &'a Grant,
     pub database: String,

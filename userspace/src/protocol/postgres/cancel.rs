@@ -3,13 +3,16 @@
 //! only thing that lets someone cancel a query, and the upstream's key would
 //! let a client cancel other sessions' queries directly at the upstream.
 //!
+//! The request goes to the upstream the way the session's connection did:
+//! over TLS when the resource asks for it, since it carries the upstream
+//! backend's secret.
+//!
 //! A statement the gateway itself holds (waiting for an approval) is not
 //! upstream yet: a cancel request for that session ends the wait instead
 //! ([`Held`]) and is not sent on.
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -22,14 +25,13 @@ use tokio::{
     sync::oneshot,
 };
 
-use super::wire;
-use crate::proxy::upstream;
+use super::{upstream, wire, PgError, Resource};
 
 /// The upstream backend a gateway key stands for.
 #[derive(Clone)]
 struct Target {
     secret: [u8; 4],
-    upstream: SocketAddr,
+    resource: Arc<Resource>,
     upstream_pid: i32,
     upstream_secret: i32,
     held: Arc<Held>,
@@ -89,7 +91,7 @@ impl CancelRegistry {
     /// Makes a fresh random key for the upstream backend (pid, secret).
     pub fn register(
         self: &Arc<Self>,
-        upstream: SocketAddr,
+        resource: Arc<Resource>,
         upstream_pid: i32,
         upstream_secret: i32,
     ) -> Result<CancelKey, ring::error::Unspecified> {
@@ -108,7 +110,7 @@ impl CancelRegistry {
                 pid,
                 Target {
                     secret,
-                    upstream,
+                    resource,
                     upstream_pid,
                     upstream_secret,
                     held: Arc::clone(&held),
@@ -126,7 +128,7 @@ impl CancelRegistry {
     /// Ends the session's wait for an approval if it is holding a statement,
     /// else forwards the request to the upstream backend the key stands for;
     /// an unknown key is ignored, as PostgreSQL does.
-    pub async fn cancel(&self, pid: i32, secret: &[u8], mark: u32) -> Result<bool, std::io::Error> {
+    pub async fn cancel(&self, pid: i32, secret: &[u8], mark: u32) -> Result<bool, PgError> {
         let target = {
             let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
             targets.get(&pid).cloned()
@@ -148,13 +150,14 @@ impl CancelRegistry {
         if target.held.cancel() {
             return Ok(true);
         }
-        let mut stream = upstream::connect(target.upstream, mark).await?;
+        let (mut stream, _) = upstream::connect(&target.resource, mark).await?;
         let mut out = BytesMut::new();
         wire::encode(
             &CancelRequest::new(target.upstream_pid, SecretKey::I32(target.upstream_secret)),
             &mut out,
         );
         stream.write_all(&out).await?;
+        stream.flush().await?;
         // The upstream closes the connection once it has read the request.
         let mut sink = [0u8; 64];
         let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut sink)).await;
@@ -164,14 +167,58 @@ impl CancelRegistry {
 
 #[cfg(test)]
 mod tests {
+    use tokio::net::TcpListener;
+
     use super::*;
+    use crate::{
+        config::Protocol,
+        resource::{ResourceConfig, UpstreamTls},
+    };
+
+    fn resource(address: std::net::SocketAddr, tls: UpstreamTls) -> Arc<Resource> {
+        let config = ResourceConfig {
+            name: "crm".into(),
+            protocol: Protocol::Postgres,
+            address,
+            database: None,
+            tls,
+            ca_file: None,
+            grants: Vec::new(),
+            upstream_pool: 0,
+        };
+        Arc::new(Resource {
+            tls: super::super::tls::client_config(&config).unwrap(),
+            config,
+        })
+    }
+
+    /// A resource whose upstream is a listener of the test's: it accepts
+    /// one connection and returns the first `len` bytes sent, after
+    /// answering an SSLRequest with `N` (no TLS here).
+    async fn upstream(
+        tls: UpstreamTls,
+        len: usize,
+    ) -> (Arc<Resource>, tokio::task::JoinHandle<Vec<u8>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let resource = resource(listener.local_addr().unwrap(), tls);
+        let received = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut bytes = vec![0; len];
+            stream.read_exact(&mut bytes).await.unwrap();
+            if bytes.ends_with(&[0x04, 0xd2, 0x16, 0x2f]) {
+                stream.write_all(b"N").await.unwrap();
+            }
+            bytes
+        });
+        (resource, received)
+    }
 
     #[tokio::test]
     async fn keys_are_unique_and_forgotten_at_drop() {
         let registry = Arc::new(CancelRegistry::default());
-        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let a = registry.register(addr, 10, 20).unwrap();
-        let b = registry.register(addr, 11, 21).unwrap();
+        let (crm, _) = upstream(UpstreamTls::Disable, 16).await;
+        let a = registry.register(Arc::clone(&crm), 10, 20).unwrap();
+        let b = registry.register(crm, 11, 21).unwrap();
         assert_ne!(a.pid, b.pid);
         // A wrong secret is ignored without touching the network.
         assert!(!registry.cancel(a.pid, &[0, 0, 0, 0], 0).await.unwrap() || a.secret == 0);
@@ -180,12 +227,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_cancel_names_the_upstream_backend_not_the_gateway_key() {
+        let registry = Arc::new(CancelRegistry::default());
+        let (crm, received) = upstream(UpstreamTls::Disable, 16).await;
+        let key = registry.register(crm, 4242, 0x0102_0304).unwrap();
+        let secret = key.secret.to_be_bytes();
+        assert!(registry.cancel(key.pid, &secret, 0).await.unwrap());
+        let mut expected = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
+        expected.extend_from_slice(&4242i32.to_be_bytes());
+        expected.extend_from_slice(&[1, 2, 3, 4]);
+        assert_eq!(received.await.unwrap(), expected);
+    }
+
+    #[tokio::test]
+    async fn a_cancel_for_a_tls_resource_goes_over_tls_or_not_at_all() {
+        let registry = Arc::new(CancelRegistry::default());
+        let (crm, received) = upstream(UpstreamTls::Require, 8).await;
+        let key = registry.register(crm, 4242, 7).unwrap();
+        let err = registry
+            .cancel(key.pid, &key.secret.to_be_bytes(), 0)
+            .await
+            .unwrap_err();
+        // The upstream saw an SSLRequest, never the backend's secret.
+        assert_eq!(
+            received.await.unwrap(),
+            [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]
+        );
+        assert!(err.to_string().contains("requires TLS"), "{err}");
+    }
+
+    #[tokio::test]
     async fn a_cancel_ends_a_hold_without_touching_the_network() {
         let registry = Arc::new(CancelRegistry::default());
         // Nothing listens on port 1: forwarding would fail.
-        let key = registry
-            .register("127.0.0.1:1".parse().unwrap(), 10, 20)
-            .unwrap();
+        let crm = resource("127.0.0.1:1".parse().unwrap(), UpstreamTls::Disable);
+        let key = registry.register(crm, 10, 20).unwrap();
         let secret = key.secret.to_be_bytes();
         let wait = key.held.cancelled();
         assert!(registry.cancel(key.pid, &secret, 0).await.unwrap());

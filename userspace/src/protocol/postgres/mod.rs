@@ -104,7 +104,7 @@ pub struct Resource {
 
 /// What the PostgreSQL adapter shares between sessions.
 pub struct PostgresGateway {
-    resources: Vec<Resource>,
+    resources: Vec<Arc<Resource>>,
     /// TLS acceptor per PostgreSQL listener with a certificate.
     tls: HashMap<String, TlsAcceptor>,
     cancels: Arc<CancelRegistry>,
@@ -144,10 +144,10 @@ impl PostgresGateway {
             .iter()
             .filter(|r| r.protocol == Protocol::Postgres)
             .map(|r| {
-                Ok(Resource {
+                Ok(Arc::new(Resource {
                     tls: tls::client_config(r)?,
                     config: r.clone(),
-                })
+                }))
             })
             .collect::<Result<_, PgError>>()?;
         Ok(Self {
@@ -158,11 +158,11 @@ impl PostgresGateway {
         })
     }
 
-    fn resource_at(&self, address: SocketAddr) -> Option<&Resource> {
+    fn resource_at(&self, address: SocketAddr) -> Option<&Arc<Resource>> {
         self.resources.iter().find(|r| r.config.address == address)
     }
 
-    fn resource_named(&self, name: &str) -> Option<&Resource> {
+    fn resource_named(&self, name: &str) -> Option<&Arc<Resource>> {
         self.resources.iter().find(|r| r.config.name == name)
     }
 }
@@ -395,7 +395,7 @@ async fn open(
 
     let key = pg
         .cancels
-        .register(resource.config.address, upstream.pid, upstream.secret)
+        .register(Arc::clone(resource), upstream.pid, upstream.secret)
         .map_err(|_| PgError::Config("no randomness for the cancel key".into()))?;
     let mut hello = BytesMut::new();
     wire::encode(&Authentication::Ok, &mut hello);

@@ -42,24 +42,10 @@ pub async fn open(
     client_params: &[(String, String)],
     mark: u32,
 ) -> Result<Upstream, PgError> {
-    let address = resource.config.address;
     let password = grant
         .password()
         .map_err(|e| PgError::Config(format!("resource '{}': {e}", resource.config.name)))?;
-    let tcp = upstream::connect(address, mark).await.map_err(|e| {
-        PgError::Upstream(format!(
-            "cannot reach resource '{}' at {address}: {e}",
-            resource.config.name
-        ))
-    })?;
-    let mut stream = PgStream::Plain(tcp);
-    // Over TLS: the certificate hash SCRAM binds to, if it can.
-    let mut server_certificate: Option<Option<Vec<u8>>> = None;
-    if let Some(config) = &resource.tls {
-        let (tls, hash) = start_tls(stream, Arc::clone(config), resource).await?;
-        stream = tls;
-        server_certificate = Some(hash);
-    }
+    let (mut stream, server_certificate) = connect(resource, mark).await?;
 
     let mut startup = BytesMut::new();
     startup.extend_from_slice(&[0, 0, 0, 0, 0, 3, 0, 0]);
@@ -192,6 +178,30 @@ pub async fn open(
                     char::from(other)
                 )))
             }
+        }
+    }
+}
+
+/// A connection to the resource's upstream, over TLS when the resource asks
+/// for it (`tls` other than `disable`): for a session, and for a cancel
+/// request, which carries the upstream backend's secret. Over TLS, also the
+/// certificate hash SCRAM binds to, if it can.
+pub(super) async fn connect(
+    resource: &Resource,
+    mark: u32,
+) -> Result<(PgStream, Option<Option<Vec<u8>>>), PgError> {
+    let address = resource.config.address;
+    let tcp = upstream::connect(address, mark).await.map_err(|e| {
+        PgError::Upstream(format!(
+            "cannot reach resource '{}' at {address}: {e}",
+            resource.config.name
+        ))
+    })?;
+    match &resource.tls {
+        None => Ok((PgStream::Plain(tcp), None)),
+        Some(config) => {
+            let (tls, hash) = start_tls(PgStream::Plain(tcp), Arc::clone(config), resource).await?;
+            Ok((tls, Some(hash)))
         }
     }
 }
