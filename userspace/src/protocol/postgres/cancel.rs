@@ -27,9 +27,10 @@ use tokio::{
 
 use super::{upstream, wire, PgError, Resource};
 
-/// The upstream backend a gateway key stands for.
+/// The session a gateway key stands for: its upstream backend, and its
+/// statement held for an approval, if any.
 #[derive(Clone)]
-struct Target {
+pub struct Target {
     secret: [u8; 4],
     resource: Arc<Resource>,
     upstream_pid: i32,
@@ -125,17 +126,13 @@ impl CancelRegistry {
         }
     }
 
-    /// Ends the session's wait for an approval if it is holding a statement,
-    /// else forwards the request to the upstream backend the key stands for;
-    /// an unknown key is ignored, as PostgreSQL does.
-    pub async fn cancel(&self, pid: i32, secret: &[u8], mark: u32) -> Result<bool, PgError> {
+    /// The session a cancel request's key stands for; `None` for a key no
+    /// session has (PostgreSQL ignores those).
+    pub fn find(&self, pid: i32, secret: &[u8]) -> Option<Target> {
         let target = {
             let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
             targets.get(&pid).cloned()
-        };
-        let Some(target) = target else {
-            return Ok(false);
-        };
+        }?;
         // Compare without an early exit, so timing does not reveal how
         // much of a guessed secret was right.
         let matches = secret.len() == target.secret.len()
@@ -144,16 +141,21 @@ impl CancelRegistry {
                 .zip(target.secret)
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b))
                 == 0;
-        if !matches {
-            return Ok(false);
+        matches.then_some(target)
+    }
+}
+
+impl Target {
+    /// Ends the session's wait for an approval if it is holding a
+    /// statement, else forwards the request to the upstream backend.
+    pub async fn cancel(self, mark: u32) -> Result<(), PgError> {
+        if self.held.cancel() {
+            return Ok(());
         }
-        if target.held.cancel() {
-            return Ok(true);
-        }
-        let (mut stream, _) = upstream::connect(&target.resource, mark).await?;
+        let (mut stream, _) = upstream::connect(&self.resource, mark).await?;
         let mut out = BytesMut::new();
         wire::encode(
-            &CancelRequest::new(target.upstream_pid, SecretKey::I32(target.upstream_secret)),
+            &CancelRequest::new(self.upstream_pid, SecretKey::I32(self.upstream_secret)),
             &mut out,
         );
         stream.write_all(&out).await?;
@@ -161,7 +163,7 @@ impl CancelRegistry {
         // The upstream closes the connection once it has read the request.
         let mut sink = [0u8; 64];
         let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut sink)).await;
-        Ok(true)
+        Ok(())
     }
 }
 
@@ -220,8 +222,9 @@ mod tests {
         let a = registry.register(Arc::clone(&crm), 10, 20).unwrap();
         let b = registry.register(crm, 11, 21).unwrap();
         assert_ne!(a.pid, b.pid);
-        // A wrong secret is ignored without touching the network.
-        assert!(!registry.cancel(a.pid, &[0, 0, 0, 0], 0).await.unwrap() || a.secret == 0);
+        let wrong = (a.secret ^ 1).to_be_bytes();
+        assert!(registry.find(a.pid, &wrong).is_none());
+        assert!(registry.find(a.pid, &a.secret.to_be_bytes()).is_some());
         drop(a);
         assert_eq!(registry.targets.lock().unwrap().len(), 1);
     }
@@ -232,7 +235,12 @@ mod tests {
         let (crm, received) = upstream(UpstreamTls::Disable, 16).await;
         let key = registry.register(crm, 4242, 0x0102_0304).unwrap();
         let secret = key.secret.to_be_bytes();
-        assert!(registry.cancel(key.pid, &secret, 0).await.unwrap());
+        registry
+            .find(key.pid, &secret)
+            .unwrap()
+            .cancel(0)
+            .await
+            .unwrap();
         let mut expected = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
         expected.extend_from_slice(&4242i32.to_be_bytes());
         expected.extend_from_slice(&[1, 2, 3, 4]);
@@ -244,10 +252,8 @@ mod tests {
         let registry = Arc::new(CancelRegistry::default());
         let (crm, received) = upstream(UpstreamTls::Require, 8).await;
         let key = registry.register(crm, 4242, 7).unwrap();
-        let err = registry
-            .cancel(key.pid, &key.secret.to_be_bytes(), 0)
-            .await
-            .unwrap_err();
+        let target = registry.find(key.pid, &key.secret.to_be_bytes()).unwrap();
+        let err = target.cancel(0).await.unwrap_err();
         // The upstream saw an SSLRequest, never the backend's secret.
         assert_eq!(
             received.await.unwrap(),
@@ -264,11 +270,17 @@ mod tests {
         let key = registry.register(crm, 10, 20).unwrap();
         let secret = key.secret.to_be_bytes();
         let wait = key.held.cancelled();
-        assert!(registry.cancel(key.pid, &secret, 0).await.unwrap());
+        registry
+            .find(key.pid, &secret)
+            .unwrap()
+            .cancel(0)
+            .await
+            .unwrap();
         tokio::time::timeout(Duration::from_secs(5), wait)
             .await
             .unwrap();
         // No hold any more: the request goes upstream (and fails there).
-        assert!(registry.cancel(key.pid, &secret, 0).await.is_err());
+        let target = registry.find(key.pid, &secret).unwrap();
+        assert!(target.cancel(0).await.is_err());
     }
 }

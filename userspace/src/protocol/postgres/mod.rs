@@ -279,12 +279,18 @@ async fn open(
     .map_err(|_| PgError::Client("start-up timed out".into()))??;
     let mut startup = match opening {
         Opening::Cancel { pid, secret } => {
-            // A cancel acts on the upstream: recorded first.
+            // A key no session has changes nothing: its record goes with
+            // the next commit (a flood of guesses costs no commit each).
+            let Some(target) = pg.cancels.find(pid, &secret) else {
+                info!(routed = false, "cancel request");
+                return Ok(None);
+            };
+            // One that acts on a session is recorded first.
             ctx.start.durable().await.map_err(|e| {
                 PgError::Config(format!("the session's start could not be recorded: {e}"))
             })?;
-            let routed = pg.cancels.cancel(pid, &secret, mark).await?;
-            info!(routed, "cancel request");
+            target.cancel(mark).await?;
+            info!(routed = true, "cancel request");
             return Ok(None);
         }
         Opening::Session(startup) => startup,
