@@ -249,13 +249,24 @@ struct RawMask {
     keep_last: Option<usize>,
 }
 
+/// Longest approval timeout or grant window a policy may set. Longer is
+/// not an approval any more but a rule; and times are computed from now,
+/// which a duration of ages would overflow.
+const LONGEST_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let text = String::deserialize(d)?;
-    humantime::parse_duration(&text).map(Some).map_err(|e| {
+    let duration = humantime::parse_duration(&text).map_err(|e| {
         serde::de::Error::custom(format!(
             "'{text}' is not a duration ({e}); write e.g. \"90s\", \"5m\", \"1h\""
         ))
-    })
+    })?;
+    if duration > LONGEST_DURATION {
+        return Err(serde::de::Error::custom(format!(
+            "'{text}' is longer than a year: write at most \"366d\" (for longer, allow it by a rule)"
+        )));
+    }
+    Ok(Some(duration))
 }
 
 fn operations<'de, D: Deserializer<'de>>(d: D) -> Result<Operations, D::Error> {
@@ -562,6 +573,11 @@ keep_last = 4
         assert!(e.contains("regex"), "{e}");
         let e = error("[settings]\napproval_timeout = \"soon\"\n");
         assert!(e.contains("line 2") && e.contains("not a duration"), "{e}");
+        let e = error("[[rule]]\nname = \"x\"\naction = \"approve\"\nwindow = \"300000000000y\"\n");
+        assert!(
+            e.contains("line 4") && e.contains("longer than a year"),
+            "{e}"
+        );
         let e = error("[[rule]]\nname = \"x\"\noperations = [\"delete\"]\naction = \"allow\"\n");
         assert!(
             e.contains("line 3") && e.contains("unknown operation"),
