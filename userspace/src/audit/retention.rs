@@ -73,6 +73,14 @@ impl ResourceTracker {
     }
 }
 
+/// Whether a payload recorded at `at_us` and kept `days` has expired at
+/// `as_of_us`. A retention of ages (up to `u32::MAX` days in the config)
+/// keeps it for good rather than wrap around and purge it now.
+fn expired(at_us: u64, days: u32, as_of_us: u64) -> bool {
+    let kept = u64::from(days).saturating_mul(MICROS_PER_DAY);
+    at_us.saturating_add(kept) <= as_of_us
+}
+
 /// Scans the chain for payloads expired at `as_of_us`.
 pub fn plan(store: &Store, retention: &Retention, as_of_us: u64) -> Result<PurgePlan, AuditError> {
     let mut plan = PurgePlan::default();
@@ -91,8 +99,8 @@ pub fn plan(store: &Store, retention: &Retention, as_of_us: u64) -> Result<Purge
         if event.get("event").and_then(|v| v.as_str()) == Some("retention_purge") {
             continue;
         }
-        let days = u64::from(retention.days_for(resource.as_deref()));
-        if record.at_us.saturating_add(days * MICROS_PER_DAY) > as_of_us {
+        let days = retention.days_for(resource.as_deref());
+        if !expired(record.at_us, days, as_of_us) {
             continue;
         }
         plan.seqs.push(record.seq);
@@ -122,6 +130,14 @@ pub fn ranges(seqs: &[u64]) -> Vec<[u64; 2]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn payloads_expire_after_their_days_and_never_with_ages_of_them() {
+        let day = MICROS_PER_DAY;
+        assert!(!expired(10 * day, 30, 39 * day));
+        assert!(expired(10 * day, 30, 40 * day));
+        assert!(!expired(10 * day, u32::MAX, u64::MAX - 1));
+    }
 
     #[test]
     fn ranges_compress_runs() {
