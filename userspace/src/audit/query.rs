@@ -7,6 +7,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
+    fmt::Write as _,
     time::{Duration, SystemTime},
 };
 
@@ -453,10 +454,16 @@ impl Sessions {
     }
 }
 
-/// RFC 3339 UTC with milliseconds.
+/// RFC 3339 UTC with milliseconds. A time past the year 9999, which RFC
+/// 3339 cannot write (a record from a wrong clock, or an edited store), is
+/// shown as its microseconds since 1970.
 pub fn format_time(at_us: u64) -> String {
-    humantime::format_rfc3339_millis(SystemTime::UNIX_EPOCH + Duration::from_micros(at_us))
-        .to_string()
+    let time = SystemTime::UNIX_EPOCH + Duration::from_micros(at_us);
+    let mut text = String::new();
+    match write!(text, "{}", humantime::format_rfc3339_millis(time)) {
+        Ok(()) => text,
+        Err(_) => format!("{at_us} µs after 1970 (past the year 9999)"),
+    }
 }
 
 /// Parses `2026-11-22`, `2026-11-22T10:00:00Z` or a duration ago (`2h`).
@@ -500,6 +507,11 @@ mod tests {
         assert_eq!(parse_time("1000y").unwrap(), 0);
         assert_eq!(parse_time("300000000000y").unwrap(), 0);
         let err = parse_time("yesterday").unwrap_err();
+        assert_eq!(
+            format_time(1_795_305_600_000_000),
+            "2026-11-22T00:00:00.000Z"
+        );
+        assert!(format_time(u64::MAX).contains("past the year 9999"));
         assert!(err.contains("'yesterday' is not a time"), "{err}");
     }
 }
