@@ -23,14 +23,14 @@ pub struct PgCluster {
 
 impl PgCluster {
     /// Starts a cluster; with `tls`, ssl = on with a certificate for
-    /// 127.0.0.1 made by `portcullis tls self-signed`.
+    /// 127.0.0.1 and `orders-db.test` made by `portcullis tls self-signed`.
     pub fn start_with(tls: bool) -> Self {
         let tls_dir = tls.then(|| {
             let dir = tempfile::tempdir().unwrap();
             let out = Command::new(PORTCULLIS)
                 .args(["tls", "self-signed", "--out"])
                 .arg(dir.path())
-                .args(["--name", "127.0.0.1"])
+                .args(["--name", "127.0.0.1", "--name", "orders-db.test"])
                 .output()
                 .unwrap();
             assert!(

@@ -38,6 +38,8 @@ struct Options {
     cluster_tls: bool,
     /// Resource address override (for "upstream down").
     address: Option<String>,
+    /// The resource's `server_name` (the upstream certificate's name).
+    server_name: Option<&'static str>,
     /// Idle upstreams kept for reuse (`upstream_pool`).
     upstream_pool: usize,
     /// Proxy worker threads.
@@ -53,6 +55,7 @@ impl Default for Options {
             upstream_tls: "disable",
             cluster_tls: false,
             address: None,
+            server_name: None,
             upstream_pool: 10,
             // Sessions and their cancel requests may land on different
             // threads, which must not matter.
@@ -88,10 +91,13 @@ impl Setup {
         );
         let listener: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let address = o.address.clone().unwrap_or_else(|| cluster.addr());
-        let ca = match &cluster.cert {
+        let mut ca = match &cluster.cert {
             Some(cert) => format!("ca_file = \"{}\"\n", cert.display()),
             None => String::new(),
         };
+        if let Some(name) = o.server_name {
+            ca.push_str(&format!("server_name = \"{name}\"\n"));
+        }
         let extra = format!(
             r#"
 [proxy]
@@ -619,6 +625,35 @@ fn tls_on_both_sides_and_direct_clients() {
         "{}",
         stderr(&unknown)
     );
+
+    // The certificate checked for another name than the address: the
+    // cluster's names orders-db.test too, and not db.example.test.
+    let named = |name| {
+        Setup::with(Options {
+            upstream_tls: "verify-full",
+            cluster_tls: true,
+            server_name: Some(name),
+            ..Options::default()
+        })
+    };
+    let named_right = named("orders-db.test");
+    assert_eq!(named_right.query("select 1"), "1");
+    drop(named_right);
+    let other = named("db.example.test");
+    let out = other.psql(&["-Atc", "select 1"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("cannot open resource \"orders\""),
+        "{}",
+        stderr(&out)
+    );
+    let log = other.gateway.log();
+    assert!(
+        log.contains("TLS with resource 'orders' failed")
+            && log.contains("certificate not valid for name \"db.example.test\""),
+        "{log}"
+    );
+    drop(other);
 
     // tls = "require": encrypted without verifying the certificate.
     let r = Setup::with(Options {

@@ -9,6 +9,7 @@
 //! database = "orders"            # optional: the only database allowed
 //! tls = "verify-full"            # disable | require | verify-full
 //! ca_file = "/etc/portcullis/orders-ca.pem"
+//! server_name = "orders-db.internal"  # optional: the certificate's name
 //!
 //! [[resource.grant]]
 //! roles = ["dba"]                # gateway roles, "*" for any principal
@@ -50,6 +51,12 @@ pub struct ResourceConfig {
     /// PEM CA certificates for `tls = "verify-full"`.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// The name the upstream's certificate must carry under `tls =
+    /// "verify-full"` (and the name sent in the TLS handshake), as libpq
+    /// checks the host name; by default the address's IP. Certificates
+    /// usually name the database's DNS name, not its IP.
+    #[serde(default)]
+    pub server_name: Option<String>,
     #[serde(default, rename = "grant")]
     pub grants: Vec<Grant>,
     /// PostgreSQL: upstream connections kept idle, per upstream role,
@@ -73,7 +80,8 @@ pub enum UpstreamTls {
     Disable,
     /// Encrypted, certificate not checked (like libpq's sslmode=require).
     Require,
-    /// Encrypted, certificate checked against `ca_file` and the address.
+    /// Encrypted, certificate checked against `ca_file` and `server_name`
+    /// (by default the address).
     VerifyFull,
 }
 
@@ -194,6 +202,21 @@ pub fn validate(resources: &[ResourceConfig]) -> Result<(), String> {
                 r.name
             ));
         }
+        if let Some(name) = &r.server_name {
+            if r.tls == UpstreamTls::Disable {
+                return Err(format!(
+                    "resource '{}': server_name is the name checked in the upstream's certificate; \
+                     set tls = \"verify-full\" (or remove server_name)",
+                    r.name
+                ));
+            }
+            if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+                return Err(format!(
+                    "resource '{}': server_name = \"{name}\" is not a DNS name or IP address",
+                    r.name
+                ));
+            }
+        }
         for (i, g) in r.grants.iter().enumerate() {
             if g.roles.is_empty() && g.users.is_empty() {
                 return Err(format!(
@@ -264,6 +287,26 @@ mod tests {
         );
         let err = Config::parse(&text).unwrap_err().to_string();
         assert!(err.contains("needs ca_file"), "{err}");
+    }
+
+    #[test]
+    fn a_server_name_needs_tls_and_must_be_a_name() {
+        let with = |extra: &str| {
+            let text = SAMPLE.replace(
+                "address = \"127.0.0.1:5432\"",
+                &format!("address = \"127.0.0.1:5432\"\n{extra}"),
+            );
+            Config::parse(&text).map_err(|e| e.to_string())
+        };
+        let err = with("server_name = \"db.internal\"").unwrap_err();
+        assert!(err.contains("set tls = \"verify-full\""), "{err}");
+        let err = with("tls = \"require\"\nserver_name = \"not a name\"").unwrap_err();
+        assert!(err.contains("is not a DNS name or IP address"), "{err}");
+        let config = with("tls = \"require\"\nserver_name = \"db.internal\"").unwrap();
+        assert_eq!(
+            config.resources[0].server_name.as_deref(),
+            Some("db.internal")
+        );
     }
 
     #[test]

@@ -185,6 +185,7 @@ mod tests {
             database: None,
             tls,
             ca_file: None,
+            server_name: None,
             grants: Vec::new(),
             upstream_pool: 0,
         };

@@ -52,6 +52,7 @@ pub struct PoolKey {
     address: std::net::SocketAddr,
     tls: UpstreamTls,
     ca_file: Option<PathBuf>,
+    server_name: Option<String>,
     upstream_user: String,
     database: String,
     /// The client's other start-up parameters, as sent upstream: after the
@@ -75,6 +76,7 @@ impl PoolKey {
             address: resource.config.address,
             tls: resource.config.tls,
             ca_file: resource.config.ca_file.clone(),
+            server_name: resource.config.server_name.clone(),
             upstream_user: upstream_user.to_string(),
             database: database.to_string(),
             params: params.to_vec(),

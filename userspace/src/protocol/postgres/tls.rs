@@ -92,9 +92,16 @@ pub fn client_config(resource: &ResourceConfig) -> Result<Option<Arc<ClientConfi
     Ok(Some(Arc::new(config)))
 }
 
-/// The name the upstream certificate must carry: its IP address.
+/// The name the upstream certificate must carry: `server_name`, else the
+/// address's IP.
 pub fn upstream_name(resource: &ResourceConfig) -> ServerName<'static> {
-    ServerName::IpAddress(resource.address.ip().into())
+    resource
+        .server_name
+        .as_deref()
+        // validate() refuses a server_name that is not a name; without
+        // one, the IP is checked, which a wrong name would fail closed.
+        .and_then(|name| ServerName::try_from(name.to_owned()).ok())
+        .unwrap_or_else(|| ServerName::IpAddress(resource.address.ip().into()))
 }
 
 /// `tls = "require"`: encryption without authentication of the server, as
