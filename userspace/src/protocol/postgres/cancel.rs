@@ -216,6 +216,12 @@ mod tests {
         (resource, received)
     }
 
+    /// A cancel request with `key`, as its client would send it.
+    async fn cancel_with(registry: &CancelRegistry, key: &CancelKey) -> Result<(), PgError> {
+        let target = registry.find(key.pid, &key.secret.to_be_bytes());
+        target.expect("the key's session").cancel(0).await
+    }
+
     #[tokio::test]
     async fn keys_are_unique_and_forgotten_at_drop() {
         let registry = Arc::new(CancelRegistry::default());
@@ -235,13 +241,7 @@ mod tests {
         let registry = Arc::new(CancelRegistry::default());
         let (crm, received) = upstream(UpstreamTls::Disable, 16).await;
         let key = registry.register(crm, 4242, 0x0102_0304).unwrap();
-        let secret = key.secret.to_be_bytes();
-        registry
-            .find(key.pid, &secret)
-            .unwrap()
-            .cancel(0)
-            .await
-            .unwrap();
+        cancel_with(&registry, &key).await.unwrap();
         let mut expected = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
         expected.extend_from_slice(&4242i32.to_be_bytes());
         expected.extend_from_slice(&[1, 2, 3, 4]);
@@ -253,8 +253,7 @@ mod tests {
         let registry = Arc::new(CancelRegistry::default());
         let (crm, received) = upstream(UpstreamTls::Require, 8).await;
         let key = registry.register(crm, 4242, 7).unwrap();
-        let target = registry.find(key.pid, &key.secret.to_be_bytes()).unwrap();
-        let err = target.cancel(0).await.unwrap_err();
+        let err = cancel_with(&registry, &key).await.unwrap_err();
         // The upstream saw an SSLRequest, never the backend's secret.
         assert_eq!(
             received.await.unwrap(),
@@ -269,19 +268,12 @@ mod tests {
         // Nothing listens on port 1: forwarding would fail.
         let crm = resource("127.0.0.1:1".parse().unwrap(), UpstreamTls::Disable);
         let key = registry.register(crm, 10, 20).unwrap();
-        let secret = key.secret.to_be_bytes();
         let wait = key.held.cancelled();
-        registry
-            .find(key.pid, &secret)
-            .unwrap()
-            .cancel(0)
-            .await
-            .unwrap();
+        cancel_with(&registry, &key).await.unwrap();
         tokio::time::timeout(Duration::from_secs(5), wait)
             .await
             .unwrap();
         // No hold any more: the request goes upstream (and fails there).
-        let target = registry.find(key.pid, &secret).unwrap();
-        assert!(target.cancel(0).await.is_err());
+        assert!(cancel_with(&registry, &key).await.is_err());
     }
 }
