@@ -96,7 +96,7 @@ pub fn resume_point(target: &Target) -> u64 {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
         .filter_map(|v| v["seq"].as_u64())
         .last();
-    last.map_or(1, |seq| seq + 1)
+    last.map_or(1, |seq| seq.saturating_add(1))
 }
 
 /// Writes records from `from` on; with `follow`, keeps polling until
@@ -162,7 +162,7 @@ fn write_from(source: &dyn AuditSource, target: &Target, from: u64) -> Result<u6
             });
         match written {
             Ok(()) => {
-                next = entry.key + 1;
+                next = entry.key.saturating_add(1);
                 true
             }
             Err(e) => {

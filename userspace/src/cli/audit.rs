@@ -747,7 +747,7 @@ fn replay_line(
         "statement" => {
             *statement = match e.fields.get("statement_seq").and_then(|n| n.as_u64()) {
                 Some(number) => number,
-                None => *statement + 1,
+                None => statement.saturating_add(1),
             };
             format!("statement {statement}")
         }
