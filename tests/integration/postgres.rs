@@ -40,6 +40,8 @@ struct Options {
     address: Option<String>,
     /// The resource's `server_name` (the upstream certificate's name).
     server_name: Option<&'static str>,
+    /// `ca_file` names a CA that did not sign the cluster's certificate.
+    wrong_ca: bool,
     /// Idle upstreams kept for reuse (`upstream_pool`).
     upstream_pool: usize,
     /// Proxy worker threads.
@@ -56,6 +58,7 @@ impl Default for Options {
             cluster_tls: false,
             address: None,
             server_name: None,
+            wrong_ca: false,
             upstream_pool: 10,
             // Sessions and their cancel requests may land on different
             // threads, which must not matter.
@@ -92,6 +95,8 @@ impl Setup {
         let listener: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let address = o.address.clone().unwrap_or_else(|| cluster.addr());
         let mut ca = match &cluster.cert {
+            // The gateway's own self-signed certificate signed nothing else.
+            Some(_) if o.wrong_ca => format!("ca_file = \"{}/cert.pem\"\n", tls_dir.display()),
             Some(cert) => format!("ca_file = \"{}\"\n", cert.display()),
             None => String::new(),
         };
@@ -628,32 +633,48 @@ fn tls_on_both_sides_and_direct_clients() {
 
     // The certificate checked for another name than the address: the
     // cluster's names orders-db.test too, and not db.example.test.
-    let named = |name| {
+    let checked = |tls, name, wrong_ca| {
         Setup::with(Options {
-            upstream_tls: "verify-full",
+            upstream_tls: tls,
             cluster_tls: true,
             server_name: Some(name),
+            wrong_ca,
             ..Options::default()
         })
     };
-    let named_right = named("orders-db.test");
-    assert_eq!(named_right.query("select 1"), "1");
-    drop(named_right);
-    let other = named("db.example.test");
-    let out = other.psql(&["-Atc", "select 1"]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("cannot open resource \"orders\""),
-        "{}",
-        stderr(&out)
+    let refused = |s: Setup, reason: &str| {
+        let out = s.psql(&["-Atc", "select 1"]);
+        assert!(!out.status.success());
+        assert!(
+            stderr(&out).contains("cannot open resource \"orders\""),
+            "{}",
+            stderr(&out)
+        );
+        let log = s.gateway.log();
+        assert!(
+            log.contains("TLS with resource 'orders' failed") && log.contains(reason),
+            "{log}"
+        );
+    };
+    assert_eq!(
+        checked("verify-full", "orders-db.test", false).query("select 1"),
+        "1"
     );
-    let log = other.gateway.log();
-    assert!(
-        log.contains("TLS with resource 'orders' failed")
-            && log.contains("certificate not valid for name \"db.example.test\""),
-        "{log}"
+    refused(
+        checked("verify-full", "db.example.test", false),
+        "certificate not valid for name \"db.example.test\"",
     );
-    drop(other);
+    // tls = "verify-ca": the CA is checked, the name is not.
+    assert_eq!(
+        checked("verify-ca", "db.example.test", false).query("select 1"),
+        "1"
+    );
+    // Both self-signed certificates name the same issuer: the signature
+    // is what fails.
+    refused(
+        checked("verify-ca", "orders-db.test", true),
+        "invalid peer certificate: BadSignature",
+    );
 
     // tls = "require": encrypted without verifying the certificate.
     let r = Setup::with(Options {

@@ -7,7 +7,7 @@
 //! protocol = "postgres"
 //! address = "10.0.0.5:5432"
 //! database = "orders"            # optional: the only database allowed
-//! tls = "verify-full"            # disable | require | verify-full
+//! tls = "verify-full"            # disable | require | verify-ca | verify-full
 //! ca_file = "/etc/portcullis/orders-ca.pem"
 //! server_name = "orders-db.internal"  # optional: the certificate's name
 //!
@@ -48,7 +48,7 @@ pub struct ResourceConfig {
     pub database: Option<String>,
     #[serde(default)]
     pub tls: UpstreamTls,
-    /// PEM CA certificates for `tls = "verify-full"`.
+    /// PEM CA certificates for `tls = "verify-ca"` and `"verify-full"`.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
     /// The name the upstream's certificate must carry under `tls =
@@ -80,9 +80,24 @@ pub enum UpstreamTls {
     Disable,
     /// Encrypted, certificate not checked (like libpq's sslmode=require).
     Require,
+    /// Encrypted, certificate chain checked against `ca_file`, whatever
+    /// name it carries (like libpq's sslmode=verify-ca).
+    VerifyCa,
     /// Encrypted, certificate checked against `ca_file` and `server_name`
     /// (by default the address).
     VerifyFull,
+}
+
+impl UpstreamTls {
+    /// As written in the config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            UpstreamTls::Disable => "disable",
+            UpstreamTls::Require => "require",
+            UpstreamTls::VerifyCa => "verify-ca",
+            UpstreamTls::VerifyFull => "verify-full",
+        }
+    }
 }
 
 /// Which principals may use a resource, and as which upstream role.
@@ -196,10 +211,12 @@ pub fn validate(resources: &[ResourceConfig]) -> Result<(), String> {
                 r.protocol.name()
             ));
         }
-        if r.tls == UpstreamTls::VerifyFull && r.ca_file.is_none() {
+        let verifies = matches!(r.tls, UpstreamTls::VerifyCa | UpstreamTls::VerifyFull);
+        if verifies && r.ca_file.is_none() {
             return Err(format!(
-                "resource '{}': tls = \"verify-full\" needs ca_file (the CA that signed the upstream's certificate)",
-                r.name
+                "resource '{}': tls = \"{}\" needs ca_file (the CA that signed the upstream's certificate)",
+                r.name,
+                r.tls.name()
             ));
         }
         if let Some(name) = &r.server_name {
@@ -287,6 +304,9 @@ mod tests {
         );
         let err = Config::parse(&text).unwrap_err().to_string();
         assert!(err.contains("needs ca_file"), "{err}");
+        let text = text.replace("verify-full", "verify-ca");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("tls = \"verify-ca\" needs ca_file"), "{err}");
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! TLS on both sides of the PostgreSQL adapter (rustls, ring provider).
 //!
 //! Client side: the listener's certificate answers SSLRequest. Upstream side:
-//! libpq's sslmode semantics, `require` (encrypted, unverified) or
-//! `verify-full` (chain checked against the resource's CA file and the
-//! certificate checked against the upstream's address).
+//! libpq's sslmode semantics: `require` (encrypted, unverified),
+//! `verify-ca` (chain checked against the resource's CA file) or
+//! `verify-full` (that, and the certificate checked for the resource's
+//! `server_name`, by default its address).
 
 use std::{
     io::Write,
@@ -13,10 +14,14 @@ use std::{
 };
 
 use rustls::{
-    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    client::{
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        WebPkiServerVerifier,
+    },
     crypto::{ring, CryptoProvider},
     pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime},
-    ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig,
+    SignatureScheme,
 };
 
 use crate::resource::{ResourceConfig, UpstreamTls};
@@ -79,17 +84,30 @@ pub fn client_config(resource: &ResourceConfig) -> Result<Option<Arc<ClientConfi
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider())))
             .with_no_client_auth(),
-        UpstreamTls::VerifyFull => {
-            let mut roots = RootCertStore::empty();
-            // validate() guarantees ca_file for verify-full.
-            let ca = resource.ca_file.as_deref().unwrap_or(Path::new(""));
-            for cert in read_certs(ca)? {
-                roots.add(cert)?;
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
+        UpstreamTls::VerifyCa => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ChainOnly(
+                WebPkiServerVerifier::builder_with_provider(roots(resource)?, provider())
+                    .build()
+                    .map_err(|e| rustls::Error::General(e.to_string()))?,
+            )))
+            .with_no_client_auth(),
+        UpstreamTls::VerifyFull => builder
+            .with_root_certificates(roots(resource)?)
+            .with_no_client_auth(),
     };
     Ok(Some(Arc::new(config)))
+}
+
+/// The resource's CA certificates, for the modes that verify.
+fn roots(resource: &ResourceConfig) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    // validate() guarantees ca_file where a mode verifies.
+    let ca = resource.ca_file.as_deref().unwrap_or(Path::new(""));
+    for cert in read_certs(ca)? {
+        roots.add(cert)?;
+    }
+    Ok(Arc::new(roots))
 }
 
 /// The name the upstream certificate must carry: `server_name`, else the
@@ -152,6 +170,55 @@ impl ServerCertVerifier for EncryptOnly {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `tls = "verify-ca"`: the chain is checked against the CA file (and its
+/// validity dates, and the handshake's signatures), the name is not, as
+/// libpq's sslmode=verify-ca.
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
     }
 }
 

@@ -221,8 +221,8 @@ async fn start_tls(
     stream.read_exact(&mut answer).await?;
     if answer[0] != b'S' {
         return Err(PgError::Upstream(format!(
-            "resource '{}' requires TLS (tls = {:?}) but the upstream does not offer it; enable ssl in postgresql.conf or set tls = \"disable\"",
-            resource.config.name, resource.config.tls
+            "resource '{}' requires TLS (tls = \"{}\") but the upstream does not offer it; enable ssl in postgresql.conf or set tls = \"disable\"",
+            resource.config.name, resource.config.tls.name()
         )));
     }
     let tls = TlsConnector::from(config)
