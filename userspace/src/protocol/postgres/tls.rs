@@ -82,16 +82,23 @@ pub fn client_config(resource: &ResourceConfig) -> Result<Option<Arc<ClientConfi
         UpstreamTls::Disable => return Ok(None),
         UpstreamTls::Require => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider())))
+            .with_custom_certificate_verifier(Arc::new(Lenient {
+                provider: provider(),
+                chain: None,
+            }))
             .with_no_client_auth(),
-        UpstreamTls::VerifyCa => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(ChainOnly(
-                WebPkiServerVerifier::builder_with_provider(roots(resource)?, provider())
-                    .build()
-                    .map_err(|e| rustls::Error::General(e.to_string()))?,
-            )))
-            .with_no_client_auth(),
+        UpstreamTls::VerifyCa => {
+            let chain = WebPkiServerVerifier::builder_with_provider(roots(resource)?, provider())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Lenient {
+                    provider: provider(),
+                    chain: Some(chain),
+                }))
+                .with_no_client_auth()
+        }
         UpstreamTls::VerifyFull => builder
             .with_root_certificates(roots(resource)?)
             .with_no_client_auth(),
@@ -122,22 +129,38 @@ pub fn upstream_name(resource: &ResourceConfig) -> ServerName<'static> {
         .unwrap_or_else(|| ServerName::IpAddress(resource.address.ip().into()))
 }
 
-/// `tls = "require"`: encryption without authentication of the server, as
-/// libpq's sslmode=require. Handshake signatures are still checked, so the
-/// session is at least bound to the key the server presented.
+/// The certificate checks of `tls = "require"` and `"verify-ca"`, which
+/// are looser than rustls's own (`verify-full`). Handshake signatures are
+/// checked in both, so the session is at least bound to the key the server
+/// presented.
 #[derive(Debug)]
-struct EncryptOnly(Arc<CryptoProvider>);
+struct Lenient {
+    provider: Arc<CryptoProvider>,
+    /// `verify-ca`: the chain is checked against the CA file (and its
+    /// validity dates), the name is not, as libpq's sslmode=verify-ca.
+    /// `None` for `require`: encryption without authentication of the
+    /// server, as libpq's sslmode=require.
+    chain: Option<Arc<WebPkiServerVerifier>>,
+}
 
-impl ServerCertVerifier for EncryptOnly {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            checked => checked,
+        }
     }
 
     fn verify_tls12_signature(
@@ -150,7 +173,7 @@ impl ServerCertVerifier for EncryptOnly {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
@@ -164,61 +187,14 @@ impl ServerCertVerifier for EncryptOnly {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// `tls = "verify-ca"`: the chain is checked against the CA file (and its
-/// validity dates, and the handshake's signatures), the name is not, as
-/// libpq's sslmode=verify-ca.
-#[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
