@@ -225,18 +225,40 @@ pub struct SubjectHit {
     /// head when an adapter reported it.
     pub seq: u64,
     pub at_us: u64,
-    /// Where the value was found: `statement` (a statement's text or
-    /// parameters, hashed before it was recorded) or `detected` (in a
-    /// recorded event), or where an adapter saw it: `masked` (a result
-    /// value it hid) or `reported`.
-    pub source: String,
+    pub source: HitSource,
+}
+
+/// Where a subject hit's value was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HitSource {
+    /// In a statement's text or parameters, hashed before it was recorded.
+    Statement,
+    /// In a recorded event, by the writer's scan.
+    Detected,
+    /// A result value an adapter masked.
+    Masked,
+    /// A value an adapter reported.
+    Reported,
+}
+
+impl HitSource {
+    /// As stored and shown.
+    pub fn name(self) -> &'static str {
+        match self {
+            HitSource::Statement => "statement",
+            HitSource::Detected => "detected",
+            HitSource::Masked => "masked",
+            HitSource::Reported => "reported",
+        }
+    }
 }
 
 impl SubjectHit {
     /// Whether `seq` is the record the value was found in, not just the
     /// chain's head when an adapter reported it.
     pub(super) fn found_in_record(&self) -> bool {
-        matches!(self.source.as_str(), "statement" | "detected")
+        matches!(self.source, HitSource::Statement | HitSource::Detected)
     }
 }
 

@@ -27,7 +27,7 @@ use super::{
     record::{Checkpoint, Hash, Record, GENESIS},
     retention::{self, Retention},
     segment::Extent,
-    store::{ChainEntries, Store, SubjectHit},
+    store::{ChainEntries, HitSource, Store, SubjectHit},
     subject::{detect, redact, subject_hash},
     Ack, AuditError, AuditEvent, Recorder,
 };
@@ -278,22 +278,28 @@ impl Recorder for SledRecorder {
 
     fn subject_index(&self, session: &str, statement_seq: u64, value: &str) -> Ack {
         let hash = subject_hash(&self.subject_key, value);
-        self.index_subject(session, statement_seq, hash, "reported")
+        self.index_subject(session, statement_seq, hash, HitSource::Reported)
     }
 
     fn subject_index_hash(&self, session: &str, statement_seq: u64, hash: Hash) -> Ack {
-        self.index_subject(session, statement_seq, hash, "masked")
+        self.index_subject(session, statement_seq, hash, HitSource::Masked)
     }
 }
 
 impl SledRecorder {
-    fn index_subject(&self, session: &str, statement_seq: u64, hash: Hash, source: &str) -> Ack {
+    fn index_subject(
+        &self,
+        session: &str,
+        statement_seq: u64,
+        hash: Hash,
+        source: HitSource,
+    ) -> Ack {
         let hit = SubjectHit {
             session: Some(session.to_owned()),
             statement_seq: Some(statement_seq),
             seq: 0,
             at_us: micros(SystemTime::now()),
-            source: source.into(),
+            source,
         };
         let ticket = self
             .inbox
@@ -441,7 +447,7 @@ impl Writer {
                                     statement_seq: redacted.statement_seq,
                                     seq,
                                     at_us,
-                                    source: "statement".into(),
+                                    source: HitSource::Statement,
                                 },
                             ));
                         }
@@ -454,7 +460,7 @@ impl Writer {
                                 statement_seq: found.statement_seq,
                                 seq,
                                 at_us,
-                                source: "detected".into(),
+                                source: HitSource::Detected,
                             },
                         ));
                     }

@@ -788,7 +788,7 @@ fn subject(source: &dyn AuditSource, value: &str, json: bool) -> anyhow::Result<
             h.statement_seq.map_or("-".into(), |s| s.to_string()),
             h.seq.to_string(),
             query::format_time(h.at_us),
-            h.source.clone(),
+            h.source.name().to_string(),
         ]
     });
     print_rows(
