@@ -244,12 +244,18 @@ fn session_start(session: &str, listener: &str) -> AuditEvent {
     })
 }
 
+/// Runs `future` to its end on a runtime of its own (timers and I/O off:
+/// the writer's acknowledgements need neither).
+fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
+
 /// Records a start and an end per session, all in one commit.
 fn record_sessions(recorder: &SledRecorder, sessions: &[(&str, &str)]) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    block_on(async {
         let mut acks = Vec::new();
         for (session, listener) in sessions {
             acks.push(recorder.record(session_start(session, listener)));
@@ -275,12 +281,7 @@ fn purge_old_now_and_close(recorder: &SledRecorder) -> PurgeSummary {
         default_days: 10_000,
         per_resource: BTreeMap::from([("old".to_string(), 0)]),
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let summary = runtime
-        .block_on(recorder.purge(retention, SystemTime::now()))
-        .unwrap();
+    let summary = block_on(recorder.purge(retention, SystemTime::now())).unwrap();
     recorder.close().unwrap();
     summary
 }
@@ -805,10 +806,7 @@ fn records_after_the_zeros_a_restart_left_are_found_again() {
 fn record_start_with_hit(
     recorder: &SledRecorder,
 ) -> (Result<(), AuditError>, Result<(), AuditError>) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    block_on(async {
         let hit = recorder.subject_index("s-1", 1, "alice@example.test");
         let start = recorder.record(session_start("s-1", "crm"));
         (hit.durable().await, start.durable().await)
@@ -845,10 +843,7 @@ fn statement(session: &str, text: &str) -> AuditEvent {
 
 /// Records `event` alone and waits for its commit.
 fn record_alone(recorder: &SledRecorder, event: AuditEvent) -> Result<(), AuditError> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    runtime.block_on(recorder.record(event).durable())
+    block_on(recorder.record(event).durable())
 }
 
 #[test]
