@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::{
     harness::*,
-    pg::{PgCluster, MD5_ROLE, PG_PASSWORD, PLAIN_ROLE},
+    pg::{PgCluster, CERT_ROLE, MD5_ROLE, PG_PASSWORD, PLAIN_ROLE},
 };
 
 /// A cluster behind a gateway with a `postgres` listener (direct, TLS) and
@@ -42,6 +42,8 @@ struct Options {
     server_name: Option<&'static str>,
     /// `ca_file` names a CA that did not sign the cluster's certificate.
     wrong_ca: bool,
+    /// The client certificate grant's certificate names another role.
+    wrong_client_cert: bool,
     /// Idle upstreams kept for reuse (`upstream_pool`).
     upstream_pool: usize,
     /// Proxy worker threads.
@@ -59,6 +61,7 @@ impl Default for Options {
             address: None,
             server_name: None,
             wrong_ca: false,
+            wrong_client_cert: false,
             upstream_pool: 10,
             // Sessions and their cancel requests may land on different
             // threads, which must not matter.
@@ -103,6 +106,20 @@ impl Setup {
         if let Some(name) = o.server_name {
             ca.push_str(&format!("server_name = \"{name}\"\n"));
         }
+        // Over TLS, a grant that logs in with a client certificate alone.
+        let certificate_grant = match &cluster.client_certificates {
+            Some((right, wrong)) if o.upstream_tls != "disable" => {
+                let c = if o.wrong_client_cert { wrong } else { right };
+                format!(
+                    "[[resource.grant]]\n{}\nupstream_user = \"{CERT_ROLE}\"\n\
+                     client_cert_file = \"{}\"\nclient_key_file = \"{}\"\n",
+                    o.grant_users,
+                    c.cert.display(),
+                    c.key.display()
+                )
+            }
+            _ => String::new(),
+        };
         let extra = format!(
             r#"
 [proxy]
@@ -137,7 +154,8 @@ password_file = "{secret}"
 {users}
 upstream_user = "{PLAIN_ROLE}"
 password_file = "{secret}"
-"#,
+
+{certificate_grant}"#,
             dir = tls_dir.display(),
             tls = o.upstream_tls,
             users = o.grant_users,
@@ -588,6 +606,41 @@ fn tls_on_both_sides_and_direct_clients() {
         e["event"] == "database_login" && e["client_tls"] == true
     });
     assert_eq!(login["direct"], false);
+
+    // A grant that logs in with a client certificate alone (`cert` in
+    // pg_hba.conf): the upstream sees its name.
+    let as_certificate = |s: &Setup| {
+        s.psql_as(
+            CERT_ROLE,
+            &[
+                "-Atc",
+                "select current_user, client_dn from pg_stat_ssl where pid = pg_backend_pid()",
+            ],
+        )
+    };
+    let out = as_certificate(&s);
+    assert_eq!(
+        stdout(&out).trim(),
+        format!("{CERT_ROLE}|/CN={CERT_ROLE}"),
+        "{}",
+        stderr(&out)
+    );
+    // A certificate for another name: the upstream's refusal, passed on.
+    let wrong = Setup::with(Options {
+        upstream_tls: "verify-full",
+        cluster_tls: true,
+        wrong_client_cert: true,
+        ..Options::default()
+    });
+    let out = as_certificate(&wrong);
+    assert!(
+        stderr(&out).contains(&format!(
+            "the database refused the gateway's login for resource \"orders\": certificate authentication failed for user \"{CERT_ROLE}\""
+        )),
+        "{}",
+        stderr(&out)
+    );
+    drop(wrong);
 
     // A direct (not redirected) client must use TLS and present a token.
     let direct = |sslmode: &str, password: &str| {

@@ -16,12 +16,16 @@
 //! users = ["unix:alice"]         # or principals by subject or name
 //! upstream_user = "postgres"
 //! password_file = "/etc/portcullis/secrets/orders-dba"
+//! client_cert_file = "/etc/portcullis/orders-dba.pem"    # optional, over TLS
+//! client_key_file = "/etc/portcullis/secrets/orders-dba.key"
 //! ```
 //!
-//! Secrets live in files readable only by the service: a group- or
-//! world-readable file is refused, so a misconfigured permission fails closed
-//! instead of leaking the upstream password to every local user. Files are
-//! read when a session needs them, so rotating a password needs no restart.
+//! Secrets (passwords and client keys) live in files readable only by the
+//! service: a group- or world-readable file is refused, so a misconfigured
+//! permission fails closed instead of leaking them to every local user.
+//! Password files are read when a session needs them, so rotating a
+//! password needs no restart; client certificates are loaded with the
+//! configuration (at start and on reload).
 
 use std::{
     collections::HashSet,
@@ -111,7 +115,18 @@ pub struct Grant {
     #[serde(default)]
     pub users: Vec<String>,
     pub upstream_user: String,
-    pub password_file: PathBuf,
+    /// The upstream password (SCRAM-SHA-256, MD5 or cleartext); optional
+    /// when the grant logs in with a client certificate alone.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// A PEM client certificate presented to the upstream over TLS, for
+    /// PostgreSQL's `cert` authentication (or `clientcert=verify-full`):
+    /// its CN names `upstream_user`.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// The PEM private key of `client_cert_file`, mode 0600.
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +142,14 @@ pub enum SecretError {
     TooOpen { path: PathBuf, mode: u32 },
     #[error("secret file {path} is empty; write the upstream password into it")]
     Empty { path: PathBuf },
+    #[error("secret file {path} is not UTF-8 text; write the upstream password into it as text")]
+    NotText { path: PathBuf },
+}
+
+/// A grant's client certificate and key files.
+pub struct ClientCertificate<'a> {
+    pub cert: &'a Path,
+    pub key: &'a Path,
 }
 
 impl Grant {
@@ -141,9 +164,18 @@ impl Grant {
                 .any(|u| *u == principal.subject || *u == principal.name)
     }
 
-    /// The upstream password, read now from its file.
-    pub fn password(&self) -> Result<String, SecretError> {
-        read_secret(&self.password_file)
+    /// The upstream password, read now from its file; None when the grant
+    /// has no password file.
+    pub fn password(&self) -> Result<Option<String>, SecretError> {
+        self.password_file.as_deref().map(read_secret).transpose()
+    }
+
+    /// The client certificate the grant logs in with, if it has one.
+    pub fn client_certificate(&self) -> Option<ClientCertificate<'_>> {
+        Some(ClientCertificate {
+            cert: self.client_cert_file.as_deref()?,
+            key: self.client_key_file.as_deref()?,
+        })
     }
 }
 
@@ -161,6 +193,21 @@ impl ResourceConfig {
 
 /// Reads a secret file, refusing one that others can read.
 pub fn read_secret(path: &Path) -> Result<String, SecretError> {
+    let text = String::from_utf8(read_private(path)?).map_err(|_| SecretError::NotText {
+        path: path.to_owned(),
+    })?;
+    let secret = text.trim_end_matches(['\r', '\n']).to_string();
+    if secret.is_empty() {
+        return Err(SecretError::Empty {
+            path: path.to_owned(),
+        });
+    }
+    Ok(secret)
+}
+
+/// Reads a file only the service may read (a secret, a private key),
+/// refusing one that group or others can read.
+pub fn read_private(path: &Path) -> Result<Vec<u8>, SecretError> {
     let meta = std::fs::metadata(path).map_err(|source| SecretError::Read {
         path: path.to_owned(),
         source,
@@ -172,17 +219,10 @@ pub fn read_secret(path: &Path) -> Result<String, SecretError> {
             mode,
         });
     }
-    let text = std::fs::read_to_string(path).map_err(|source| SecretError::Read {
+    std::fs::read(path).map_err(|source| SecretError::Read {
         path: path.to_owned(),
         source,
-    })?;
-    let secret = text.trim_end_matches(['\r', '\n']).to_string();
-    if secret.is_empty() {
-        return Err(SecretError::Empty {
-            path: path.to_owned(),
-        });
-    }
-    Ok(secret)
+    })
 }
 
 /// Checks the `[[resource]]` entries; the message says what to fix.
@@ -235,11 +275,26 @@ pub fn validate(resources: &[ResourceConfig]) -> Result<(), String> {
             }
         }
         for (i, g) in r.grants.iter().enumerate() {
+            let grant = format!("resource '{}' grant #{}", r.name, i + 1);
             if g.roles.is_empty() && g.users.is_empty() {
                 return Err(format!(
-                    "resource '{}' grant #{}: set roles (or \"*\") or users, else it grants nothing",
-                    r.name,
-                    i + 1
+                    "{grant}: set roles (or \"*\") or users, else it grants nothing"
+                ));
+            }
+            if g.client_cert_file.is_some() != g.client_key_file.is_some() {
+                return Err(format!(
+                    "{grant}: set both client_cert_file and client_key_file, or neither"
+                ));
+            }
+            if g.client_cert_file.is_some() && r.tls == UpstreamTls::Disable {
+                return Err(format!(
+                    "{grant}: a client certificate is presented over TLS; set tls = \"verify-full\" on the resource"
+                ));
+            }
+            if g.password_file.is_none() && g.client_cert_file.is_none() {
+                return Err(format!(
+                    "{grant}: set password_file (or client_cert_file and client_key_file), the credentials the gateway logs in to '{}' with",
+                    g.upstream_user
                 ));
             }
         }
@@ -330,6 +385,36 @@ mod tests {
     }
 
     #[test]
+    fn a_grant_needs_credentials_and_a_client_certificate_needs_tls() {
+        let with = |tls: &str, credentials: &str| {
+            let text = format!(
+                "[[resource]]\nname = \"orders\"\nprotocol = \"postgres\"\n\
+                 address = \"127.0.0.1:5432\"\ntls = \"{tls}\"\n\
+                 [[resource.grant]]\nroles = [\"dba\"]\nupstream_user = \"postgres\"\n{credentials}"
+            );
+            Config::parse(&text).map_err(|e| e.to_string())
+        };
+        let err = with("require", "").unwrap_err();
+        assert!(err.contains("grant #1: set password_file"), "{err}");
+        let err = with("require", "client_cert_file = \"/c.pem\"").unwrap_err();
+        assert!(
+            err.contains("both client_cert_file and client_key_file"),
+            "{err}"
+        );
+        let pair = "client_cert_file = \"/c.pem\"\nclient_key_file = \"/k.pem\"";
+        let err = with("disable", pair).unwrap_err();
+        assert!(err.contains("presented over TLS"), "{err}");
+        let config = with("require", pair).unwrap();
+        let grant = &config.resources[0].grants[0];
+        assert_eq!(grant.password().unwrap(), None);
+        let certificate = grant.client_certificate().unwrap();
+        assert_eq!(
+            (certificate.cert, certificate.key),
+            (Path::new("/c.pem"), Path::new("/k.pem"))
+        );
+    }
+
+    #[test]
     fn open_secret_files_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
@@ -339,5 +424,8 @@ mod tests {
         assert!(err.contains("chmod 600"), "{err}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(read_secret(&path).unwrap(), "hunter2");
+        std::fs::write(&path, b"\xff\xfe\n").unwrap();
+        let err = read_secret(&path).unwrap_err().to_string();
+        assert!(err.contains("is not UTF-8 text"), "{err}");
     }
 }

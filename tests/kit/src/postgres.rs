@@ -25,6 +25,9 @@ pub struct Setup<'a> {
     pub hba: &'a str,
     /// A certificate and key to offer TLS with.
     pub tls: Option<(&'a Path, &'a Path)>,
+    /// With `tls`: the CA whose client certificates the server accepts
+    /// (`ssl_ca_file`), for `cert` lines in `hba`.
+    pub client_ca: Option<&'a Path>,
     /// More `postgresql.conf` settings; later ones win.
     pub conf: &'a str,
 }
@@ -36,6 +39,7 @@ impl Default for Setup<'_> {
             listen: "127.0.0.1",
             hba: "host all all 127.0.0.0/8 scram-sha-256\n",
             tls: None,
+            client_ca: None,
             conf: "",
         }
     }
@@ -85,6 +89,14 @@ impl Cluster {
             }
             run("chmod", &["600", path(&data.join("server.key"))]);
             conf.push_str("ssl = on\n");
+            if let Some(ca) = setup.client_ca {
+                std::fs::copy(ca, data.join("client-ca.crt")).unwrap();
+                run(
+                    "chown",
+                    &["postgres:postgres", path(&data.join("client-ca.crt"))],
+                );
+                conf.push_str("ssl_ca_file = 'client-ca.crt'\n");
+            }
         }
         conf.push_str(setup.conf);
         let mut postgresql_conf = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();

@@ -152,7 +152,7 @@ impl Target {
         if self.held.cancel() {
             return Ok(());
         }
-        let (mut stream, _) = upstream::connect(&self.resource, mark).await?;
+        let (mut stream, _) = upstream::connect(&self.resource, None, mark).await?;
         let mut out = BytesMut::new();
         wire::encode(
             &CancelRequest::new(self.upstream_pid, SecretKey::I32(self.upstream_secret)),
@@ -190,7 +190,7 @@ mod tests {
             upstream_pool: 0,
         };
         Arc::new(Resource {
-            tls: super::super::tls::client_config(&config).unwrap(),
+            tls: super::super::tls::ClientTls::load(&config).unwrap(),
             config,
         })
     }

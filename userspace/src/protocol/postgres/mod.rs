@@ -99,7 +99,7 @@ pub enum PgError {
 /// A resource with its upstream TLS settings loaded.
 pub struct Resource {
     pub config: ResourceConfig,
-    tls: Option<Arc<rustls::ClientConfig>>,
+    tls: Option<tls::ClientTls>,
 }
 
 /// What the PostgreSQL adapter shares between sessions.
@@ -145,7 +145,7 @@ impl PostgresGateway {
             .filter(|r| r.protocol == Protocol::Postgres)
             .map(|r| {
                 Ok(Arc::new(Resource {
-                    tls: tls::client_config(r)?,
+                    tls: tls::ClientTls::load(r)?,
                     config: r.clone(),
                 }))
             })

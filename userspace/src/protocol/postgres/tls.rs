@@ -4,9 +4,11 @@
 //! libpq's sslmode semantics: `require` (encrypted, unverified),
 //! `verify-ca` (chain checked against the resource's CA file) or
 //! `verify-full` (that, and the certificate checked for the resource's
-//! `server_name`, by default its address).
+//! `server_name`, by default its address); and, for a grant that has one,
+//! a client certificate presented to the upstream.
 
 use std::{
+    collections::HashMap,
     io::Write,
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
@@ -24,12 +26,20 @@ use rustls::{
     SignatureScheme,
 };
 
-use crate::resource::{ResourceConfig, UpstreamTls};
+use crate::resource::{read_private, Grant, ResourceConfig, UpstreamTls};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read TLS file {path}: {reason}; generate a pair with `portcullis tls self-signed --out DIR`")]
+    #[error("cannot read TLS file {path}: {reason}")]
     File { path: PathBuf, reason: String },
+    #[error("{0}; generate a pair with `portcullis tls self-signed --out DIR`")]
+    Listener(Box<TlsError>),
+    #[error("client_cert_file {cert} and client_key_file {key} cannot be used together ({reason}); is the key the certificate's?")]
+    ClientPair {
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
     #[error("TLS configuration rejected: {0}")]
     Config(#[from] rustls::Error),
     #[error("generating a certificate: {0}")]
@@ -62,6 +72,10 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 
 /// The listener's TLS configuration, from its PEM certificate and key.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    listener_config(cert, key).map_err(|e| TlsError::Listener(Box::new(e)))
+}
+
+fn listener_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = read_certs(cert)?;
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::File {
         path: key.to_owned(),
@@ -74,36 +88,98 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
     Ok(Arc::new(config))
 }
 
-/// The TLS client configuration for `resource`, or None for `tls = "disable"`.
-pub fn client_config(resource: &ResourceConfig) -> Result<Option<Arc<ClientConfig>>, TlsError> {
-    let builder =
-        ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
-    let config = match resource.tls {
-        UpstreamTls::Disable => return Ok(None),
-        UpstreamTls::Require => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Lenient {
-                provider: provider(),
-                chain: None,
-            }))
-            .with_no_client_auth(),
-        UpstreamTls::VerifyCa => {
-            let chain = WebPkiServerVerifier::builder_with_provider(roots(resource)?, provider())
-                .build()
-                .map_err(|e| rustls::Error::General(e.to_string()))?;
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(Lenient {
-                    provider: provider(),
-                    chain: Some(chain),
-                }))
-                .with_no_client_auth()
+/// The TLS client configurations of one resource: one without a client
+/// certificate (sessions whose grant has none, and cancel requests), and
+/// one per client certificate its grants present.
+pub struct ClientTls {
+    anonymous: Arc<ClientConfig>,
+    /// By the grant's certificate and key files.
+    certified: HashMap<(PathBuf, PathBuf), Arc<ClientConfig>>,
+}
+
+impl ClientTls {
+    /// Loads the CA and the grants' client certificates and keys; None for
+    /// `tls = "disable"`.
+    pub fn load(resource: &ResourceConfig) -> Result<Option<Self>, TlsError> {
+        let Some(verifier) = server_verifier(resource)? else {
+            return Ok(None);
+        };
+        let builder = || {
+            Ok::<_, TlsError>(
+                ClientConfig::builder_with_provider(provider())
+                    .with_safe_default_protocol_versions()?
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::clone(&verifier)),
+            )
+        };
+        let anonymous = Arc::new(builder()?.with_no_client_auth());
+        let mut certified = HashMap::new();
+        for certificate in resource.grants.iter().filter_map(Grant::client_certificate) {
+            let files = (certificate.cert.to_owned(), certificate.key.to_owned());
+            if certified.contains_key(&files) {
+                continue;
+            }
+            let chain = read_certs(certificate.cert)?;
+            let key = read_private_key(certificate.key)?;
+            let config =
+                builder()?
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| TlsError::ClientPair {
+                        cert: certificate.cert.to_owned(),
+                        key: certificate.key.to_owned(),
+                        reason: e.to_string(),
+                    })?;
+            certified.insert(files, Arc::new(config));
         }
-        UpstreamTls::VerifyFull => builder
-            .with_root_certificates(roots(resource)?)
-            .with_no_client_auth(),
+        Ok(Some(Self {
+            anonymous,
+            certified,
+        }))
+    }
+
+    /// The configuration for a connection that logs in with `grant`, or,
+    /// for None (a cancel request), with no client certificate.
+    pub fn config(&self, grant: Option<&Grant>) -> Arc<ClientConfig> {
+        let files = grant
+            .and_then(Grant::client_certificate)
+            .map(|c| (c.cert.to_owned(), c.key.to_owned()));
+        let certified = files.and_then(|files| self.certified.get(&files));
+        Arc::clone(certified.unwrap_or(&self.anonymous))
+    }
+}
+
+/// How the upstream's certificate is checked, per the resource's `tls`
+/// (None for `disable`).
+fn server_verifier(
+    resource: &ResourceConfig,
+) -> Result<Option<Arc<dyn ServerCertVerifier>>, TlsError> {
+    let chain = || {
+        WebPkiServerVerifier::builder_with_provider(roots(resource)?, provider())
+            .build()
+            .map_err(|e| TlsError::Config(rustls::Error::General(e.to_string())))
     };
-    Ok(Some(Arc::new(config)))
+    Ok(Some(match resource.tls {
+        UpstreamTls::Disable => return Ok(None),
+        UpstreamTls::Require => Arc::new(Lenient {
+            provider: provider(),
+            chain: None,
+        }),
+        UpstreamTls::VerifyCa => Arc::new(Lenient {
+            provider: provider(),
+            chain: Some(chain()?),
+        }),
+        UpstreamTls::VerifyFull => chain()?,
+    }))
+}
+
+/// A client key, from a file only the service may read.
+fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let file_err = |reason: String| TlsError::File {
+        path: path.to_owned(),
+        reason,
+    };
+    let pem = read_private(path).map_err(|e| file_err(e.to_string()))?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| file_err(e.to_string()))
 }
 
 /// The resource's CA certificates, for the modes that verify.
@@ -234,6 +310,8 @@ fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), TlsError> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]
@@ -247,6 +325,39 @@ mod tests {
             std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
             0o600
         );
+    }
+
+    #[test]
+    fn client_certificates_load_with_the_config_and_fail_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = write_self_signed(&dir.path().join("a"), &["client".into()]).unwrap();
+        let (_, other_key) = write_self_signed(&dir.path().join("b"), &["other".into()]).unwrap();
+        let with_pair = |cert: &Path, key: &Path| {
+            let text = format!(
+                "[[resource]]\nname = \"crm\"\nprotocol = \"postgres\"\n\
+                 address = \"127.0.0.1:5432\"\ntls = \"require\"\n\
+                 [[resource.grant]]\nroles = [\"*\"]\nupstream_user = \"crm\"\n\
+                 client_cert_file = \"{}\"\nclient_key_file = \"{}\"\n",
+                cert.display(),
+                key.display()
+            );
+            let config = crate::config::Config::parse(&text).unwrap();
+            ClientTls::load(&config.resources[0]).map(|tls| (tls, config))
+        };
+        let (tls, config) = with_pair(&cert, &key).unwrap();
+        let tls = tls.unwrap();
+        let grant = &config.resources[0].grants[0];
+        assert!(Arc::ptr_eq(
+            &tls.config(Some(grant)),
+            tls.certified.values().next().unwrap()
+        ));
+        assert!(Arc::ptr_eq(&tls.config(None), &tls.anonymous));
+
+        let err = with_pair(&cert, &other_key).err().unwrap().to_string();
+        assert!(err.contains("is the key the certificate's?"), "{err}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = with_pair(&cert, &key).err().unwrap().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
     }
 
     #[test]

@@ -45,7 +45,17 @@ pub async fn open(
     let password = grant
         .password()
         .map_err(|e| PgError::Config(format!("resource '{}': {e}", resource.config.name)))?;
-    let (mut stream, server_certificate) = connect(resource, mark).await?;
+    // Asked for only when the upstream asks for one: a grant may log in
+    // with its client certificate alone.
+    let password = |method: &str| {
+        password.as_deref().ok_or_else(|| {
+            PgError::Config(format!(
+                "resource '{}': the upstream asks for a password ({method}) for '{}', and the grant has no password_file",
+                resource.config.name, grant.upstream_user
+            ))
+        })
+    };
+    let (mut stream, server_certificate) = connect(resource, Some(grant), mark).await?;
 
     let mut startup = BytesMut::new();
     startup.extend_from_slice(&[0, 0, 0, 0, 0, 3, 0, 0]);
@@ -79,13 +89,14 @@ pub async fn open(
                 let mut out = BytesMut::new();
                 match r.i32()? {
                     0 => {}
-                    3 => wire::encode(&Password::new(password.clone()), &mut out),
+                    3 => wire::encode(
+                        &Password::new(password("cleartext")?.to_owned()),
+                        &mut out,
+                    ),
                     5 => {
                         let salt = r.bytes(4)?;
-                        wire::encode(
-                            &Password::new(md5_password(&grant.upstream_user, &password, salt)),
-                            &mut out,
-                        );
+                        let md5 = md5_password(&grant.upstream_user, password("md5")?, salt);
+                        wire::encode(&Password::new(md5), &mut out);
                     }
                     10 => {
                         let mut mechanisms = Vec::new();
@@ -112,7 +123,7 @@ pub async fn open(
                             // has no single hash: nothing to bind to.
                             None | Some(None) => Binding::None,
                         };
-                        let s = Scram::new(&password, nonce()?, binding);
+                        let s = Scram::new(password("scram-sha-256")?, nonce()?, binding);
                         wire::encode(
                             &SASLInitialResponse::new(
                                 s.mechanism().into(),
@@ -183,11 +194,13 @@ pub async fn open(
 }
 
 /// A connection to the resource's upstream, over TLS when the resource asks
-/// for it (`tls` other than `disable`): for a session, and for a cancel
-/// request, which carries the upstream backend's secret. Over TLS, also the
-/// certificate hash SCRAM binds to, if it can.
+/// for it (`tls` other than `disable`): for a session logging in with
+/// `grant` (presenting its client certificate, if it has one), and for a
+/// cancel request (None), which carries the upstream backend's secret. Over
+/// TLS, also the certificate hash SCRAM binds to, if it can.
 pub(super) async fn connect(
     resource: &Resource,
+    grant: Option<&Grant>,
     mark: u32,
 ) -> Result<(PgStream, Option<Option<Vec<u8>>>), PgError> {
     let address = resource.config.address;
@@ -199,8 +212,9 @@ pub(super) async fn connect(
     })?;
     match &resource.tls {
         None => Ok((PgStream::Plain(tcp), None)),
-        Some(config) => {
-            let (tls, hash) = start_tls(PgStream::Plain(tcp), Arc::clone(config), resource).await?;
+        Some(configs) => {
+            let config = configs.config(grant);
+            let (tls, hash) = start_tls(PgStream::Plain(tcp), config, resource).await?;
             Ok((tls, Some(hash)))
         }
     }
@@ -283,7 +297,67 @@ fn nonce() -> Result<String, PgError> {
 
 #[cfg(test)]
 mod tests {
+    use tokio::net::TcpListener;
+
     use super::*;
+    use crate::{
+        config::Protocol,
+        resource::{ResourceConfig, UpstreamTls},
+    };
+
+    /// A grant with a client certificate and no password, against an
+    /// upstream that asks for a password anyway: the login stops with an
+    /// error that names what is missing, and sends nothing.
+    #[tokio::test]
+    async fn a_password_asked_of_a_grant_without_one_is_a_config_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let upstream = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let len = stream.read_u32().await.unwrap() as usize;
+            stream.read_exact(&mut vec![0; len - 4]).await.unwrap();
+            // AuthenticationCleartextPassword.
+            stream
+                .write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 3])
+                .await
+                .unwrap();
+            let mut rest = Vec::new();
+            stream.read_to_end(&mut rest).await.unwrap();
+            rest
+        });
+        let grant = Grant {
+            roles: vec!["*".into()],
+            users: Vec::new(),
+            upstream_user: "certuser".into(),
+            password_file: None,
+            client_cert_file: Some("/c.pem".into()),
+            client_key_file: Some("/k.pem".into()),
+        };
+        let resource = Resource {
+            config: ResourceConfig {
+                name: "crm".into(),
+                protocol: Protocol::Postgres,
+                address,
+                database: None,
+                tls: UpstreamTls::Disable,
+                ca_file: None,
+                server_name: None,
+                grants: vec![grant.clone()],
+                upstream_pool: 0,
+            },
+            tls: None,
+        };
+        let err = open(&resource, &grant, "crm", &[], 0)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("asks for a password (cleartext) for 'certuser', and the grant has no password_file"),
+            "{err}"
+        );
+        assert_eq!(upstream.await.unwrap(), b"");
+    }
 
     #[test]
     fn md5_matches_postgres() {
