@@ -483,21 +483,28 @@ fn service_account_login_binds_a_machine_identity() {
     // The secret file belongs to the service's own user.
     let secret = sockets.path().join("svc.secret");
     std::fs::write(&secret, "svc-reporting-secret\n").unwrap();
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
     let _ = Command::new("chown")
         .args([NOBODY, secret.to_str().unwrap()])
         .status();
-    let (ok, stdout, stderr) = run_cli(
-        NOBODY,
-        &socket,
-        &[
-            "login",
-            "--client-id",
-            "svc-reporting",
-            "--client-secret-file",
-            secret.to_str().unwrap(),
-        ],
-    );
+    let login = || {
+        run_cli(
+            NOBODY,
+            &socket,
+            &[
+                "login",
+                "--client-id",
+                "svc-reporting",
+                "--client-secret-file",
+                secret.to_str().unwrap(),
+            ],
+        )
+    };
+    // A secret others can read is refused before it is sent anywhere.
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, _, stderr) = login();
+    assert!(!ok && stderr.contains("chmod 600"), "{stderr}");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (ok, stdout, stderr) = login();
     assert!(ok, "{stderr}");
     assert!(
         stdout.contains("logged in as svc-reporting (Service"),

@@ -70,7 +70,7 @@ pub enum Command {
         /// Sign in as a service account (client credentials grant).
         #[arg(long, requires = "client_secret_file")]
         client_id: Option<String>,
-        /// File holding the service account's client secret.
+        /// File holding the service account's client secret (mode 0600).
         #[arg(long, requires = "client_id")]
         client_secret_file: Option<PathBuf>,
         /// Scopes for the service account's token.

@@ -15,6 +15,7 @@
 //!   relay, record).
 //! * [`protocol`]: the protocol adapters, the one protocol-specific step.
 //! * [`resource`]: protected upstreams, their credentials and grants.
+//! * [`secret`]: files only their reader may read (passwords, keys).
 //! * [`policy`]: rules per resource and role: allow, block, mask, approval.
 //! * [`audit`]: the recording interface and its sinks.
 //! * [`daemon`]: `portcullis run`, start-up, reload and shutdown.
@@ -42,6 +43,7 @@ pub mod policy;
 pub mod protocol;
 pub mod proxy;
 pub mod resource;
+pub mod secret;
 #[cfg(test)]
 mod testing;
 

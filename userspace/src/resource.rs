@@ -30,13 +30,16 @@
 use std::{
     collections::HashSet,
     net::SocketAddr,
-    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
 };
 
 use serde::Deserialize;
 
-use crate::{config::Protocol, identity::Principal};
+use crate::{
+    config::Protocol,
+    identity::Principal,
+    secret::{read_secret, SecretError},
+};
 
 /// One protected upstream.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -129,23 +132,6 @@ pub struct Grant {
     pub client_key_file: Option<PathBuf>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum SecretError {
-    #[error("cannot read secret file {path}: {source}; create it with mode 0600, owned by the service user")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "secret file {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
-    )]
-    TooOpen { path: PathBuf, mode: u32 },
-    #[error("secret file {path} is empty; write the upstream password into it")]
-    Empty { path: PathBuf },
-    #[error("secret file {path} is not UTF-8 text; write the upstream password into it as text")]
-    NotText { path: PathBuf },
-}
-
 /// A grant's client certificate and key files.
 pub struct ClientCertificate<'a> {
     pub cert: &'a Path,
@@ -189,40 +175,6 @@ impl ResourceConfig {
             .and_then(|user| allowed.find(|g| g.upstream_user == user))
             .or(first)
     }
-}
-
-/// Reads a secret file, refusing one that others can read.
-pub fn read_secret(path: &Path) -> Result<String, SecretError> {
-    let text = String::from_utf8(read_private(path)?).map_err(|_| SecretError::NotText {
-        path: path.to_owned(),
-    })?;
-    let secret = text.trim_end_matches(['\r', '\n']).to_string();
-    if secret.is_empty() {
-        return Err(SecretError::Empty {
-            path: path.to_owned(),
-        });
-    }
-    Ok(secret)
-}
-
-/// Reads a file only the service may read (a secret, a private key),
-/// refusing one that group or others can read.
-pub fn read_private(path: &Path) -> Result<Vec<u8>, SecretError> {
-    let meta = std::fs::metadata(path).map_err(|source| SecretError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(SecretError::TooOpen {
-            path: path.to_owned(),
-            mode,
-        });
-    }
-    std::fs::read(path).map_err(|source| SecretError::Read {
-        path: path.to_owned(),
-        source,
-    })
 }
 
 /// Checks the `[[resource]]` entries; the message says what to fix.
@@ -412,20 +364,5 @@ mod tests {
             (certificate.cert, certificate.key),
             (Path::new("/c.pem"), Path::new("/k.pem"))
         );
-    }
-
-    #[test]
-    fn open_secret_files_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s");
-        std::fs::write(&path, "hunter2\n").unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = read_secret(&path).unwrap_err().to_string();
-        assert!(err.contains("chmod 600"), "{err}");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(read_secret(&path).unwrap(), "hunter2");
-        std::fs::write(&path, b"\xff\xfe\n").unwrap();
-        let err = read_secret(&path).unwrap_err().to_string();
-        assert!(err.contains("is not UTF-8 text"), "{err}");
     }
 }

@@ -156,17 +156,9 @@ pub async fn client_credentials_login(
     })
 }
 
-/// Reads a client secret file: the first line, trimmed.
+/// Reads a client secret file (refused when others can read it).
 pub fn read_secret(path: &Path) -> Result<ClientSecret, IdentityError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        IdentityError::Unavailable(format!("reading client secret {}: {e}", path.display()))
-    })?;
-    let secret = text.lines().next().unwrap_or("").trim();
-    if secret.is_empty() {
-        return Err(IdentityError::Unavailable(format!(
-            "client secret file {} is empty",
-            path.display()
-        )));
-    }
-    Ok(ClientSecret::new(secret.to_string()))
+    let secret = crate::secret::read_secret(path)
+        .map_err(|e| IdentityError::Unavailable(format!("client secret: {e}")))?;
+    Ok(ClientSecret::new(secret.trim().to_string()))
 }

@@ -26,7 +26,10 @@ use rustls::{
     SignatureScheme,
 };
 
-use crate::resource::{read_private, Grant, ResourceConfig, UpstreamTls};
+use crate::{
+    resource::{Grant, ResourceConfig, UpstreamTls},
+    secret::read_private,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
