@@ -305,6 +305,7 @@ fn verify(
 ) -> Result<portcullis::identity::Principal, String> {
     runtime
         .block_on(identity.verify_token(token))
+        .map(|verified| verified.principal)
         .map_err(|e| match e {
             IdentityError::Rejected(short) => short,
             other => panic!("not a rejection: {other}"),
@@ -609,9 +610,16 @@ fn refresh_renews_the_binding_across_a_key_rotation() {
     );
 }
 
-/// psql `args` to `port`: through the redirect (in the cgroup) or directly
-/// (from the test process) with TLS required; `password` as PGPASSWORD.
-fn psql(cgroup: Option<&TestCgroup>, port: u16, db: &str, password: Option<&str>) -> Output {
+/// `psql -c sql` to `port`, started: through the redirect (in the cgroup)
+/// or directly (from the test process) with TLS required; `password` as
+/// PGPASSWORD.
+fn psql_started(
+    cgroup: Option<&TestCgroup>,
+    port: u16,
+    db: &str,
+    password: Option<&str>,
+    sql: &str,
+) -> std::process::Child {
     let port = port.to_string();
     let args = [
         "-X",
@@ -624,7 +632,7 @@ fn psql(cgroup: Option<&TestCgroup>, port: u16, db: &str, password: Option<&str>
         "-d",
         db,
         "-Atc",
-        "select current_user",
+        sql,
     ];
     let mut cmd = match cgroup {
         Some(cgroup) => cgroup.command("psql", &args),
@@ -638,39 +646,55 @@ fn psql(cgroup: Option<&TestCgroup>, port: u16, db: &str, password: Option<&str>
     if let Some(password) = password {
         cmd.env("PGPASSWORD", password);
     }
-    let child = cmd
-        .stdin(Stdio::null())
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// `select current_user` through the gateway (see [`psql_started`]).
+fn psql(cgroup: Option<&TestCgroup>, port: u16, db: &str, password: Option<&str>) -> Output {
+    let child = psql_started(cgroup, port, db, password, "select current_user");
     wait_with_timeout(child, Duration::from_secs(30))
 }
 
-#[test]
-fn postgres_takes_the_uid_binding_or_a_token_as_password() {
-    use crate::pg::{PgCluster, PG_PASSWORD};
+/// A cluster behind a gateway that knows the provider: redirected clients
+/// reach resource "orders", and a `postgres` listener (direct, TLS) serves
+/// remote ones. The dba role and the svc-reporting service may use it.
+struct PgBehindIdentity {
+    // Dropped in this order: the gateway before what it uses.
+    gateway: Gateway,
+    cluster: crate::pg::PgCluster,
+    cgroup: TestCgroup,
+    listener_port: u16,
+    socket: std::path::PathBuf,
+    _sockets: tempfile::TempDir,
+}
 
-    let provider = OidcProvider::start(300);
-    let cgroup = TestCgroup::new();
-    let cluster = PgCluster::start_with(false);
-    let secret = cluster.secret_file("identity", PG_PASSWORD);
-    let tls = cluster.dir().join("gateway-tls");
-    let out = Command::new(PORTCULLIS)
-        .args(["tls", "self-signed", "--out"])
-        .arg(&tls)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let listener_port = free_port();
-    let sockets = socket_dir();
-    let socket = sockets.path().join("control.sock");
-    let extra = format!(
-        r#"
+impl PgBehindIdentity {
+    fn start(provider: &OidcProvider) -> Self {
+        use crate::pg::{PgCluster, PG_PASSWORD};
+
+        let cgroup = TestCgroup::new();
+        let cluster = PgCluster::start_with(false);
+        let secret = cluster.secret_file("identity", PG_PASSWORD);
+        let tls = cluster.dir().join("gateway-tls");
+        let out = Command::new(PORTCULLIS)
+            .args(["tls", "self-signed", "--out"])
+            .arg(&tls)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let listener_port = free_port();
+        let sockets = socket_dir();
+        let socket = sockets.path().join("control.sock");
+        let extra = format!(
+            r#"
 [[listener]]
 name = "pg"
 address = "127.0.0.1:{listener_port}"
@@ -694,27 +718,54 @@ users = ["svc-reporting"]
 upstream_user = "postgres"
 password_file = "{secret}"
 {identity}"#,
-        tls = tls.display(),
-        address = cluster.addr(),
-        secret = secret.display(),
-        identity = identity_toml(&provider, &socket, 5, false),
-    );
-    let gateway = Gateway::start_with_config(
-        &cgroup,
-        &[Protect {
-            destination: "127.0.0.1".into(),
-            port: Some(cluster.port),
-            to: "pg".into(),
-        }],
-        &extra,
-    );
+            tls = tls.display(),
+            address = cluster.addr(),
+            secret = secret.display(),
+            identity = identity_toml(provider, &socket, 5, false),
+        );
+        let gateway = Gateway::start_with_config(
+            &cgroup,
+            &[Protect {
+                destination: "127.0.0.1".into(),
+                port: Some(cluster.port),
+                to: "pg".into(),
+            }],
+            &extra,
+        );
+        Self {
+            gateway,
+            cluster,
+            cgroup,
+            listener_port,
+            socket,
+            _sockets: sockets,
+        }
+    }
+
+    /// How many upstream backends run `sql` now.
+    fn running(&self, sql: &str) -> usize {
+        self.cluster
+            .sql(&format!(
+                "select count(*) from pg_stat_activity where query = '{sql}' and pid <> pg_backend_pid()"
+            ))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+}
+
+#[test]
+fn postgres_takes_the_uid_binding_or_a_token_as_password() {
+    let provider = OidcProvider::start(300);
+    let s = PgBehindIdentity::start(&provider);
+    let (cgroup, gateway, port) = (&s.cgroup, &s.gateway, s.cluster.port);
 
     // Redirected, no binding, no password: the adapter asks for a token.
-    let out = psql(Some(&cgroup), cluster.port, "postgres", None);
+    let out = psql(Some(cgroup), port, "postgres", None);
     assert!(!out.status.success());
     // Redirected with a forged token as the password: refused, with why.
     let forged = provider.sign("none", provider.claims(300));
-    let out = psql(Some(&cgroup), cluster.port, "postgres", Some(&forged));
+    let out = psql(Some(cgroup), port, "postgres", Some(&forged));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("token refused: token signature algorithm not accepted"),
@@ -722,8 +773,8 @@ password_file = "{secret}"
     );
 
     // After `portcullis login` the uid binding is the identity: no password.
-    device_login("0", &socket, "alice", "alice-pw");
-    let out = psql(Some(&cgroup), cluster.port, "postgres", None);
+    device_login("0", &s.socket, "alice", "alice-pw");
+    let out = psql(Some(cgroup), port, "postgres", None);
     assert!(
         out.status.success(),
         "{}\n{}",
@@ -738,7 +789,7 @@ password_file = "{secret}"
 
     // A remote (direct) client presents a service account's token.
     let token = provider.service_token("urn:portcullis");
-    let out = psql(None, listener_port, "orders", Some(&token));
+    let out = psql(None, s.listener_port, "orders", Some(&token));
     assert!(
         out.status.success(),
         "{}\n{}",
@@ -750,6 +801,55 @@ password_file = "{secret}"
     });
     assert_eq!(login["principal"]["name"], "svc-reporting");
     assert_eq!(login["principal"]["kind"], "service");
+}
+
+#[test]
+fn sessions_end_with_their_identity() {
+    const SLEEP: &str = "select pg_sleep(60)";
+    let provider = OidcProvider::start(300);
+    let s = PgBehindIdentity::start(&provider);
+    let wait_running = |n: usize| {
+        wait_until("pg_sleep backends", Duration::from_secs(10), || {
+            s.running(SLEEP) == n
+        })
+    };
+
+    // A redirected session on the uid's binding, in a long statement: the
+    // logout ends it, with a FATAL error that says why, and the statement
+    // is cancelled upstream rather than left running.
+    device_login("0", &s.socket, "alice", "alice-pw");
+    let bound = psql_started(Some(&s.cgroup), s.cluster.port, "postgres", None, SLEEP);
+    wait_running(1);
+    let (ok, _, stderr) = run_cli("0", &s.socket, &["logout"]);
+    assert!(ok, "{stderr}");
+    let out = wait_with_timeout(bound, Duration::from_secs(15));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("FATAL:  terminating connection: the identity this session was opened with has ended (logout)"),
+        "{err}"
+    );
+    wait_running(0);
+    let end = s.gateway.wait_for_event("session_end after logout", |e| {
+        e["event"] == "session_end" && !e["error"].is_null()
+    });
+    assert_eq!(end["error"], "the identity ended: logout");
+
+    // A direct client's session lasts as long as its token (here 2 s, and
+    // the 5 s of clock skew the gateway allows).
+    let mut claims = provider.claims(2);
+    claims["groups"] = json!(["db-admins"]);
+    let token = provider.sign("rs256", claims);
+    let started = Instant::now();
+    let direct = psql_started(None, s.listener_port, "orders", Some(&token), SLEEP);
+    let out = wait_with_timeout(direct, Duration::from_secs(30));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("has ended (the token expired)"),
+        "{err}\n{}",
+        s.gateway.log()
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    wait_running(0);
 }
 
 #[test]

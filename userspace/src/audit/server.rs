@@ -415,7 +415,7 @@ mod tests {
         fn verify_token<'a>(
             &'a self,
             _: &'a str,
-        ) -> IdentityFuture<'a, Result<Principal, IdentityError>> {
+        ) -> IdentityFuture<'a, Result<crate::identity::TokenIdentity, IdentityError>> {
             Box::pin(async { Err(IdentityError::Rejected("no".into())) })
         }
     }

@@ -4,6 +4,10 @@
 //! restart forgets them and people log in again. That is deliberate: no
 //! token is ever written to disk, so none can be read by another user or
 //! lifted from a backup.
+//!
+//! A binding's end (logout, expiry, a refresh the provider refused,
+//! another identity's login on the same uid) is kept with its reason, and
+//! wakes [`Bindings::ended`]'s waiters: the sessions admitted on it end too.
 
 use std::{
     collections::HashMap,
@@ -13,6 +17,7 @@ use std::{
 
 use openidconnect::RefreshToken;
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 
 use super::Principal;
 
@@ -72,15 +77,31 @@ pub struct DueRefresh {
 
 #[derive(Default)]
 pub struct Bindings {
-    map: Mutex<HashMap<u32, Binding>>,
+    state: Mutex<State>,
     next_generation: Mutex<u64>,
+    /// Woken whenever a binding ends.
+    ended: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    bound: HashMap<u32, Binding>,
+    /// The last binding of each uid that ended: its subject and why.
+    ended: HashMap<u32, (String, String)>,
+}
+
+impl State {
+    fn end(&mut self, uid: u32, binding: &Binding, reason: String) {
+        self.ended
+            .insert(uid, (binding.principal.subject.clone(), reason));
+    }
 }
 
 impl Bindings {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Binding>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave a half-written map
         // (every update is a single insert or remove): keep serving.
-        self.map.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn next_generation(&self) -> u64 {
@@ -94,30 +115,40 @@ impl Bindings {
 
     /// The principal bound to `uid`, unless the binding has expired.
     pub fn principal(&self, uid: u32) -> Option<Principal> {
-        let map = self.lock();
-        let binding = map.get(&uid)?;
+        let state = self.lock();
+        let binding = state.bound.get(&uid)?;
         (binding.expires_at > SystemTime::now()).then(|| binding.principal.clone())
     }
 
     pub fn info(&self, uid: u32) -> Option<BindingInfo> {
-        let map = self.lock();
-        let binding = map.get(&uid)?;
+        let state = self.lock();
+        let binding = state.bound.get(&uid)?;
         (binding.expires_at > SystemTime::now()).then(|| binding.info(uid))
     }
 
-    /// Binds `uid`, returning the binding it replaces.
+    /// Binds `uid`, returning the binding it replaces. A binding of
+    /// another subject ends with it.
     pub fn insert(&self, uid: u32, binding: Binding) -> Option<Binding> {
-        self.lock().insert(uid, binding)
+        let mut state = self.lock();
+        let name = binding.principal.name.clone();
+        let replaced = state.bound.insert(uid, binding)?;
+        if replaced.principal.subject != state.bound[&uid].principal.subject {
+            state.end(uid, &replaced, format!("{name} signed in on uid {uid}"));
+            drop(state);
+            self.ended.notify_waiters();
+        }
+        Some(replaced)
     }
 
-    pub fn remove(&self, uid: u32) -> Option<Binding> {
-        self.lock().remove(&uid)
+    /// Ends `uid`'s binding, for `reason`.
+    pub fn remove(&self, uid: u32, reason: &str) -> Option<Binding> {
+        self.remove_if(uid, reason, |_| true)
     }
 
     /// Replaces the binding of `uid` if it is still the one `generation`
     /// names; false when a logout or a new login came first.
     pub fn renew(&self, uid: u32, generation: u64, update: impl FnOnce(&mut Binding)) -> bool {
-        match self.lock().get_mut(&uid) {
+        match self.lock().bound.get_mut(&uid) {
             Some(binding) if binding.generation == generation => {
                 update(binding);
                 true
@@ -126,35 +157,88 @@ impl Bindings {
         }
     }
 
-    /// Removes `uid`'s binding if it is still generation `generation`.
-    pub fn remove_generation(&self, uid: u32, generation: u64) -> Option<Binding> {
-        let mut map = self.lock();
-        if map.get(&uid).is_some_and(|b| b.generation == generation) {
-            map.remove(&uid)
-        } else {
-            None
-        }
+    /// Ends `uid`'s binding if it is still generation `generation`.
+    pub fn remove_generation(&self, uid: u32, generation: u64, reason: &str) -> Option<Binding> {
+        self.remove_if(uid, reason, |b| b.generation == generation)
     }
 
-    /// Removes and returns every expired binding.
+    fn remove_if(
+        &self,
+        uid: u32,
+        reason: &str,
+        matches: impl FnOnce(&Binding) -> bool,
+    ) -> Option<Binding> {
+        let mut state = self.lock();
+        if !state.bound.get(&uid).is_some_and(matches) {
+            return None;
+        }
+        let binding = state.bound.remove(&uid)?;
+        state.end(uid, &binding, reason.to_string());
+        drop(state);
+        self.ended.notify_waiters();
+        Some(binding)
+    }
+
+    /// Ends and returns every expired binding.
     pub fn take_expired(&self, now: SystemTime) -> Vec<(u32, Binding)> {
-        let mut map = self.lock();
-        let expired: Vec<u32> = map
+        let mut state = self.lock();
+        let expired: Vec<u32> = state
+            .bound
             .iter()
             .filter(|(_, b)| b.expires_at <= now)
             .map(|(uid, _)| *uid)
             .collect();
-        expired
+        let taken: Vec<(u32, Binding)> = expired
             .into_iter()
-            .filter_map(|uid| map.remove(&uid).map(|b| (uid, b)))
-            .collect()
+            .filter_map(|uid| state.bound.remove(&uid).map(|b| (uid, b)))
+            .collect();
+        for (uid, binding) in &taken {
+            state.end(*uid, binding, "expired".into());
+        }
+        drop(state);
+        if !taken.is_empty() {
+            self.ended.notify_waiters();
+        }
+        taken
+    }
+
+    /// Resolves, with the reason, once `uid` is no longer bound to
+    /// `subject`.
+    pub async fn ended(&self, uid: u32, subject: &str) -> String {
+        loop {
+            // Registered before the check, so that an end between the two
+            // still wakes it.
+            let notified = self.ended.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(reason) = self.why_ended(uid, subject) {
+                return reason;
+            }
+            notified.await;
+        }
+    }
+
+    fn why_ended(&self, uid: u32, subject: &str) -> Option<String> {
+        let state = self.lock();
+        match state.bound.get(&uid) {
+            Some(binding) if binding.principal.subject == subject => {
+                // Expired, not yet swept (the sweep wakes the waiters).
+                (binding.expires_at <= SystemTime::now()).then(|| "expired".to_string())
+            }
+            _ => Some(match state.ended.get(&uid) {
+                Some((ended, reason)) if ended == subject => reason.clone(),
+                _ => "the binding is gone".to_string(),
+            }),
+        }
     }
 
     /// Bindings whose refresh is due; each is marked so that it is not
     /// handed out again before `now + retry`.
     pub fn due_refreshes(&self, now: SystemTime, retry: Duration) -> Vec<DueRefresh> {
-        let mut map = self.lock();
-        map.iter_mut()
+        let mut state = self.lock();
+        state
+            .bound
+            .iter_mut()
             .filter(|(_, b)| b.refresh_due(now))
             .filter_map(|(uid, b)| {
                 b.retry_at = now + retry;
@@ -229,8 +313,36 @@ mod tests {
         let b = Bindings::default();
         b.insert(1, binding(Duration::from_secs(30), true, 7));
         assert!(!b.renew(1, 6, |_| {}));
-        assert!(b.remove_generation(1, 6).is_none());
+        assert!(b.remove_generation(1, 6, "refused").is_none());
         assert!(b.renew(1, 7, |x| x.lifetime = Duration::from_secs(1)));
-        assert!(b.remove_generation(1, 7).is_some());
+        assert!(b.remove_generation(1, 7, "refused").is_some());
+    }
+
+    #[tokio::test]
+    async fn an_end_wakes_its_waiters_with_the_reason() {
+        let b = std::sync::Arc::new(Bindings::default());
+        b.insert(1, binding(Duration::from_secs(300), false, 1));
+        b.insert(2, binding(Duration::from_secs(300), false, 2));
+        let waiter = |uid| {
+            let b = std::sync::Arc::clone(&b);
+            tokio::spawn(async move { b.ended(uid, "iss#alice").await })
+        };
+        let (logout, replaced) = (waiter(1), waiter(2));
+        // A new login of the same subject ends nothing.
+        b.insert(1, binding(Duration::from_secs(300), false, 3));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!logout.is_finished());
+        b.remove(1, "logout");
+        assert_eq!(logout.await.unwrap(), "logout");
+        let mut bob = binding(Duration::from_secs(300), false, 4);
+        bob.principal.subject = "iss#bob".into();
+        bob.principal.name = "bob".into();
+        b.insert(2, bob);
+        assert_eq!(replaced.await.unwrap(), "bob signed in on uid 2");
+        // Ended before anyone waited: the reason is kept.
+        b.insert(3, binding(Duration::ZERO, false, 5));
+        assert_eq!(b.take_expired(SystemTime::now()).len(), 1);
+        assert_eq!(b.ended(3, "iss#alice").await, "expired");
+        assert_eq!(b.ended(4, "iss#alice").await, "the binding is gone");
     }
 }

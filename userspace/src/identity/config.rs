@@ -10,6 +10,7 @@
 //! groups_claim = "groups"
 //! clock_skew_seconds = 60
 //! control_socket = "/run/portcullis/control.sock"
+//! end_sessions_with_identity = true   # a logout or expiry ends open sessions
 //!
 //! [identity.roles]
 //! engineers = ["eng"]
@@ -73,6 +74,16 @@ pub struct IdentityConfig {
     /// Role name -> provider groups granting it.
     #[serde(default)]
     pub roles: BTreeMap<String, Vec<String>>,
+    /// Sessions end with the identity they were admitted on: the uid's
+    /// binding (logout, expiry, a refused refresh, another identity's
+    /// login) or the token the client presented (its expiry). Off, a
+    /// session admitted once runs until the client or upstream ends it.
+    #[serde(default = "default_end_sessions_with_identity")]
+    pub end_sessions_with_identity: bool,
+}
+
+fn default_end_sessions_with_identity() -> bool {
+    true
 }
 
 fn default_groups_claim() -> String {

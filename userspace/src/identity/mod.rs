@@ -12,6 +12,11 @@
 //! token. Service accounts use client-credentials tokens (a token whose
 //! `sub` is its own client, or that carries `service_claim`). Without one, [`UnixIdentity`] names the local
 //! account.
+//!
+//! A session lasts no longer than the identity it was admitted on
+//! ([`IdentityProvider::identity_ended`]): the uid binding (until logout,
+//! expiry, a refresh the provider refuses, or another identity's login on
+//! that uid), or the token the client presented (until it expires).
 
 mod bindings;
 mod config;
@@ -25,7 +30,7 @@ mod unix;
 mod verified;
 mod verify;
 
-use std::{future::Future, pin::Pin};
+use std::{future::Future, pin::Pin, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +71,22 @@ pub enum IdentityError {
 
 pub type IdentityFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// The principal a client's token names, and when the token expires.
+#[derive(Debug, Clone)]
+pub struct TokenIdentity {
+    pub principal: Principal,
+    pub expires_at: SystemTime,
+}
+
+/// What a session's identity rests on, which decides when it ends.
+#[derive(Debug, Clone)]
+pub enum Admission {
+    /// The uid's binding (from `portcullis login`) to this subject.
+    Binding { uid: u32, subject: String },
+    /// A token the client presented.
+    Token { expires_at: SystemTime },
+}
+
 /// Resolves principals for sessions.
 pub trait IdentityProvider: Send + Sync {
     /// The principal bound to a local uid (from `portcullis login`), if any.
@@ -75,5 +96,20 @@ pub trait IdentityProvider: Send + Sync {
     fn verify_token<'a>(
         &'a self,
         token: &'a str,
-    ) -> IdentityFuture<'a, Result<Principal, IdentityError>>;
+    ) -> IdentityFuture<'a, Result<TokenIdentity, IdentityError>>;
+
+    /// Whether sessions end with the identity they were admitted on (see
+    /// [`IdentityProvider::identity_ended`]). Not by default: a local
+    /// account does not sign out.
+    fn ends_sessions(&self) -> bool {
+        false
+    }
+
+    /// Resolves, with the reason, once a session admitted on `admission`
+    /// must end because its identity has; asked only of a provider that
+    /// [ends sessions](IdentityProvider::ends_sessions).
+    fn identity_ended(&self, admission: Admission) -> IdentityFuture<'_, String> {
+        let _ = admission;
+        Box::pin(std::future::pending())
+    }
 }

@@ -23,7 +23,8 @@ use super::{
     jwks::JwksCache,
     principal::PrincipalRules,
     verify::{Claims, TokenVerifier},
-    IdentityConfig, IdentityError, IdentityFuture, IdentityProvider, Principal,
+    Admission, IdentityConfig, IdentityError, IdentityFuture, IdentityProvider, Principal,
+    TokenIdentity,
 };
 use crate::{
     audit::{AuditError, AuditEvent, IdentityBinding, IdentityLogout, Recorder},
@@ -141,7 +142,7 @@ impl OidcIdentity {
 
     /// Ends `uid`'s binding; `None` if it had none.
     pub async fn logout(&self, uid: u32) -> Result<Option<BindingInfo>, IdentityError> {
-        let Some(binding) = self.bindings.remove(uid) else {
+        let Some(binding) = self.bindings.remove(uid, "logout") else {
             return Ok(None);
         };
         let info = binding.info(uid);
@@ -279,7 +280,7 @@ impl OidcIdentity {
     }
 
     async fn end(&self, uid: u32, generation: u64, reason: String) {
-        if let Some(binding) = self.bindings.remove_generation(uid, generation) {
+        if let Some(binding) = self.bindings.remove_generation(uid, generation, &reason) {
             let _ = self
                 .record(AuditEvent::IdentityLogout(IdentityLogout {
                     uid,
@@ -374,13 +375,38 @@ impl IdentityProvider for OidcIdentity {
     fn verify_token<'a>(
         &'a self,
         token: &'a str,
-    ) -> IdentityFuture<'a, Result<Principal, IdentityError>> {
+    ) -> IdentityFuture<'a, Result<TokenIdentity, IdentityError>> {
         Box::pin(async move {
             match self.verifier.verify(token).await {
-                Ok(claims) => Ok(self.rules.principal(&claims)),
+                Ok(claims) => Ok(TokenIdentity {
+                    principal: self.rules.principal(&claims),
+                    // Accepted up to the clock skew after `exp`: good as
+                    // long as that.
+                    expires_at: expiry(&claims)
+                        + Duration::from_secs(self.config.clock_skew_seconds),
+                }),
                 Err(rejection) => {
                     warn!("token refused: {}", rejection.reason);
                     Err(IdentityError::Rejected(rejection.short.into()))
+                }
+            }
+        })
+    }
+
+    fn ends_sessions(&self) -> bool {
+        self.config.end_sessions_with_identity
+    }
+
+    fn identity_ended(&self, admission: Admission) -> IdentityFuture<'_, String> {
+        Box::pin(async move {
+            match admission {
+                Admission::Binding { uid, subject } => self.bindings.ended(uid, &subject).await,
+                Admission::Token { expires_at } => {
+                    let left = expires_at
+                        .duration_since(SystemTime::now())
+                        .unwrap_or(Duration::ZERO);
+                    tokio::time::sleep(left).await;
+                    "the token expired".into()
                 }
             }
         })

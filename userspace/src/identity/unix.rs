@@ -2,7 +2,9 @@
 //! account the kernel saw connect. On a bastion, each person has their own
 //! login, so this still names a person; tokens cannot be verified.
 
-use super::{IdentityError, IdentityFuture, IdentityProvider, Principal, PrincipalKind};
+use super::{
+    IdentityError, IdentityFuture, IdentityProvider, Principal, PrincipalKind, TokenIdentity,
+};
 
 pub struct UnixIdentity;
 
@@ -39,7 +41,7 @@ impl IdentityProvider for UnixIdentity {
     fn verify_token<'a>(
         &'a self,
         _token: &'a str,
-    ) -> IdentityFuture<'a, Result<Principal, IdentityError>> {
+    ) -> IdentityFuture<'a, Result<TokenIdentity, IdentityError>> {
         Box::pin(async {
             Err(IdentityError::Rejected(
                 "token sign-in is not configured on this gateway".into(),

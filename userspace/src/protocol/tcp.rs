@@ -1,4 +1,6 @@
-//! The opaque TCP adapter: bytes both ways until either side closes.
+//! The opaque TCP adapter: bytes both ways until either side closes, or
+//! the identity the session was opened with ends (then both are closed:
+//! an opaque stream has no way to say why).
 
 use tokio::net::TcpStream;
 
@@ -19,9 +21,12 @@ pub async fn serve(ctx: &SessionContext, mut client: TcpStream) -> Result<Relaye
         .durable()
         .await
         .map_err(|e| format!("the session's start could not be recorded: {e}"))?;
-    let (from_client, from_server) = tokio::io::copy_bidirectional(&mut client, &mut server)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (from_client, from_server) = tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client, &mut server) => {
+            copied.map_err(|e| e.to_string())?
+        }
+        reason = ctx.identity_ended(None) => return Err(format!("the identity ended: {reason}")),
+    };
     Ok(Relayed {
         from_client,
         from_server,

@@ -3,7 +3,7 @@
 //! upstream role. Every refusal carries the SQLSTATE and a message that
 //! tells the person what to do.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::SystemTime};
 
 use bytes::BytesMut;
 use pgwire::messages::startup::Authentication;
@@ -36,6 +36,9 @@ impl Refusal {
 pub struct Login<'a> {
     pub resource: &'a Arc<Resource>,
     pub principal: Principal,
+    /// When the token the client presented expires; None for a principal
+    /// from the uid's binding.
+    pub token_expires: Option<SystemTime>,
     pub grant: &'a Grant,
     pub database: String,
 }
@@ -78,8 +81,8 @@ pub async fn login<'a>(
         },
     };
 
-    let principal = match &ctx.principal {
-        Some(p) => p.clone(),
+    let (principal, token_expires) = match &ctx.principal {
+        Some(p) => (p.clone(), None),
         None => {
             if ctx.origin.is_none() && !startup.tls {
                 return Ok(Err(Refusal::new(
@@ -95,7 +98,7 @@ pub async fn login<'a>(
                     )))
                 }
                 Some(token) => match ctx.gateway.identity.verify_token(&token).await {
-                    Ok(p) => p,
+                    Ok(verified) => (verified.principal, Some(verified.expires_at)),
                     Err(IdentityError::Rejected(reason)) => {
                         return Ok(Err(Refusal::new(
                             "28000",
@@ -146,6 +149,7 @@ pub async fn login<'a>(
     Ok(Ok(Login {
         resource,
         principal,
+        token_expires,
         grant,
         database,
     }))

@@ -58,7 +58,7 @@ use self::{
     startup::Opening,
     upstream::Upstream,
 };
-use super::{Relayed, SessionContext};
+use super::{IdentityEnded, Relayed, SessionContext};
 use crate::{
     audit::{AuditEvent, DatabaseLogin},
     config::{Config, Protocol},
@@ -94,6 +94,8 @@ pub enum PgError {
     Config(String),
     #[error("{0}")]
     Refused(String),
+    #[error("the identity ended: {0}")]
+    IdentityEnded(String),
 }
 
 /// A resource with its upstream TLS settings loaded.
@@ -221,8 +223,21 @@ async fn session(
         responses,
         Arc::clone(counters),
         policy,
+        open.identity_ended,
     )
     .await;
+    if let Err(PgError::IdentityEnded(_)) = &relayed {
+        // A statement still running upstream would run on, holding its
+        // locks, until it next writes to the closed connection.
+        if let Some(target) = pg
+            .cancels
+            .find(open.key.pid, &open.key.secret.to_be_bytes())
+        {
+            if let Err(e) = target.cancel(ctx.gateway.exempt_mark).await {
+                warn!("cancelling the statement of a session whose identity ended: {e}");
+            }
+        }
+    }
     drop(open.key);
     let (reusable, relayed) = match relayed {
         Ok(reusable) => (reusable, Ok(())),
@@ -257,6 +272,8 @@ struct Open {
     /// The resource's name.
     resource: String,
     principal: Principal,
+    /// Resolves when the identity the session was opened with ends.
+    identity_ended: IdentityEnded,
     /// The client's cancel key, valid while the session lasts.
     key: CancelKey,
 }
@@ -427,6 +444,7 @@ async fn open(
         reuse: pool_key.map(|key| (key, limit)),
         upstream,
         resource: resource.config.name.clone(),
+        identity_ended: ctx.identity_ended(login.token_expires),
         principal: login.principal,
         key,
     }))

@@ -37,6 +37,7 @@ use super::{
     statements::{self, Requests, Responses},
     wire, PgError, PgStream,
 };
+use crate::protocol::IdentityEnded;
 
 /// Per-direction buffer: large enough to batch a burst of rows into one
 /// write, small enough that thousands of sessions stay cheap.
@@ -73,7 +74,8 @@ impl ToClient {
 }
 
 /// Relays until either side closes. A client Terminate, a client hang-up
-/// or an upstream hang-up end the session normally. With a `policy`, its
+/// or an upstream hang-up end the session normally; `identity_ended` ends
+/// it with a FATAL error to the client. With a `policy`, its
 /// [`inspect`](super::inspect) hook judges and masks on the way.
 ///
 /// Returns the upstream when the client ended with a Terminate that left
@@ -93,12 +95,14 @@ pub async fn run(
     responses: Responses,
     counters: Arc<Counters>,
     policy: Option<Guard>,
+    identity_ended: IdentityEnded,
 ) -> Result<Option<PgStream>, PgError> {
     let relay = Relay {
         requests,
         responses,
         counters,
         policy,
+        identity_ended,
     };
     match (client, upstream) {
         // Owned halves of a TCP stream need no lock between them.
@@ -146,6 +150,7 @@ struct Relay {
     responses: Responses,
     counters: Arc<Counters>,
     policy: Option<Guard>,
+    identity_ended: IdentityEnded,
 }
 
 impl Relay {
@@ -195,6 +200,7 @@ impl Relay {
             responses,
             counters,
             policy,
+            identity_ended,
         } = self;
         let (judge, results) = policy.map(Guard::split).unzip();
         let mut to_client = ToClient {
@@ -215,6 +221,7 @@ impl Relay {
             tokio::select! {
                 result = to_upstream => result,
                 result = to_client => result.map(|()| false),
+                reason = identity_ended => Err(PgError::IdentityEnded(reason)),
             }
         };
         // The upstream's stream must be between messages too.
@@ -222,16 +229,27 @@ impl Relay {
         if let Some(results) = &mut to_client.results {
             results.finish();
         }
-        // A client that broke the protocol gets a FATAL error, as PostgreSQL
-        // would send it, unless that would land inside a half-sent message.
-        if let Err(PgError::ClientProtocol(problem)) = &result {
-            if to_client.at_boundary() {
-                let mut out = BytesMut::new();
-                let message = format!("invalid message from the client: {problem}");
-                wire::encode(&wire::error_response("FATAL", "08P01", &message), &mut out);
-                let _ = client_write.write_all(&out).await;
-                let _ = client_write.flush().await;
+        // A client that broke the protocol, or whose identity ended, gets a
+        // FATAL error, as PostgreSQL would send it, unless that would land
+        // inside a half-sent message.
+        let fatal = match &result {
+            Err(PgError::ClientProtocol(problem)) => {
+                Some(("08P01", format!("invalid message from the client: {problem}")))
             }
+            Err(PgError::IdentityEnded(reason)) => Some((
+                "57P01",
+                format!(
+                    "terminating connection: the identity this session was opened with has ended ({reason}); \
+                     sign in again (`portcullis login`) and reconnect"
+                ),
+            )),
+            _ => None,
+        };
+        if let (Some((sqlstate, message)), true) = (fatal, to_client.at_boundary()) {
+            let mut out = BytesMut::new();
+            wire::encode(&wire::error_response("FATAL", sqlstate, &message), &mut out);
+            let _ = client_write.write_all(&out).await;
+            let _ = client_write.flush().await;
         }
         result
     }
