@@ -853,6 +853,46 @@ fn sessions_end_with_their_identity() {
 }
 
 #[test]
+fn a_tcp_session_ends_with_its_identity() {
+    let provider = OidcProvider::start(300);
+    let cgroup = TestCgroup::new();
+    // An upstream that accepts and never answers: the session stays open
+    // until something ends it.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let accepted = thread::spawn(move || silent.accept().map(|(stream, _)| stream));
+    let sockets = socket_dir();
+    let socket = sockets.path().join("control.sock");
+    let gateway = Gateway::start_with_config(
+        &cgroup,
+        &[Protect::redirect("127.0.0.1", addr.port())],
+        &identity_toml(&provider, &socket, 5, false),
+    );
+    device_login("0", &socket, "alice", "alice-pw");
+    let curl = cgroup
+        .command("curl", &["-sS", "-m", "30", &format!("http://{addr}/")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut upstream = accepted.join().unwrap().unwrap();
+    let (ok, _, stderr) = run_cli("0", &socket, &["logout"]);
+    assert!(ok, "{stderr}");
+    // Both sides are closed: the client sees the connection end, the
+    // upstream its end of file.
+    let out = wait_with_timeout(curl, Duration::from_secs(15));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Empty reply from server"), "{err}");
+    upstream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut upstream, &mut rest).unwrap();
+    let end = gateway.wait_for_event("session_end", |e| e["event"] == "session_end");
+    assert_eq!(end["error"], "the identity ended: logout");
+}
+
+#[test]
 fn provider_behind_a_private_ca() {
     let tls = tempfile::tempdir().unwrap();
     let out = Command::new(PORTCULLIS)
