@@ -36,14 +36,17 @@ use crate::{
 /// every wake of a relay) reads one atomic, not the identity provider's
 /// shared state. Dropping it stops the watch.
 pub struct IdentityEnded {
-    ended: oneshot::Receiver<String>,
+    /// None when the identity does not end.
+    ended: Option<oneshot::Receiver<String>>,
     watch: Option<JoinHandle<()>>,
 }
 
 impl IdentityEnded {
     fn never() -> Self {
-        let (_, ended) = oneshot::channel();
-        Self { ended, watch: None }
+        Self {
+            ended: None,
+            watch: None,
+        }
     }
 
     fn watch(until: impl Future<Output = String> + Send + 'static) -> Self {
@@ -52,7 +55,7 @@ impl IdentityEnded {
             let _ = tell.send(until.await);
         });
         Self {
-            ended,
+            ended: Some(ended),
             watch: Some(watch),
         }
     }
@@ -62,10 +65,18 @@ impl Future for IdentityEnded {
     type Output = String;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<String> {
-        match Pin::new(&mut self.ended).poll(cx) {
-            Poll::Ready(Ok(reason)) => Poll::Ready(reason),
-            // No watch, or it stopped without an end: never.
-            Poll::Ready(Err(_)) | Poll::Pending => Poll::Pending,
+        let Some(ended) = self.ended.as_mut() else {
+            return Poll::Pending;
+        };
+        let Poll::Ready(outcome) = Pin::new(ended).poll(cx) else {
+            return Poll::Pending;
+        };
+        // A receiver is polled to completion once.
+        self.ended = None;
+        match outcome {
+            Ok(reason) => Poll::Ready(reason),
+            // The watch stopped without an end: never.
+            Err(_) => Poll::Pending,
         }
     }
 }
@@ -163,4 +174,51 @@ impl StartRecord {
 pub struct Relayed {
     pub from_client: u64,
     pub from_server: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Polls `ended` a few times over a short while: it must stay pending
+    /// (and not panic, however often it is polled).
+    async fn stays_pending(ended: &mut IdentityEnded) {
+        for _ in 0..3 {
+            let polled = tokio::time::timeout(Duration::from_millis(20), &mut *ended).await;
+            assert!(polled.is_err());
+        }
+    }
+
+    #[tokio::test]
+    async fn an_identity_end_is_told_once_and_a_lost_watch_is_never() {
+        stays_pending(&mut IdentityEnded::never()).await;
+
+        let (end, ended) = oneshot::channel::<()>();
+        let mut watched = IdentityEnded::watch(async move {
+            let _ = ended.await;
+            "logout".to_string()
+        });
+        stays_pending(&mut watched).await;
+        end.send(()).unwrap();
+        assert_eq!(watched.await, "logout");
+
+        // A watch that fails without an end: the session goes on.
+        let mut lost = IdentityEnded::watch(async { panic!("the watch failed") });
+        stays_pending(&mut lost).await;
+    }
+
+    #[tokio::test]
+    async fn dropping_it_stops_the_watch() {
+        let (_keep, ended) = oneshot::channel::<()>();
+        let watched = IdentityEnded::watch(async move {
+            let _ = ended.await;
+            String::new()
+        });
+        let watch = watched.watch.as_ref().unwrap().abort_handle();
+        drop(watched);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(watch.is_finished());
+    }
 }
