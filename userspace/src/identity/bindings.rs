@@ -7,11 +7,12 @@
 //!
 //! A binding's end (logout, expiry, a refresh the provider refused,
 //! another identity's login on the same uid) is kept with its reason, and
-//! wakes [`Bindings::ended`]'s waiters: the sessions admitted on it end too.
+//! wakes that uid's [`Bindings::ended`] waiters: the sessions admitted on it
+//! end too.
 
 use std::{
     collections::HashMap,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
@@ -79,8 +80,6 @@ pub struct DueRefresh {
 pub struct Bindings {
     state: Mutex<State>,
     next_generation: Mutex<u64>,
-    /// Woken whenever a binding ends.
-    ended: Notify,
 }
 
 #[derive(Default)]
@@ -88,12 +87,17 @@ struct State {
     bound: HashMap<u32, Binding>,
     /// The last binding of each uid that ended: its subject and why.
     ended: HashMap<u32, (String, String)>,
+    /// Woken when a binding of that uid ends; one per uid ever waited on.
+    waiting: HashMap<u32, Arc<Notify>>,
 }
 
 impl State {
     fn end(&mut self, uid: u32, binding: &Binding, reason: String) {
         self.ended
             .insert(uid, (binding.principal.subject.clone(), reason));
+        if let Some(waiting) = self.waiting.get(&uid) {
+            waiting.notify_waiters();
+        }
     }
 }
 
@@ -134,8 +138,6 @@ impl Bindings {
         let replaced = state.bound.insert(uid, binding)?;
         if replaced.principal.subject != state.bound[&uid].principal.subject {
             state.end(uid, &replaced, format!("{name} signed in on uid {uid}"));
-            drop(state);
-            self.ended.notify_waiters();
         }
         Some(replaced)
     }
@@ -174,8 +176,6 @@ impl Bindings {
         }
         let binding = state.bound.remove(&uid)?;
         state.end(uid, &binding, reason.to_string());
-        drop(state);
-        self.ended.notify_waiters();
         Some(binding)
     }
 
@@ -195,20 +195,17 @@ impl Bindings {
         for (uid, binding) in &taken {
             state.end(*uid, binding, "expired".into());
         }
-        drop(state);
-        if !taken.is_empty() {
-            self.ended.notify_waiters();
-        }
         taken
     }
 
     /// Resolves, with the reason, once `uid` is no longer bound to
     /// `subject`.
     pub async fn ended(&self, uid: u32, subject: &str) -> String {
+        let waiting = Arc::clone(self.lock().waiting.entry(uid).or_default());
         loop {
             // Registered before the check, so that an end between the two
             // still wakes it.
-            let notified = self.ended.notified();
+            let notified = waiting.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if let Some(reason) = self.why_ended(uid, subject) {
@@ -320,11 +317,11 @@ mod tests {
 
     #[tokio::test]
     async fn an_end_wakes_its_waiters_with_the_reason() {
-        let b = std::sync::Arc::new(Bindings::default());
+        let b = Arc::new(Bindings::default());
         b.insert(1, binding(Duration::from_secs(300), false, 1));
         b.insert(2, binding(Duration::from_secs(300), false, 2));
         let waiter = |uid| {
-            let b = std::sync::Arc::clone(&b);
+            let b = Arc::clone(&b);
             tokio::spawn(async move { b.ended(uid, "iss#alice").await })
         };
         let (logout, replaced) = (waiter(1), waiter(2));
