@@ -833,6 +833,8 @@ fn sessions_end_with_their_identity() {
         e["event"] == "session_end" && !e["error"].is_null()
     });
     assert_eq!(end["error"], "the identity ended: logout");
+    // What was relayed until then is counted: the statement's 25 bytes.
+    assert_eq!(end["bytes_from_client"], 25, "{end}");
 
     // A direct client's session lasts as long as its token (here 2 s, and
     // the 5 s of clock skew the gateway allows).
@@ -876,6 +878,16 @@ fn a_tcp_session_ends_with_its_identity() {
         .spawn()
         .unwrap();
     let mut upstream = accepted.join().unwrap().unwrap();
+    // curl's request has come through before the logout.
+    upstream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut request = Vec::new();
+    while !request.ends_with(b"\r\n\r\n") {
+        let mut byte = [0];
+        std::io::Read::read_exact(&mut upstream, &mut byte).unwrap();
+        request.push(byte[0]);
+    }
     let (ok, _, stderr) = run_cli("0", &socket, &["logout"]);
     assert!(ok, "{stderr}");
     // Both sides are closed: the client sees the connection end, the
@@ -890,6 +902,13 @@ fn a_tcp_session_ends_with_its_identity() {
     std::io::Read::read_to_end(&mut upstream, &mut rest).unwrap();
     let end = gateway.wait_for_event("session_end", |e| e["event"] == "session_end");
     assert_eq!(end["error"], "the identity ended: logout");
+    // What it relayed until then is counted all the same.
+    assert_eq!(
+        end["bytes_from_client"],
+        request.len() + rest.len(),
+        "{end}"
+    );
+    assert_eq!(end["bytes_from_server"], 0, "{end}");
 }
 
 #[test]

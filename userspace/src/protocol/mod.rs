@@ -16,7 +16,10 @@ use std::{
     future::Future,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     task::{Context, Poll},
     time::SystemTime,
 };
@@ -107,6 +110,8 @@ pub struct SessionContext {
     /// logs nothing of its own.
     pub span: tracing::Span,
     pub start: StartRecord,
+    /// Shared with the adapter's relay tasks.
+    pub relayed: Arc<Relayed>,
 }
 
 impl SessionContext {
@@ -169,11 +174,22 @@ impl StartRecord {
     }
 }
 
-/// What an adapter moved, for the session-end record.
+/// What a session moved, counted as it goes: the session-end record has
+/// it however the session ends (an error, its identity's end, shutdown).
 #[derive(Debug, Default)]
 pub struct Relayed {
-    pub from_client: u64,
-    pub from_server: u64,
+    pub from_client: AtomicU64,
+    pub from_server: AtomicU64,
+}
+
+impl Relayed {
+    /// (from the client, from the server) so far.
+    pub fn bytes(&self) -> (u64, u64) {
+        (
+            self.from_client.load(Ordering::Relaxed),
+            self.from_server.load(Ordering::Relaxed),
+        )
+    }
 }
 
 #[cfg(test)]

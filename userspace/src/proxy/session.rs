@@ -17,7 +17,7 @@ use crate::{
     audit::{AuditEvent, SessionEnd, SessionRefused, SessionStart},
     config::Protocol,
     kernel::{normalise_addr, ConnectOrigin, KernelError},
-    protocol::{self, Relayed, SessionContext, StartRecord},
+    protocol::{self, SessionContext, StartRecord},
 };
 
 /// Session ids: start time of the process plus a counter, unique per host.
@@ -145,6 +145,7 @@ pub(super) async fn run(
         gateway,
         span,
         start,
+        relayed: Arc::default(),
     };
     let started = Instant::now();
     // Adapters run their set-up under the span, the relay outside it.
@@ -152,18 +153,16 @@ pub(super) async fn run(
         outcome = serve(&ctx, client, protocol) => outcome,
         _ = shutdown.requested() => Err("gateway shutting down".to_string()),
     };
-    let (relayed, error) = match outcome {
-        Ok(r) => (r, None),
-        Err(e) => (Relayed::default(), Some(e)),
-    };
+    let error = outcome.err();
+    let (bytes_from_client, bytes_from_server) = ctx.relayed.bytes();
     async {
         // Sessions that ended before relaying did not wait for it.
         if let Err(e) = ctx.start.durable_unhurried().await {
             tracing::error!("audit record lost: {e}");
         }
         info!(
-            bytes_from_client = relayed.from_client,
-            bytes_from_server = relayed.from_server,
+            bytes_from_client,
+            bytes_from_server,
             error = error.as_deref().unwrap_or(""),
             "session end"
         );
@@ -173,8 +172,8 @@ pub(super) async fn run(
             .recorder
             .record(AuditEvent::SessionEnd(SessionEnd {
                 session: ctx.id.clone(),
-                bytes_from_client: relayed.from_client,
-                bytes_from_server: relayed.from_server,
+                bytes_from_client,
+                bytes_from_server,
                 duration_ms: started.elapsed().as_millis() as u64,
                 error,
             }));
@@ -206,11 +205,7 @@ fn identify(gateway: &Gateway, peer: SocketAddr) -> Result<ConnectOrigin, Uniden
 }
 
 /// Hands the session to its protocol adapter.
-async fn serve(
-    ctx: &SessionContext,
-    client: TcpStream,
-    protocol: Protocol,
-) -> Result<Relayed, String> {
+async fn serve(ctx: &SessionContext, client: TcpStream, protocol: Protocol) -> Result<(), String> {
     match protocol {
         Protocol::Tcp => protocol::tcp::serve(ctx, client).await,
         Protocol::Postgres => protocol::postgres::serve(ctx, client).await,

@@ -34,12 +34,7 @@ pub mod tls;
 mod upstream;
 mod wire;
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    sync::{atomic::Ordering, Arc},
-    time::Duration,
-};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
 use pgwire::messages::{
@@ -54,11 +49,10 @@ pub use self::stream::PgStream;
 use self::{
     cancel::{CancelKey, CancelRegistry},
     pool::{PoolKey, UpstreamPool},
-    relay::Counters,
     startup::Opening,
     upstream::Upstream,
 };
-use super::{IdentityEnded, Relayed, SessionContext};
+use super::{IdentityEnded, SessionContext};
 use crate::{
     audit::{AuditEvent, DatabaseLogin},
     config::{Config, Protocol},
@@ -170,24 +164,11 @@ impl PostgresGateway {
 }
 
 /// Serves one PostgreSQL client.
-pub async fn serve(ctx: &SessionContext, client: TcpStream) -> Result<Relayed, String> {
-    let counters = Arc::new(Counters::default());
-    let result = session(ctx, client, &counters).await;
-    let relayed = Relayed {
-        from_client: counters.from_client.load(Ordering::Relaxed),
-        from_server: counters.from_server.load(Ordering::Relaxed),
-    };
-    match result {
-        Ok(()) => Ok(relayed),
-        Err(e) => Err(e.to_string()),
-    }
+pub async fn serve(ctx: &SessionContext, client: TcpStream) -> Result<(), String> {
+    session(ctx, client).await.map_err(|e| e.to_string())
 }
 
-async fn session(
-    ctx: &SessionContext,
-    client: TcpStream,
-    counters: &Arc<Counters>,
-) -> Result<(), PgError> {
+async fn session(ctx: &SessionContext, client: TcpStream) -> Result<(), PgError> {
     // This session keeps the configuration it started with.
     let pg = &*ctx.gateway.postgres();
     // Set-up logs under the session's span; the relay runs outside it (see
@@ -221,7 +202,7 @@ async fn session(
         stream,
         requests,
         responses,
-        Arc::clone(counters),
+        Arc::clone(&ctx.relayed),
         policy,
         open.identity_ended,
     )

@@ -18,10 +18,7 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+    sync::{atomic::Ordering, Arc},
     task::{Context, Poll},
 };
 
@@ -37,7 +34,7 @@ use super::{
     statements::{self, Requests, Responses},
     wire, PgError, PgStream,
 };
-use crate::protocol::IdentityEnded;
+use crate::protocol::{IdentityEnded, Relayed};
 
 /// Per-direction buffer: large enough to batch a burst of rows into one
 /// write, small enough that thousands of sessions stay cheap.
@@ -45,13 +42,6 @@ pub const BUFFER: usize = 64 * 1024;
 
 /// A Terminate message, as every client sends it.
 const TERMINATE: &[u8] = &[b'X', 0, 0, 0, 4];
-
-/// Byte counts, shared so they survive whichever direction ends first.
-#[derive(Default)]
-pub struct Counters {
-    pub from_client: AtomicU64,
-    pub from_server: AtomicU64,
-}
 
 /// The to-client direction's state, kept outside its future so that the
 /// session's end can tell where the client's stream stands.
@@ -93,14 +83,14 @@ pub async fn run(
     upstream: PgStream,
     requests: Requests,
     responses: Responses,
-    counters: Arc<Counters>,
+    relayed: Arc<Relayed>,
     policy: Option<Guard>,
     identity_ended: IdentityEnded,
 ) -> Result<Option<PgStream>, PgError> {
     let relay = Relay {
         requests,
         responses,
-        counters,
+        relayed,
         policy,
         identity_ended,
     };
@@ -148,7 +138,7 @@ impl<T> Drop for AbortOnDrop<T> {
 struct Relay {
     requests: Requests,
     responses: Responses,
-    counters: Arc<Counters>,
+    relayed: Arc<Relayed>,
     policy: Option<Guard>,
     identity_ended: IdentityEnded,
 }
@@ -198,7 +188,7 @@ impl Relay {
         let Self {
             requests,
             responses,
-            counters,
+            relayed,
             policy,
             identity_ended,
         } = self;
@@ -210,13 +200,13 @@ impl Relay {
         };
         let result = {
             let to_upstream =
-                client_to_upstream(client_read, upstream_write, requests, judge, &counters);
+                client_to_upstream(client_read, upstream_write, requests, judge, &relayed);
             let to_client = upstream_to_client(
                 upstream_read,
                 &mut client_write,
                 &mut to_client,
                 responses,
-                &counters,
+                &relayed,
             );
             tokio::select! {
                 result = to_upstream => result,
@@ -262,7 +252,7 @@ async fn client_to_upstream(
     mut to: impl AsyncWrite + Unpin,
     mut requests: Requests,
     mut judge: Option<Judge>,
-    counters: &Counters,
+    relayed: &Relayed,
 ) -> Result<bool, PgError> {
     let mut scanner = Scanner::new(statements::client_inspects);
     let mut buf = BytesMut::with_capacity(BUFFER);
@@ -298,7 +288,7 @@ async fn client_to_upstream(
             }
         };
         to.flush().await?;
-        counters
+        relayed
             .from_client
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
         if requests.terminated && at_boundary {
@@ -316,7 +306,7 @@ async fn upstream_to_client(
     to: &mut (impl AsyncWrite + Unpin),
     state: &mut ToClient,
     mut responses: Responses,
-    counters: &Counters,
+    relayed: &Relayed,
 ) -> Result<(), PgError> {
     responses.defer_records();
     let mut buf = BytesMut::with_capacity(BUFFER);
@@ -358,7 +348,7 @@ async fn upstream_to_client(
         to.flush().await?;
         state.writing = false;
         responses.flush_records();
-        counters
+        relayed
             .from_server
             .fetch_add(read as u64, Ordering::Relaxed);
     }
