@@ -6,10 +6,21 @@
 //! each expired payload by nothing but the hash already in the record, so
 //! the chain still verifies; the purge itself is a `retention_purge` record
 //! naming the seqs it emptied, and those records point back to it.
+//!
+//! A purge does not read the whole chain: it starts after what earlier
+//! purges settled ([`Settled`]) and stops at the first record too young to
+//! have expired under any retention, so its cost follows the records that
+//! came since the last purge, not the size of the store.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use super::{record::Record, store::Store, AuditError};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    record::Record,
+    store::{Store, SubjectHit},
+    AuditError,
+};
 
 const MICROS_PER_DAY: u64 = 86_400 * 1_000_000;
 
@@ -28,6 +39,30 @@ impl Retention {
             .copied()
             .unwrap_or(self.default_days)
     }
+
+    /// The shortest time any payload is kept, in µs.
+    fn shortest_us(&self) -> u64 {
+        let days = self
+            .per_resource
+            .values()
+            .copied()
+            .chain([self.default_days])
+            .min()
+            .unwrap_or(self.default_days);
+        u64::from(days).saturating_mul(MICROS_PER_DAY)
+    }
+}
+
+/// How far purges have settled the chain: no record up to `seq` holds a
+/// payload a purge could empty (emptied already, a purge record, or none
+/// to begin with). With it, the sessions open at `seq` and their
+/// resources, for their records that come later. Whatever the retention
+/// becomes, nothing up to `seq` has anything left to purge, so the next
+/// purge starts after it.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settled {
+    pub seq: u64,
+    pub sessions: HashMap<String, String>,
 }
 
 /// What a purge will empty.
@@ -36,6 +71,10 @@ pub struct PurgePlan {
     pub seqs: Vec<u64>,
     pub sessions: BTreeSet<String>,
     pub by_resource: BTreeMap<String, u64>,
+    /// The data-subject index entries that go with the emptied payloads.
+    pub subject_keys: Vec<sled::IVec>,
+    /// Where the chain is settled once this plan is carried out.
+    pub settled: Settled,
 }
 
 /// The resource an event belongs to, learning sessions as they start.
@@ -81,38 +120,117 @@ fn expired(at_us: u64, days: u32, as_of_us: u64) -> bool {
     at_us.saturating_add(kept) <= as_of_us
 }
 
-/// Scans the chain for payloads expired at `as_of_us`.
-pub fn plan(store: &Store, retention: &Retention, as_of_us: u64) -> Result<PurgePlan, AuditError> {
+/// Scans the chain after `settled` for payloads expired at `as_of_us`.
+///
+/// The scan stops at the first record too young to have expired under the
+/// shortest retention. Records are in commit order, so all later ones are
+/// younger, unless the clock was set back: then a record after that one
+/// waits for a later purge, by at most the time the clock went back.
+pub fn plan(
+    store: &Store,
+    retention: &Retention,
+    as_of_us: u64,
+    settled: Settled,
+) -> Result<PurgePlan, AuditError> {
     let mut plan = PurgePlan::default();
-    let mut resources = ResourceTracker::default();
-    for line in store.lines(1)? {
-        // A record that does not decode is verify's to report; it has no
-        // payload a purge could empty.
-        let Ok(record) = Record::decode(line?.bytes()) else {
-            continue;
+    let mut resources = ResourceTracker(settled.sessions);
+    // Where the settled prefix ends: grows while every record scanned is
+    // settled, and stays at the first one that is not.
+    let mut settled_seq = settled.seq;
+    let mut open_sessions = None;
+    let shortest = retention.shortest_us();
+    for line in store.lines(settled.seq.saturating_add(1))? {
+        let line = line?;
+        let mut ended = None;
+        // A record that does not decode (verify's to report) or has no
+        // event (emptied) has no payload a purge could empty.
+        let emptied = match Record::decode(line.bytes()) {
+            Err(_) => true,
+            Ok(record) => {
+                if record.at_us.saturating_add(shortest) > as_of_us {
+                    break;
+                }
+                match record.event() {
+                    None => true,
+                    Some(event) => {
+                        if event.get("event").and_then(|v| v.as_str()) == Some("session_end") {
+                            ended = event
+                                .get("session")
+                                .and_then(|v| v.as_str())
+                                .map(str::to_owned);
+                        }
+                        plan.consider(&record, &event, retention, as_of_us, &mut resources)
+                    }
+                }
+            }
         };
-        let Some(event) = record.event() else {
-            continue;
-        };
-        let resource = resources.resource_of(&event);
+        if open_sessions.is_none() {
+            if emptied {
+                settled_seq = line.key;
+            } else {
+                // Taken before this record's session is forgotten: the
+                // next purge reads this record again.
+                open_sessions = Some(resources.0.clone());
+            }
+        }
+        // Nothing of an ended session comes later.
+        if let Some(session) = ended {
+            resources.0.remove(&session);
+        }
+    }
+    plan.settled = Settled {
+        seq: settled_seq,
+        sessions: open_sessions.unwrap_or(resources.0),
+    };
+    if !plan.seqs.is_empty() {
+        for item in store.subjects.iter() {
+            let (key, value) = item?;
+            let Ok(hit) = serde_json::from_slice::<SubjectHit>(&value) else {
+                continue;
+            };
+            let expired = plan.seqs.binary_search(&hit.seq).is_ok()
+                || hit
+                    .session
+                    .as_ref()
+                    .is_some_and(|s| plan.sessions.contains(s));
+            if expired {
+                plan.subject_keys.push(key);
+            }
+        }
+    }
+    Ok(plan)
+}
+
+impl PurgePlan {
+    /// Adds `record` if its payload has expired; true when nothing of it
+    /// is left to purge after this plan.
+    fn consider(
+        &mut self,
+        record: &Record,
+        event: &serde_json::Map<String, serde_json::Value>,
+        retention: &Retention,
+        as_of_us: u64,
+        resources: &mut ResourceTracker,
+    ) -> bool {
+        let resource = resources.resource_of(event);
         // Purge records hold no personal data and prove later purges.
         if event.get("event").and_then(|v| v.as_str()) == Some("retention_purge") {
-            continue;
+            return true;
         }
         let days = retention.days_for(resource.as_deref());
         if !expired(record.at_us, days, as_of_us) {
-            continue;
+            return false;
         }
-        plan.seqs.push(record.seq);
+        self.seqs.push(record.seq);
         if let Some(session) = event.get("session").and_then(|v| v.as_str()) {
-            plan.sessions.insert(session.to_owned());
+            self.sessions.insert(session.to_owned());
         }
-        *plan
+        *self
             .by_resource
             .entry(resource.unwrap_or_else(|| "(none)".into()))
             .or_default() += 1;
+        true
     }
-    Ok(plan)
 }
 
 /// Sorted seqs as inclusive ranges: `[1,2,3,7]` -> `[[1,3],[7,7]]`.

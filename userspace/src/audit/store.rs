@@ -47,6 +47,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     block,
     record::{Checkpoint, Hash, Record},
+    retention::Settled,
     segment::{Extent, Segments},
     AuditError,
 };
@@ -56,6 +57,8 @@ use super::{
 pub const CHECKPOINT_FILE: &str = "last-checkpoint.json";
 
 const META_CHECKPOINT: &[u8] = b"checkpoint";
+/// Where purges have settled the chain ([`Settled`]).
+const META_PURGE_SETTLED: &[u8] = b"purge_settled";
 
 /// What a commit names in the chain tree: each block's first seq and where
 /// the block is (in stores written before segments, the block itself).
@@ -632,6 +635,26 @@ impl Store {
                 ))
             }),
         }
+    }
+
+    /// Where earlier purges settled the chain; the start for a store that
+    /// never had one.
+    pub fn purge_settled(&self) -> Result<Settled, AuditError> {
+        match self.meta.get(META_PURGE_SETTLED)? {
+            None => Ok(Settled::default()),
+            Some(v) => serde_json::from_slice(&v).map_err(|e| {
+                AuditError::Corrupt(format!("the purges' progress in the audit store: {e}"))
+            }),
+        }
+    }
+
+    /// Remembers where a committed purge settled the chain. Written after
+    /// the purge: a crash between the two only makes the next purge read
+    /// more.
+    pub fn set_purge_settled(&self, settled: &Settled) -> Result<(), AuditError> {
+        self.meta
+            .insert(META_PURGE_SETTLED, serde_json::to_vec(settled)?)?;
+        Ok(())
     }
 
     pub fn checkpoint_meta(&self) -> Result<Option<CheckpointMeta>, AuditError> {

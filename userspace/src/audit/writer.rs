@@ -6,8 +6,8 @@
 //! sled batch, syncs both and only then resolves the acks of the whole
 //! batch: the more producers, the more events share one sync. The same
 //! thread signs checkpoints (every N records, every T seconds when there is
-//! something new, and at close) and runs retention purges, so nothing else
-//! ever writes the chain.
+//! something new, and at close) and carries out retention purges (planned
+//! on another thread, reading), so nothing else ever writes the chain.
 
 use std::{
     sync::{mpsc, Arc, Mutex},
@@ -25,7 +25,7 @@ use super::{
     json,
     keys::Keys,
     record::{Checkpoint, Hash, Record, GENESIS},
-    retention::{self, Retention},
+    retention::{self, PurgePlan, Retention},
     segment::Extent,
     store::{ChainEntries, HitSource, Store, SubjectHit},
     subject::{detect, redact, subject_hash},
@@ -92,7 +92,7 @@ enum Msg {
     },
     Purge {
         as_of_us: u64,
-        retention: Retention,
+        plan: PurgePlan,
         reply: Reply<PurgeSummary>,
     },
     Checkpoint {
@@ -107,6 +107,11 @@ enum Msg {
 /// The durable, tamper-evident [`Recorder`].
 pub struct SledRecorder {
     inbox: Arc<Inbox<Msg>>,
+    /// For reading while the writer writes (a purge's plan).
+    store: Store,
+    /// One purge at a time: a plan is made against the chain as the last
+    /// purge left it.
+    purging: tokio::sync::Mutex<()>,
     progress: Arc<Progress>,
     subject_key: [u8; 32],
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -139,6 +144,7 @@ impl SledRecorder {
         let inbox = Arc::new(Inbox::new(policy.commit_interval));
         let hurried = Arc::clone(&inbox);
         let (progress, settle) = Progress::new(move || hurried.hurry());
+        let reader = store.clone();
         let writer = Writer {
             inbox: Arc::clone(&inbox),
             settle,
@@ -162,22 +168,35 @@ impl SledRecorder {
             .map_err(|e| AuditError::Corrupt(format!("cannot start the audit writer: {e}")))?;
         Ok(Self {
             inbox,
+            store: reader,
+            purging: tokio::sync::Mutex::new(()),
             progress,
             subject_key,
             thread: Mutex::new(Some(thread)),
         })
     }
 
-    /// Purges payloads expired at `as_of` (normally now).
+    /// Purges payloads expired at `as_of` (normally now). The chain is
+    /// read for the plan on a thread of its own while records go on being
+    /// committed; the writer then only rewrites what expired.
     pub async fn purge(
         &self,
         retention: Retention,
         as_of: SystemTime,
     ) -> Result<PurgeSummary, AuditError> {
+        let _one_at_a_time = self.purging.lock().await;
+        let as_of_us = micros(as_of);
+        let store = self.store.clone();
+        let plan = tokio::task::spawn_blocking(move || {
+            let settled = store.purge_settled()?;
+            retention::plan(&store, &retention, as_of_us, settled)
+        })
+        .await
+        .map_err(|e| AuditError::Corrupt(format!("the purge's plan failed: {e}")))??;
         let (reply, rx) = oneshot::channel();
         self.send(Msg::Purge {
-            as_of_us: micros(as_of),
-            retention,
+            as_of_us,
+            plan,
             reply,
         });
         rx.await.unwrap_or(Err(AuditError::WriterGone))
@@ -378,11 +397,11 @@ impl Writer {
                     Msg::Append { .. } | Msg::Subject { .. } => batch.push(msg),
                     Msg::Purge {
                         as_of_us,
-                        retention,
+                        plan,
                         reply,
                     } => {
                         self.commit(std::mem::take(&mut batch));
-                        let _ = reply.send(self.purge(&retention, as_of_us));
+                        let _ = reply.send(self.purge(plan, as_of_us));
                     }
                     Msg::Checkpoint { reply } => {
                         self.commit(std::mem::take(&mut batch));
@@ -653,10 +672,11 @@ impl Writer {
         Ok(replaced)
     }
 
-    /// Empties expired payloads and records the purge, in one atomic batch.
-    fn purge(&mut self, retention: &Retention, as_of_us: u64) -> Result<PurgeSummary, AuditError> {
-        let plan = retention::plan(&self.store, retention, as_of_us)?;
+    /// Empties the plan's expired payloads and records the purge, in one
+    /// atomic batch; then remembers where the chain is settled.
+    fn purge(&mut self, plan: PurgePlan, as_of_us: u64) -> Result<PurgeSummary, AuditError> {
         if plan.seqs.is_empty() {
+            self.store.set_purge_settled(&plan.settled)?;
             return Ok(PurgeSummary {
                 purge_seq: None,
                 records: 0,
@@ -688,25 +708,17 @@ impl Writer {
         let mut chain = ChainEntries::default();
         self.store.append_blocks(&blocks, &mut chain)?;
         let mut index = sled::Batch::default();
-        for item in self.store.subjects.iter() {
-            let (key, value) = item?;
-            let Ok(hit) = serde_json::from_slice::<SubjectHit>(&value) else {
-                continue;
-            };
-            let expired = plan.seqs.binary_search(&hit.seq).is_ok()
-                || hit
-                    .session
-                    .as_ref()
-                    .is_some_and(|s| plan.sessions.contains(s));
-            if expired {
-                index.remove(key);
-            }
+        for key in &plan.subject_keys {
+            index.remove(key);
         }
         self.store.apply(chain, Some(index))?;
         self.store.sync()?;
         self.index_is_synced();
         self.head_seq = purge_seq;
         self.head_hash = purge_hash;
+        if let Err(e) = self.store.set_purge_settled(&plan.settled) {
+            warn!("the next purge reads the chain from further back: {e}");
+        }
         // Committed: the emptied payloads' old bytes can go. Failing here
         // leaves them unreferenced, not the chain wrong.
         match self.store.release(&replaced) {

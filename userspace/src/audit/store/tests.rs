@@ -917,3 +917,57 @@ fn a_first_commit_with_subject_hits_still_syncs_its_chain_entries() {
     assert_eq!(copied.head().unwrap().map(|r| r.seq), Some(1));
     recorder.close().unwrap();
 }
+
+#[test]
+fn a_purge_starts_where_the_last_settled_the_chain_and_keeps_open_sessions_resources() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let store = Store::open(&state).unwrap();
+    let recorder = writer(&state, &store);
+    // A session of a resource kept 3 days, its end a moment after its
+    // start; everything else is kept 1 day.
+    let record = |event| block_on(recorder.record(event).durable()).unwrap();
+    record(session_start("s-long", "long"));
+    std::thread::sleep(Duration::from_millis(20));
+    record(AuditEvent::SessionEnd(SessionEnd {
+        session: "s-long".into(),
+        bytes_from_client: 1,
+        bytes_from_server: 2,
+        duration_ms: 20,
+        error: None,
+    }));
+    let at = |seq| store.record(seq).unwrap().unwrap().at_us;
+    let (started, ended) = (at(1), at(2));
+    let retention = Retention {
+        default_days: 1,
+        per_resource: BTreeMap::from([("long".to_string(), 3)]),
+    };
+    let three_days = 3 * 86_400 * 1_000_000;
+    let purge = |as_of_us: u64| {
+        let as_of = SystemTime::UNIX_EPOCH + Duration::from_micros(as_of_us);
+        block_on(recorder.purge(retention.clone(), as_of)).unwrap()
+    };
+
+    // The start has expired, the end not yet: the chain is settled up to
+    // the start, and the session's resource is kept for its end.
+    assert_eq!(purge(started + three_days).records, 1);
+    let settled = store.purge_settled().unwrap();
+    assert_eq!(settled.seq, 1);
+    assert_eq!(settled.sessions["s-long"], "long");
+
+    // The next purge reads from the end on, knows it is the long
+    // resource's (under the default it would have expired), and keeps it.
+    assert_eq!(purge(started + three_days).records, 0);
+    assert!(store.record(2).unwrap().unwrap().payload.is_some());
+
+    // Once the end expires too, the whole chain is settled (the first
+    // purge's record holds nothing to purge) and the session forgotten.
+    assert_eq!(purge(ended + three_days).records, 1);
+    let settled = store.purge_settled().unwrap();
+    assert_eq!(settled.seq, 3);
+    assert!(settled.sessions.is_empty(), "{settled:?}");
+    recorder.close().unwrap();
+    let result = verified(dir.path(), &store);
+    assert!(result.ok, "{:?}", result.problems);
+    assert_eq!(result.purged, 2);
+}
