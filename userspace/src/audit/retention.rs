@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     record::Record,
-    store::{Store, SubjectHit},
+    store::{Line, Store, SubjectHit},
     AuditError,
 };
 
@@ -65,16 +65,18 @@ pub struct Settled {
     pub sessions: HashMap<String, String>,
 }
 
-/// What a purge will empty.
+/// One part of a purge: what it empties, carried out as one
+/// `retention_purge` record.
 #[derive(Debug, Default)]
 pub struct PurgePlan {
     pub seqs: Vec<u64>,
     pub sessions: BTreeSet<String>,
     pub by_resource: BTreeMap<String, u64>,
-    /// The data-subject index entries that go with the emptied payloads.
+    /// The last part only: the data-subject index entries that go with
+    /// every payload the purge empties.
     pub subject_keys: Vec<sled::IVec>,
-    /// Where the chain is settled once this plan is carried out.
-    pub settled: Settled,
+    /// The last part only: where the chain is settled once it is done.
+    pub settled: Option<Settled>,
 }
 
 /// The resource an event belongs to, learning sessions as they start.
@@ -120,35 +122,103 @@ fn expired(at_us: u64, days: u32, as_of_us: u64) -> bool {
     at_us.saturating_add(kept) <= as_of_us
 }
 
-/// Scans the chain after `settled` for payloads expired at `as_of_us`.
+/// Plans a purge part by part, each carried out before the next is
+/// planned, so that the writer never holds commits up for longer than one
+/// part takes to rewrite.
 ///
-/// The scan stops at the first record too young to have expired under the
-/// shortest retention. Records are in commit order, so all later ones are
-/// younger, unless the clock was set back: then a record after that one
-/// waits for a later purge, by at most the time the clock went back.
-pub fn plan(
-    store: &Store,
-    retention: &Retention,
+/// It reads the chain after `settled`, and stops at the first record too
+/// young to have expired under the shortest retention. Records are in
+/// commit order, so all later ones are younger, unless the clock was set
+/// back: then a record after that one waits for a later purge, by at most
+/// the time the clock went back.
+pub struct Planner {
+    retention: Retention,
     as_of_us: u64,
-    settled: Settled,
-) -> Result<PurgePlan, AuditError> {
-    let mut plan = PurgePlan::default();
-    let mut resources = ResourceTracker(settled.sessions);
-    // Where the settled prefix ends: grows while every record scanned is
-    // settled, and stays at the first one that is not.
-    let mut settled_seq = settled.seq;
-    let mut open_sessions = None;
-    let shortest = retention.shortest_us();
-    for line in store.lines(settled.seq.saturating_add(1))? {
-        let line = line?;
+    shortest_us: u64,
+    /// The next position to read.
+    next: u64,
+    resources: ResourceTracker,
+    /// Where the settled prefix ends: grows while every record read is
+    /// settled, and stays before the first one that is not.
+    settled_seq: u64,
+    /// The sessions open at `settled_seq`, once the settled prefix ended.
+    open_sessions: Option<HashMap<String, String>>,
+    /// Every payload planned so far, and their sessions: for the
+    /// data-subject index, once the last part is planned.
+    planned: Vec<[u64; 2]>,
+    sessions: BTreeSet<String>,
+    finished: bool,
+}
+
+impl Planner {
+    pub fn new(retention: Retention, as_of_us: u64, settled: Settled) -> Self {
+        Self {
+            shortest_us: retention.shortest_us(),
+            retention,
+            as_of_us,
+            next: settled.seq.saturating_add(1),
+            resources: ResourceTracker(settled.sessions),
+            settled_seq: settled.seq,
+            open_sessions: None,
+            planned: Vec::new(),
+            sessions: BTreeSet::new(),
+            finished: false,
+        }
+    }
+
+    /// The next part, of at most `limit` payloads. The last part (see
+    /// [`Planner::is_finished`]) also carries the data-subject index
+    /// entries to remove and where the chain is then settled.
+    pub fn next_part(&mut self, store: &Store, limit: usize) -> Result<PurgePlan, AuditError> {
+        let mut part = PurgePlan::default();
+        self.finished = true;
+        for line in store.lines(self.next)? {
+            let line = line?;
+            if part.seqs.len() >= limit {
+                self.next = line.key;
+                self.finished = false;
+                break;
+            }
+            if !self.read(&line, &mut part) {
+                break;
+            }
+        }
+        self.sessions.extend(part.sessions.iter().cloned());
+        self.planned.extend(ranges(&part.seqs));
+        if self.finished {
+            part.subject_keys = self.subject_keys(store)?;
+            part.settled = Some(Settled {
+                seq: self.settled_seq,
+                sessions: self
+                    .open_sessions
+                    .take()
+                    .unwrap_or_else(|| std::mem::take(&mut self.resources.0)),
+            });
+        }
+        Ok(part)
+    }
+
+    /// Whether the last part has been planned.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Sessions with a payload planned so far.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Takes one line into `part` if it has expired; false at the first
+    /// record too young to have.
+    fn read(&mut self, line: &Line, part: &mut PurgePlan) -> bool {
         let mut ended = None;
         // A record that does not decode (verify's to report) or has no
         // event (emptied) has no payload a purge could empty.
         let emptied = match Record::decode(line.bytes()) {
             Err(_) => true,
             Ok(record) => {
-                if record.at_us.saturating_add(shortest) > as_of_us {
-                    break;
+                if record.at_us.saturating_add(self.shortest_us) > self.as_of_us {
+                    return false;
                 }
                 match record.event() {
                     None => true,
@@ -159,46 +229,62 @@ pub fn plan(
                                 .and_then(|v| v.as_str())
                                 .map(str::to_owned);
                         }
-                        plan.consider(&record, &event, retention, as_of_us, &mut resources)
+                        part.consider(
+                            &record,
+                            &event,
+                            &self.retention,
+                            self.as_of_us,
+                            &mut self.resources,
+                        )
                     }
                 }
             }
         };
-        if open_sessions.is_none() {
+        if self.open_sessions.is_none() {
             if emptied {
-                settled_seq = line.key;
+                self.settled_seq = line.key;
             } else {
                 // Taken before this record's session is forgotten: the
                 // next purge reads this record again.
-                open_sessions = Some(resources.0.clone());
+                self.open_sessions = Some(self.resources.0.clone());
             }
         }
         // Nothing of an ended session comes later.
         if let Some(session) = ended {
-            resources.0.remove(&session);
+            self.resources.0.remove(&session);
         }
+        self.next = line.key.saturating_add(1);
+        true
     }
-    plan.settled = Settled {
-        seq: settled_seq,
-        sessions: open_sessions.unwrap_or(resources.0),
-    };
-    if !plan.seqs.is_empty() {
+
+    /// The data-subject index entries of the payloads planned: found in
+    /// one of those records, or reported in one of their sessions.
+    fn subject_keys(&self, store: &Store) -> Result<Vec<sled::IVec>, AuditError> {
+        let mut keys = Vec::new();
+        if self.planned.is_empty() {
+            return Ok(keys);
+        }
         for item in store.subjects.iter() {
             let (key, value) = item?;
             let Ok(hit) = serde_json::from_slice::<SubjectHit>(&value) else {
                 continue;
             };
-            let expired = plan.seqs.binary_search(&hit.seq).is_ok()
-                || hit
-                    .session
-                    .as_ref()
-                    .is_some_and(|s| plan.sessions.contains(s));
-            if expired {
-                plan.subject_keys.push(key);
+            // Sorted and disjoint: the first range not below the seq.
+            let at = self.planned.partition_point(|[_, last]| *last < hit.seq);
+            let in_planned = self
+                .planned
+                .get(at)
+                .is_some_and(|[first, _]| *first <= hit.seq);
+            let in_session = hit
+                .session
+                .as_ref()
+                .is_some_and(|s| self.sessions.contains(s));
+            if in_planned || in_session {
+                keys.push(key);
             }
         }
+        Ok(keys)
     }
-    Ok(plan)
 }
 
 impl PurgePlan {

@@ -25,7 +25,7 @@ use super::{
     json,
     keys::Keys,
     record::{Checkpoint, Hash, Record, GENESIS},
-    retention::{self, PurgePlan, Retention},
+    retention::{self, Planner, PurgePlan, Retention},
     segment::Extent,
     store::{ChainEntries, HitSource, Store, SubjectHit},
     subject::{detect, redact, subject_hash},
@@ -92,7 +92,7 @@ enum Msg {
     },
     Purge {
         as_of_us: u64,
-        plan: PurgePlan,
+        part: PurgePlan,
         reply: Reply<PurgeSummary>,
     },
     Checkpoint {
@@ -176,9 +176,12 @@ impl SledRecorder {
         })
     }
 
-    /// Purges payloads expired at `as_of` (normally now). The chain is
-    /// read for the plan on a thread of its own while records go on being
-    /// committed; the writer then only rewrites what expired.
+    /// Purges payloads expired at `as_of` (normally now), in parts of at
+    /// most [`PURGE_PART`] payloads, each its own `retention_purge` record.
+    /// Each part is planned on a thread of its own while records go on
+    /// being committed, and the writer takes the records queued meanwhile
+    /// between two parts: a purge never holds commits up for long, however
+    /// much has expired.
     pub async fn purge(
         &self,
         retention: Retention,
@@ -186,20 +189,36 @@ impl SledRecorder {
     ) -> Result<PurgeSummary, AuditError> {
         let _one_at_a_time = self.purging.lock().await;
         let as_of_us = micros(as_of);
-        let store = self.store.clone();
-        let plan = tokio::task::spawn_blocking(move || {
-            let settled = store.purge_settled()?;
-            retention::plan(&store, &retention, as_of_us, settled)
-        })
-        .await
-        .map_err(|e| AuditError::Corrupt(format!("the purge's plan failed: {e}")))??;
-        let (reply, rx) = oneshot::channel();
-        self.send(Msg::Purge {
-            as_of_us,
-            plan,
-            reply,
-        });
-        rx.await.unwrap_or(Err(AuditError::WriterGone))
+        let settled = self.store.purge_settled()?;
+        let mut planner = Planner::new(retention, as_of_us, settled);
+        let mut summary = PurgeSummary {
+            purge_seq: None,
+            records: 0,
+            sessions: 0,
+        };
+        loop {
+            let store = self.store.clone();
+            let (part, planned) = tokio::task::spawn_blocking(move || {
+                let part = planner.next_part(&store, PURGE_PART);
+                (part, planner)
+            })
+            .await
+            .map_err(|e| AuditError::Corrupt(format!("planning a purge failed: {e}")))?;
+            planner = planned;
+            let (reply, rx) = oneshot::channel();
+            self.send(Msg::Purge {
+                as_of_us,
+                part: part?,
+                reply,
+            });
+            let done = rx.await.unwrap_or(Err(AuditError::WriterGone))?;
+            summary.records += done.records;
+            summary.purge_seq = done.purge_seq.or(summary.purge_seq);
+            if planner.is_finished() {
+                summary.sessions = planner.sessions() as u64;
+                return Ok(summary);
+            }
+        }
     }
 
     /// Signs a checkpoint over the current head now (if it has moved) and
@@ -331,6 +350,10 @@ impl SledRecorder {
 /// blocks; it bounds what `Store::reindex_tail` reads after a crash.
 const INDEX_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Payloads per part of a purge: rewriting a part takes the writer about
+/// 0.1 s (10 µs a payload), the longest a purge holds commits up.
+const PURGE_PART: usize = 10_000;
+
 pub(super) fn micros(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
@@ -397,11 +420,11 @@ impl Writer {
                     Msg::Append { .. } | Msg::Subject { .. } => batch.push(msg),
                     Msg::Purge {
                         as_of_us,
-                        plan,
+                        part,
                         reply,
                     } => {
                         self.commit(std::mem::take(&mut batch));
-                        let _ = reply.send(self.purge(plan, as_of_us));
+                        let _ = reply.send(self.purge(part, as_of_us));
                     }
                     Msg::Checkpoint { reply } => {
                         self.commit(std::mem::take(&mut batch));
@@ -672,11 +695,32 @@ impl Writer {
         Ok(replaced)
     }
 
-    /// Empties the plan's expired payloads and records the purge, in one
-    /// atomic batch; then remembers where the chain is settled.
-    fn purge(&mut self, plan: PurgePlan, as_of_us: u64) -> Result<PurgeSummary, AuditError> {
-        if plan.seqs.is_empty() {
-            self.store.set_purge_settled(&plan.settled)?;
+    /// Carries out one part of a purge: empties its payloads and records
+    /// it, in one atomic batch with the data-subject index entries that go
+    /// (the last part's); then remembers where the chain is settled.
+    fn purge(&mut self, part: PurgePlan, as_of_us: u64) -> Result<PurgeSummary, AuditError> {
+        let summary = self.empty_payloads(&part, as_of_us)?;
+        if let Some(settled) = &part.settled {
+            if let Err(e) = self.store.set_purge_settled(settled) {
+                warn!("the next purge reads the chain from further back: {e}");
+            }
+        }
+        Ok(summary)
+    }
+
+    fn empty_payloads(
+        &mut self,
+        part: &PurgePlan,
+        as_of_us: u64,
+    ) -> Result<PurgeSummary, AuditError> {
+        let mut index = sled::Batch::default();
+        for key in &part.subject_keys {
+            index.remove(key);
+        }
+        if part.seqs.is_empty() {
+            if !part.subject_keys.is_empty() {
+                self.store.apply(ChainEntries::default(), Some(index))?;
+            }
             return Ok(PurgeSummary {
                 purge_seq: None,
                 records: 0,
@@ -689,10 +733,10 @@ impl Writer {
                 SystemTime::UNIX_EPOCH + Duration::from_micros(as_of_us),
             )
             .to_string(),
-            records: plan.seqs.len() as u64,
-            ranges: retention::ranges(&plan.seqs),
-            sessions: plan.sessions.len() as u64,
-            by_resource: plan.by_resource.clone(),
+            records: part.seqs.len() as u64,
+            ranges: retention::ranges(&part.seqs),
+            sessions: part.sessions.len() as u64,
+            by_resource: part.by_resource.clone(),
         });
         let payload = json::event(&event)?;
         let (purge_hash, bytes) = Record::encode_new(
@@ -704,21 +748,14 @@ impl Writer {
         let mut purge_block = Blocks::default();
         purge_block.push(purge_seq, &bytes)?;
         let mut blocks = purge_block.finish();
-        let replaced = self.rewrite_purged(&plan.seqs, purge_seq, &mut blocks)?;
+        let replaced = self.rewrite_purged(&part.seqs, purge_seq, &mut blocks)?;
         let mut chain = ChainEntries::default();
         self.store.append_blocks(&blocks, &mut chain)?;
-        let mut index = sled::Batch::default();
-        for key in &plan.subject_keys {
-            index.remove(key);
-        }
         self.store.apply(chain, Some(index))?;
         self.store.sync()?;
         self.index_is_synced();
         self.head_seq = purge_seq;
         self.head_hash = purge_hash;
-        if let Err(e) = self.store.set_purge_settled(&plan.settled) {
-            warn!("the next purge reads the chain from further back: {e}");
-        }
         // Committed: the emptied payloads' old bytes can go. Failing here
         // leaves them unreferenced, not the chain wrong.
         match self.store.release(&replaced) {
@@ -727,13 +764,13 @@ impl Writer {
             Err(e) => error!("purged audit blocks not freed, or their segments not compacted: {e}"),
         }
         info!(
-            records = plan.seqs.len(),
+            records = part.seqs.len(),
             purge_seq, "expired audit payloads purged"
         );
         Ok(PurgeSummary {
             purge_seq: Some(purge_seq),
-            records: plan.seqs.len() as u64,
-            sessions: plan.sessions.len() as u64,
+            records: part.seqs.len() as u64,
+            sessions: part.sessions.len() as u64,
         })
     }
 }

@@ -971,3 +971,53 @@ fn a_purge_starts_where_the_last_settled_the_chain_and_keeps_open_sessions_resou
     assert!(result.ok, "{:?}", result.problems);
     assert_eq!(result.purged, 2);
 }
+
+#[test]
+fn a_large_purge_goes_in_parts_each_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let store = Store::open(&state).unwrap();
+    let recorder = writer(&state, &store);
+    // A statement naming a person, in the first part; its index entry goes
+    // with the last.
+    let mut lookup = statement(
+        "s-0",
+        "select * from users where email = 'alice@example.test'",
+    );
+    if let AuditEvent::Statement(s) = &mut lookup {
+        s.resource = "old".into();
+    }
+    record_alone(&recorder, lookup).unwrap();
+    let key = Keys::load_or_create(&state).unwrap().subject;
+    let hash = subject::subject_hash(&key, "alice@example.test");
+    assert_eq!(store.subject_hits(&hash).unwrap().len(), 1);
+    // 12,000 sessions more: 24,001 records, parts of 10,000.
+    let names: Vec<String> = (1..=12_000).map(|i| format!("s-{i}")).collect();
+    let sessions: Vec<(&str, &str)> = names.iter().map(|s| (s.as_str(), "old")).collect();
+    record_sessions(&recorder, &sessions);
+    let summary = purge_old_now_and_close(&recorder);
+    assert_eq!(summary.records, 24_001);
+    assert_eq!(summary.sessions, 12_001);
+    assert!(store.subject_hits(&hash).unwrap().is_empty());
+    let parts: Vec<u64> = store
+        .raw_records(24_002, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|entry| {
+            let event = Record::decode(entry.value.as_bytes())
+                .unwrap()
+                .event()
+                .unwrap();
+            assert_eq!(event["event"], "retention_purge");
+            event["records"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(parts, [10_000, 10_000, 4_001]);
+    assert_eq!(summary.purge_seq, Some(24_004));
+    // Settled up to the last payload: the parts' own records came after
+    // the purge's time, and the next purge reads them again.
+    assert_eq!(store.purge_settled().unwrap().seq, 24_001);
+    let result = verified(dir.path(), &store);
+    assert!(result.ok, "{:?}", result.problems);
+    assert_eq!(result.purged, 24_001);
+}
