@@ -23,6 +23,20 @@ pub const PLAIN_ROLE: &str = "plainuser";
 /// Logs in with a client certificate alone (`cert` in pg_hba.conf), over TLS.
 pub const CERT_ROLE: &str = "certuser";
 
+/// Where `cargo xtask setup` unpacked libpq 18: psql runs on it with
+/// `LD_LIBRARY_PATH` set here, for what Debian 12's libpq 15 cannot do
+/// (`sslnegotiation=direct`).
+pub fn newer_libpq() -> PathBuf {
+    let libs = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/clients/psycopg-binary/psycopg_binary.libs");
+    assert!(
+        libs.join("libpq.so.5").exists(),
+        "no libpq 18 in {}: run `cargo xtask setup` (x86_64)",
+        libs.display()
+    );
+    libs
+}
+
 /// A client certificate and its key (mode 0600), signed by the CA the
 /// cluster trusts for client certificates.
 pub struct ClientCertificate {

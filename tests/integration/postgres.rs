@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::{
     harness::*,
-    pg::{PgCluster, CERT_ROLE, MD5_ROLE, PG_PASSWORD, PLAIN_ROLE},
+    pg::{newer_libpq, PgCluster, CERT_ROLE, MD5_ROLE, PG_PASSWORD, PLAIN_ROLE},
 };
 
 /// A cluster behind a gateway with a `postgres` listener (direct, TLS) and
@@ -802,6 +802,99 @@ impl Drop for Immutable {
 /// in its own files until it is reopened, so then the daemon exits for its
 /// service manager to restart it. The failed commits leave the chain
 /// intact.
+#[test]
+fn clients_that_start_tls_directly() {
+    let s = Setup::with(Options::default());
+    let libpq = newer_libpq();
+    let on_libpq_18 = |cmd: &mut Command, negotiation: &str| {
+        cmd.env("LD_LIBRARY_PATH", &libpq)
+            .env("PGSSLNEGOTIATION", negotiation)
+            .env("PGSSLMODE", "verify-full")
+            .env("PGSSLROOTCERT", &s.cert);
+    };
+    // A local client, redirected by the kernel: TLS from its first byte,
+    // with ALPN; and the same libpq through SSLRequest, offering ALPN
+    // there too.
+    for negotiation in ["direct", "postgres"] {
+        let mut cmd = s.psql_cmd(
+            "postgres",
+            &[
+                "-Atc",
+                "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
+            ],
+        );
+        on_libpq_18(&mut cmd, negotiation);
+        let out = wait_with_timeout(cmd.spawn().unwrap(), Duration::from_secs(30));
+        // The upstream leg is plain here: only the client's is TLS.
+        assert_eq!(
+            stdout(&out).trim(),
+            "f",
+            "{negotiation}: {}
+{}",
+            stderr(&out),
+            s.gateway.log()
+        );
+    }
+    let logins: Vec<Value> = s
+        .gateway
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "database_login")
+        .collect();
+    assert_eq!(logins.len(), 2);
+    assert!(logins.iter().all(|e| e["client_tls"] == true), "{logins:?}");
+
+    // A remote client of the listener negotiates the same way, up to the
+    // gateway's own checks.
+    let mut remote = Command::new("psql");
+    remote
+        .args([
+            "-X",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &s.listener.port().to_string(),
+        ])
+        .args(["-U", "anyone", "-d", "nosuch", "-Atc", "select 1"])
+        .env("PGCONNECT_TIMEOUT", "10");
+    on_libpq_18(&mut remote, "direct");
+    let out = remote.output().unwrap();
+    assert!(
+        stderr(&out).contains("no resource named \"nosuch\""),
+        "{}",
+        stderr(&out)
+    );
+
+    // TLS started directly without naming PostgreSQL by ALPN: refused,
+    // with the reason sent over the TLS the client asked for.
+    let listener = format!("127.0.0.1:{}", s.listener.port());
+    let s_client = |alpn: Option<&str>| {
+        let mut cmd = Command::new("openssl");
+        cmd.args(["s_client", "-connect", &listener, "-quiet", "-ign_eof"]);
+        if let Some(alpn) = alpn {
+            cmd.args(["-alpn", alpn]);
+        }
+        cmd.stdin(Stdio::null()).output().unwrap()
+    };
+    let out = s_client(None);
+    assert!(
+        stdout(&out).contains("TLS started directly without ALPN \"postgresql\""),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    // Another protocol's name: the handshake itself fails.
+    let out = s_client(Some("http/1.1"));
+    assert!(
+        stderr(&out).contains("no application protocol"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    // The daemon serves on.
+    assert_eq!(s.query("select 1"), "1");
+}
+
 #[test]
 fn sessions_are_refused_while_the_audit_store_cannot_commit() {
     let mut s = Setup::new();

@@ -19,8 +19,9 @@ use crate::util::{self, cargo_bin_dir, cmd, output, probe, report, run};
 /// `build-essential` supplies the `cc` linker rustc uses for host binaries;
 /// the others are the eBPF toolchain (bpftool, clang, llvm), the servers the
 /// integration tests put behind the gateway (PostgreSQL, pgbouncer, OpenSSH),
-/// clients and tools the tests drive (psql, curl, python3, ip, nsenter), and
-/// node/chromium for the browser-based OIDC tests.
+/// clients and tools the tests drive (psql, curl, python3, ip, nsenter,
+/// openssl), pip for [`newer_libpq`], and node/chromium for the
+/// browser-based OIDC tests.
 pub const PACKAGES: &[&str] = &[
     "build-essential",
     "bpftool",
@@ -34,6 +35,8 @@ pub const PACKAGES: &[&str] = &[
     "openssh-client",
     "curl",
     "python3",
+    "python3-pip",
+    "openssl",
     "iproute2",
     "util-linux",
     "nodejs",
@@ -51,6 +54,7 @@ pub fn run_all() -> Result<()> {
     bpf_linker()?;
     bpffs()?;
     npm_dependencies()?;
+    newer_libpq()?;
     Ok(())
 }
 
@@ -314,6 +318,86 @@ fn npm_dependencies() -> Result<()> {
     }
     run(cmd("npm").arg("ci").current_dir(&dir))?;
     report(TASK, step, "installed");
+    Ok(())
+}
+
+/// The wheel [`newer_libpq`] takes libpq from, and its SHA-256 as PyPI
+/// lists it.
+const LIBPQ_WHEEL: &str = "psycopg-binary==3.3.9";
+const LIBPQ_WHEEL_SHA256: &str = "0953c1b94c73f97efce5b8fb1dad85cf5e4085b94902e439e27e6805ebc8be99";
+
+/// A libpq newer than Debian 12's (15), for the tests of clients that
+/// start TLS without SSLRequest (`sslnegotiation=direct`, libpq 17 and
+/// later). psycopg's binary wheel bundles libpq 18 with the libraries it
+/// links; the tests run the system's psql on it (`LD_LIBRARY_PATH`). The
+/// wheel is pinned by version and hash, and unpacked into
+/// tests/clients/psycopg-binary.
+fn newer_libpq() -> Result<()> {
+    let step = "libpq 18 (tests/clients)";
+    let clients = util::repo_root().join("tests/clients");
+    let unpacked = clients.join("psycopg-binary");
+    let libs = unpacked.join("psycopg_binary.libs");
+    if libs.join("libpq.so.5").exists() {
+        report(TASK, step, "ok: already installed");
+        return Ok(());
+    }
+    if std::env::consts::ARCH != "x86_64" {
+        report(TASK, step, "skipped: the pinned wheel is for x86_64 only");
+        return Ok(());
+    }
+    let download = util::target_dir().join("libpq-wheel");
+    let _ = fs::remove_dir_all(&download);
+    run(cmd("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--platform",
+            "manylinux2014_x86_64",
+            "--python-version",
+            "3.11",
+            "--implementation",
+            "cp",
+            "--dest",
+        ])
+        .arg(&download)
+        .arg(LIBPQ_WHEEL))?;
+    let wheel = fs::read_dir(&download)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .context("pip downloaded no wheel")?;
+    let sum = output(cmd("sha256sum").arg(&wheel))?;
+    if sum.split_whitespace().next() != Some(LIBPQ_WHEEL_SHA256) {
+        bail!(
+            "{} does not have the SHA-256 PyPI lists for {LIBPQ_WHEEL} ({LIBPQ_WHEEL_SHA256}): {sum}",
+            wheel.display()
+        );
+    }
+    // Unpacked beside its final place, then moved: a half-unpacked wheel
+    // never counts as installed.
+    let partial = clients.join("psycopg-binary.partial");
+    let _ = fs::remove_dir_all(&partial);
+    fs::create_dir_all(&clients)?;
+    run(cmd("python3")
+        .args(["-m", "zipfile", "-e"])
+        .arg(&wheel)
+        .arg(&partial))?;
+    let partial_libs = partial.join("psycopg_binary.libs");
+    let libpq = fs::read_dir(&partial_libs)
+        .with_context(|| format!("the wheel has no {}", partial_libs.display()))?
+        .filter_map(|e| e.ok().map(|e| e.file_name()))
+        .find(|name| name.to_string_lossy().starts_with("libpq-"))
+        .context("the wheel bundles no libpq")?;
+    std::os::unix::fs::symlink(&libpq, partial_libs.join("libpq.so.5"))?;
+    let _ = fs::remove_dir_all(&unpacked);
+    fs::rename(&partial, &unpacked)?;
+    report(
+        TASK,
+        step,
+        format!("installed ({})", libpq.to_string_lossy()),
+    );
     Ok(())
 }
 

@@ -271,7 +271,7 @@ async fn open(
     client.set_nodelay(true)?;
     let opening = tokio::time::timeout(
         LOGIN_TIMEOUT,
-        startup::negotiate(PgStream::Plain(client), pg.tls.get(&*ctx.listener)),
+        startup::negotiate(client, pg.tls.get(&*ctx.listener)),
     )
     .await
     .map_err(|_| PgError::Client("start-up timed out".into()))??;

@@ -3,10 +3,14 @@
 
 use bytes::BytesMut;
 use pgwire::messages::startup::NegotiateProtocolVersion;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
 use tokio_rustls::TlsAcceptor;
 
 use super::{
+    tls,
     wire::{self, Reader, MAX_STARTUP},
     PgError, PgStream,
 };
@@ -46,11 +50,14 @@ impl Startup {
 /// Reads packets until the client sends its startup packet or a cancel
 /// request, answering SSLRequest with TLS when the listener has a
 /// certificate and GSSENCRequest with 'N' (not supported: clients fall back).
-pub async fn negotiate(
-    mut stream: PgStream,
-    tls: Option<&TlsAcceptor>,
-) -> Result<Opening, PgError> {
-    let mut encrypted = false;
+/// A client may also start TLS at once, without SSLRequest (PostgreSQL 17's
+/// `sslnegotiation=direct`).
+pub async fn negotiate(client: TcpStream, tls: Option<&TlsAcceptor>) -> Result<Opening, PgError> {
+    let mut encrypted = starts_tls(&client).await?;
+    let mut stream = PgStream::Plain(client);
+    if encrypted {
+        stream = direct_tls(stream, tls).await?;
+    }
     for _ in 0..MAX_NEGOTIATIONS {
         let packet = match read_packet(&mut stream).await {
             Ok(packet) => packet,
@@ -130,6 +137,41 @@ pub async fn negotiate(
     let message = "too many encryption requests before the startup packet";
     let _ = fatal(&mut stream, "08P01", message).await;
     Err(PgError::Protocol(message.into()))
+}
+
+/// Whether the client's first byte begins a TLS handshake record. No
+/// start-up packet begins with it: its length would be over 369 MB.
+async fn starts_tls(client: &TcpStream) -> Result<bool, PgError> {
+    const TLS_HANDSHAKE: u8 = 0x16;
+    let mut first = [0u8; 1];
+    Ok(client.peek(&mut first).await? == 1 && first[0] == TLS_HANDSHAKE)
+}
+
+/// TLS started by the client without SSLRequest. It must name PostgreSQL
+/// by ALPN, as PostgreSQL requires: otherwise a TLS client of another
+/// protocol (a browser, say) could be led to talk to this one.
+async fn direct_tls(stream: PgStream, tls: Option<&TlsAcceptor>) -> Result<PgStream, PgError> {
+    let Some(acceptor) = tls else {
+        // A TLS client cannot read a plaintext error: it sees the close.
+        return Err(PgError::Client(
+            "the client started TLS directly (sslnegotiation=direct), and this listener has \
+             no certificate: set tls_cert and tls_key on it"
+                .into(),
+        ));
+    };
+    let accepted = acceptor
+        .accept(stream)
+        .await
+        .map_err(|e| PgError::Client(format!("TLS handshake with the client failed: {e}")))?;
+    let named_postgres = accepted.get_ref().1.alpn_protocol() == Some(tls::ALPN);
+    let mut stream = PgStream::tls(accepted);
+    if !named_postgres {
+        let message = "TLS started directly without ALPN \"postgresql\": refused (PostgreSQL \
+                       clients send it with sslnegotiation=direct)";
+        let _ = fatal(&mut stream, "08P01", message).await;
+        return Err(PgError::Protocol(message.into()));
+    }
+    Ok(stream)
 }
 
 /// One untyped start-up packet (length-prefixed), without its length.

@@ -73,6 +73,9 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
+/// PostgreSQL's ALPN protocol name.
+pub const ALPN: &[u8] = b"postgresql";
+
 /// The listener's TLS configuration, from its PEM certificate and key.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
     listener_config(cert, key).map_err(|e| TlsError::Listener(Box::new(e)))
@@ -84,10 +87,13 @@ fn listener_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsErro
         path: key.to_owned(),
         reason: e.to_string(),
     })?;
-    let config = ServerConfig::builder_with_provider(provider())
+    let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
+    // As PostgreSQL 17 and later: a client that offers ALPN must offer
+    // PostgreSQL's, and one that starts TLS directly must offer it.
+    config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(Arc::new(config))
 }
 
