@@ -26,6 +26,22 @@ use serde_json::Value;
 
 pub const PORTCULLIS: &str = env!("CARGO_BIN_EXE_portcullis");
 
+/// `portcullis tls self-signed`: cert.pem and key.pem in `dir`, for the
+/// extra `names` (IP addresses or DNS names) besides its defaults.
+pub fn self_signed(dir: &Path, names: &[&str]) {
+    let mut cmd = Command::new(PORTCULLIS);
+    cmd.args(["tls", "self-signed", "--out"]).arg(dir);
+    for name in names {
+        cmd.args(["--name", name]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 
 /// A name unique to this test process and call.

@@ -680,16 +680,7 @@ impl PgBehindIdentity {
         let cluster = PgCluster::start_with(false);
         let secret = cluster.secret_file("identity", PG_PASSWORD);
         let tls = cluster.dir().join("gateway-tls");
-        let out = Command::new(PORTCULLIS)
-            .args(["tls", "self-signed", "--out"])
-            .arg(&tls)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self_signed(&tls, &[]);
         let listener_port = free_port();
         let sockets = socket_dir();
         let socket = sockets.path().join("control.sock");
@@ -914,16 +905,7 @@ fn a_tcp_session_ends_with_its_identity() {
 #[test]
 fn provider_behind_a_private_ca() {
     let tls = tempfile::tempdir().unwrap();
-    let out = Command::new(PORTCULLIS)
-        .args(["tls", "self-signed", "--out"])
-        .arg(tls.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    self_signed(tls.path(), &[]);
     let (cert, key) = (tls.path().join("cert.pem"), tls.path().join("key.pem"));
     let provider = OidcProvider::start_with(300, Some((&cert, &key)));
     assert!(provider.issuer.starts_with("https://"));

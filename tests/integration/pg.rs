@@ -7,13 +7,12 @@ use std::{
     ops::Deref,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    process::Command,
 };
 
 use portcullis_testkit::postgres::{Cluster, Setup};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 
-use crate::harness::PORTCULLIS;
+use crate::harness::self_signed;
 
 /// The upstream superuser's password (scram-sha-256).
 pub const PG_PASSWORD: &str = "upstream-Secret-42";
@@ -60,17 +59,7 @@ impl PgCluster {
     pub fn start_with(tls: bool) -> Self {
         let tls_dir = tls.then(|| {
             let dir = tempfile::tempdir().unwrap();
-            let out = Command::new(PORTCULLIS)
-                .args(["tls", "self-signed", "--out"])
-                .arg(dir.path())
-                .args(["--name", "127.0.0.1", "--name", "orders-db.test"])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            self_signed(dir.path(), &["127.0.0.1", "orders-db.test"]);
             dir
         });
         let pair = tls_dir

@@ -85,16 +85,7 @@ impl Setup {
         )
         .unwrap();
         let tls_dir = cluster.dir().join("gateway-tls");
-        let out = Command::new(PORTCULLIS)
-            .args(["tls", "self-signed", "--out"])
-            .arg(&tls_dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self_signed(&tls_dir, &[]);
         let listener: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let address = o.address.clone().unwrap_or_else(|| cluster.addr());
         let mut ca = match &cluster.cert {
@@ -207,6 +198,17 @@ password_file = "{secret}"
             .env_remove("PGPASSWORD")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        cmd
+    }
+
+    /// `psql -c "select 1"` to the listener itself, as a remote client,
+    /// naming `database` (a resource).
+    fn remote_psql(&self, database: &str) -> Command {
+        let mut cmd = Command::new("psql");
+        cmd.args(["-X", "-h", "127.0.0.1", "-p"])
+            .arg(self.listener.port().to_string())
+            .args(["-U", "anyone", "-d", database, "-Atc", "select 1"])
+            .env("PGCONNECT_TIMEOUT", "10");
         cmd
     }
 
@@ -644,18 +646,10 @@ fn tls_on_both_sides_and_direct_clients() {
 
     // A direct (not redirected) client must use TLS and present a token.
     let direct = |sslmode: &str, password: &str| {
-        let out = Command::new("psql")
-            .args([
-                "-X",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &s.listener.port().to_string(),
-            ])
-            .args(["-U", "anyone", "-d", "orders", "-Atc", "select 1"])
+        let out = s
+            .remote_psql("orders")
             .env("PGSSLMODE", sslmode)
             .env("PGPASSWORD", password)
-            .env("PGCONNECT_TIMEOUT", "10")
             .output()
             .unwrap();
         assert!(!out.status.success());
@@ -665,17 +659,9 @@ fn tls_on_both_sides_and_direct_clients() {
     assert!(plain.contains("must be encrypted"), "{plain}");
     let forged = direct("require", "not-a-token");
     assert!(forged.contains("token refused"), "{forged}");
-    let unknown = Command::new("psql")
-        .args([
-            "-X",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &s.listener.port().to_string(),
-        ])
-        .args(["-U", "anyone", "-d", "nosuch", "-Atc", "select 1"])
+    let unknown = s
+        .remote_psql("nosuch")
         .env("PGSSLMODE", "require")
-        .env("PGCONNECT_TIMEOUT", "10")
         .output()
         .unwrap();
     assert!(
@@ -846,17 +832,7 @@ fn clients_that_start_tls_directly() {
 
     // A remote client of the listener negotiates the same way, up to the
     // gateway's own checks.
-    let mut remote = Command::new("psql");
-    remote
-        .args([
-            "-X",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &s.listener.port().to_string(),
-        ])
-        .args(["-U", "anyone", "-d", "nosuch", "-Atc", "select 1"])
-        .env("PGCONNECT_TIMEOUT", "10");
+    let mut remote = s.remote_psql("nosuch");
     on_libpq_18(&mut remote, "direct");
     let out = remote.output().unwrap();
     assert!(
