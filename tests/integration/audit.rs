@@ -884,11 +884,7 @@ fn psql_session_is_found_by_subject_replayed_and_filtered() {
     );
     let gateway = Gateway::start_with_config(
         &cgroup,
-        &[Protect {
-            destination: "127.0.0.1".into(),
-            port: Some(cluster.port),
-            to: "pg".into(),
-        }],
+        &[Protect::postgres("127.0.0.1", cluster.port)],
         &extra,
     );
     let port = cluster.port.to_string();

@@ -215,6 +215,15 @@ impl Protect {
         }
     }
 
+    /// To the PostgreSQL listener the tests name `pg`.
+    pub fn postgres(destination: &str, port: u16) -> Self {
+        Self {
+            destination: destination.into(),
+            port: Some(port),
+            to: "pg".into(),
+        }
+    }
+
     pub fn block(destination: &str, port: Option<u16>) -> Self {
         Self {
             destination: destination.into(),

@@ -716,11 +716,7 @@ password_file = "{secret}"
         );
         let gateway = Gateway::start_with_config(
             &cgroup,
-            &[Protect {
-                destination: "127.0.0.1".into(),
-                port: Some(cluster.port),
-                to: "pg".into(),
-            }],
+            &[Protect::postgres("127.0.0.1", cluster.port)],
             &extra,
         );
         Self {

@@ -155,15 +155,8 @@ password_file = "{secret}"
             workers = o.workers,
         );
         let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
-        let gateway = Gateway::start_with_config(
-            &cgroup,
-            &[Protect {
-                destination: "127.0.0.1".into(),
-                port: Some(port),
-                to: "pg".into(),
-            }],
-            &extra,
-        );
+        let gateway =
+            Gateway::start_with_config(&cgroup, &[Protect::postgres("127.0.0.1", port)], &extra);
         Self {
             cgroup,
             gateway,
