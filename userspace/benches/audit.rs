@@ -11,6 +11,9 @@
 //!   yet, one when everything has, and the next one after that (which
 //!   starts where the last left the chain settled), each with the longest
 //!   a record committed meanwhile waited;
+//! * reading one session's events (`portcullis audit replay`): from the
+//!   chain's start, and from the session's start as the sessions' index
+//!   gives it;
 //! * verification throughput (records per second) over the chain built.
 //!
 //! Run: `cargo bench --bench audit` (any user; it writes to a temp dir).
@@ -26,10 +29,12 @@ use std::{
 
 use portcullis::audit::{
     keys::{self, Keys},
+    query,
     retention::Retention,
-    source::LocalSource,
+    source::{first_seq_of, LocalSource},
     verify::verify,
-    AuditEvent, CheckpointPolicy, Recorder, SessionEnd, SledRecorder, Statement, Store,
+    AuditEvent, CheckpointPolicy, Recorder, SessionEnd, SessionStart, SledRecorder, Statement,
+    Store,
 };
 
 const EVENTS_PER_PHASE: usize = 4_000;
@@ -81,10 +86,45 @@ fn main() {
     // A longer chain for verification.
     runtime.block_on(appends(&recorder, 256, 50_000));
     runtime.block_on(purges(&recorder));
+    // The last session, 1,000 events before the chain's end.
+    runtime
+        .block_on(async {
+            recorder
+                .record(session_start(LAST_SESSION))
+                .durable()
+                .await?;
+            for n in 0..1_000 {
+                recorder.record(event(n)).durable().await?;
+            }
+            Ok::<_, portcullis::audit::AuditError>(())
+        })
+        .expect("durable");
     recorder.close().expect("close");
 
     let key = keys::public_key(&state).expect("public key");
     let source = LocalSource::new(store);
+    println!("one session's events (the last session):");
+    for (label, from) in [
+        ("from the chain's start", 1),
+        (
+            "from its start (sessions' index)",
+            first_seq_of(&source, LAST_SESSION),
+        ),
+    ] {
+        let started = Instant::now();
+        let (mut read, mut found) = (0, 0);
+        query::for_each_event(&source, from, None, |e| {
+            read += 1;
+            found += usize::from(e.session() == Some(LAST_SESSION));
+            true
+        })
+        .expect("walk");
+        assert_eq!(found, 1, "the session's start");
+        println!(
+            "  {label:<34} {read:>7} records read in {:.3}s",
+            started.elapsed().as_secs_f64()
+        );
+    }
     let started = Instant::now();
     let result = verify(&source, &key).expect("verify");
     let elapsed = started.elapsed();
@@ -149,6 +189,19 @@ async fn longest_commit_until(
         }
     }
     longest
+}
+
+const LAST_SESSION: &str = "bench-last";
+
+fn session_start(session: &str) -> AuditEvent {
+    AuditEvent::SessionStart(SessionStart {
+        session: session.into(),
+        listener: "pg".into(),
+        protocol: "postgres",
+        peer: "127.0.0.1:40000".parse().expect("address"),
+        principal: None,
+        origin: None,
+    })
 }
 
 fn event(n: usize) -> AuditEvent {

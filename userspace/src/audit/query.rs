@@ -205,18 +205,21 @@ impl Contexts {
     }
 }
 
-/// Calls `f` on every event with its session context, in chain order, page
-/// by page, until it returns false or the chain ends (or passes
-/// `until_seq`). Returns the last seq walked (0 for an empty chain), so
-/// that a second walk can stop at the same place.
+/// Calls `f` on every event from seq `from` on with its session context,
+/// in chain order, page by page, until it returns false or the chain ends
+/// (or passes `until_seq`). Returns the last seq walked (0 for an empty
+/// chain), so that a second walk can stop at the same place. Contexts come
+/// from session starts read on the way: a walk that starts later than 1
+/// sees those of sessions that start from there on.
 pub fn for_each_event(
     source: &dyn AuditSource,
+    from: u64,
     until_seq: Option<u64>,
     mut f: impl FnMut(EventView) -> bool,
 ) -> Result<u64, AuditError> {
     let mut contexts = Contexts::default();
     let mut last = 0;
-    for_each_record(source, 1, |entry| {
+    for_each_record(source, from, |entry| {
         if until_seq.is_some_and(|until| entry.key > until) {
             return false;
         }

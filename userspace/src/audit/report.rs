@@ -84,7 +84,7 @@ pub fn build(
     let (mut masking, mut blocked, mut approvals, mut purges) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut events_in_period = 0;
-    query::for_each_event(source, None, |e| {
+    query::for_each_event(source, 1, None, |e| {
         if e.at_us < from_us || e.at_us >= to_us {
             return true;
         }

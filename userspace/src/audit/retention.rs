@@ -72,6 +72,8 @@ pub struct PurgePlan {
     pub seqs: Vec<u64>,
     pub sessions: BTreeSet<String>,
     pub by_resource: BTreeMap<String, u64>,
+    /// Sessions whose start it empties: they leave the sessions' index.
+    pub starts: Vec<String>,
     /// The last part only: the data-subject index entries that go with
     /// every payload the purge empties.
     pub subject_keys: Vec<sled::IVec>,
@@ -310,6 +312,9 @@ impl PurgePlan {
         self.seqs.push(record.seq);
         if let Some(session) = event.get("session").and_then(|v| v.as_str()) {
             self.sessions.insert(session.to_owned());
+            if event.get("event").and_then(|v| v.as_str()) == Some("session_start") {
+                self.starts.push(session.to_owned());
+            }
         }
         *self
             .by_resource

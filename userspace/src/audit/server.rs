@@ -360,6 +360,9 @@ impl AuditServer {
                 let as_of = SystemTime::UNIX_EPOCH + Duration::from_micros(as_of_us);
                 ok_line(self.recorder.purge(self.retention.clone(), as_of).await)
             }
+            Request::SessionStart { session } => {
+                blocking(move || store.session_start(&session)).await
+            }
         }
     }
 }

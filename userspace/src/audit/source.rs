@@ -50,6 +50,16 @@ pub trait AuditSource {
     fn checkpoint(&self) -> Result<Option<Checkpoint>, AuditError>;
     /// Purges payloads expired at `as_of_us` under the configured retention.
     fn purge(&self, as_of_us: u64) -> Result<PurgeSummary, AuditError>;
+    /// Where `session`'s records begin, if the store knows
+    /// ([`Store::session_start`]).
+    fn session_start(&self, session: &str) -> Result<Option<u64>, AuditError>;
+}
+
+/// Where to start reading for `session`'s records: its start when known,
+/// else the chain's start (older stores, a daemon that does not answer
+/// the question).
+pub fn first_seq_of(source: &dyn AuditSource, session: &str) -> u64 {
+    source.session_start(session).ok().flatten().unwrap_or(1)
 }
 
 /// Calls `f` on every chain entry from `from` on, page by page, until it
@@ -152,6 +162,9 @@ pub enum Request {
     Purge {
         as_of_us: u64,
     },
+    SessionStart {
+        session: String,
+    },
 }
 
 /// What goes on the wire: a request and the command it serves (recorded
@@ -243,6 +256,11 @@ impl AuditSource for DaemonSource {
     fn purge(&self, as_of_us: u64) -> Result<PurgeSummary, AuditError> {
         self.ask(Request::Purge { as_of_us })
     }
+    fn session_start(&self, session: &str) -> Result<Option<u64>, AuditError> {
+        self.ask(Request::SessionStart {
+            session: session.to_owned(),
+        })
+    }
 }
 
 /// Reads the files directly (daemon stopped).
@@ -316,6 +334,9 @@ impl AuditSource for LocalSource {
     fn purge(&self, as_of_us: u64) -> Result<PurgeSummary, AuditError> {
         let as_of = SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(as_of_us);
         self.with_writer(|w, rt| rt.block_on(w.purge(self.retention.clone(), as_of)))
+    }
+    fn session_start(&self, session: &str) -> Result<Option<u64>, AuditError> {
+        self.store.session_start(session)
     }
 }
 

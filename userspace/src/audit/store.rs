@@ -39,7 +39,7 @@ use std::{
     os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use serde::{Deserialize, Serialize};
@@ -272,12 +272,35 @@ pub struct Store {
     pub(super) chain: sled::Tree,
     pub(super) checkpoints: sled::Tree,
     pub(super) subjects: sled::Tree,
+    /// Session id to the seq of its start: where a replay begins to read.
+    sessions: sled::Tree,
     pub(super) meta: sled::Tree,
     segments: Arc<Segments>,
     dir: PathBuf,
     /// sled's log file, for `fdatasync`.
     log: Arc<File>,
     blobs: Arc<Mutex<BlobScan>>,
+}
+
+/// How long opening waits for a lock that a closed store may still hold.
+const LOCK_RELEASE_WAIT: Duration = Duration::from_secs(2);
+
+fn open_sled(dir: &Path) -> Result<sled::Db, AuditError> {
+    sled::Config::new()
+        .path(dir.join("chain"))
+        // Durability comes from the writer's explicit syncs (see
+        // `Writer::write`); no background flusher racing them.
+        .flush_every_ms(None)
+        .open()
+        .map_err(|e| match e {
+            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                AuditError::Locked(dir.to_owned())
+            }
+            sled::Error::Io(io) if io.to_string().contains("lock") => {
+                AuditError::Locked(dir.to_owned())
+            }
+            other => AuditError::Store(other),
+        })
 }
 
 /// A segment before the active one is compacted once its blocks fill
@@ -316,21 +339,17 @@ impl Store {
     }
 
     fn open_dir(dir: PathBuf) -> Result<Self, AuditError> {
-        let db = sled::Config::new()
-            .path(dir.join("chain"))
-            // Durability comes from the writer's explicit syncs (see
-            // `Writer::write`); no background flusher racing them.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                    AuditError::Locked(dir.clone())
+        // sled lets go of its lock from its own threads once the last
+        // handle is gone: a store closed a moment ago may still be locked.
+        let deadline = Instant::now() + LOCK_RELEASE_WAIT;
+        let db = loop {
+            match open_sled(&dir) {
+                Err(AuditError::Locked(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
                 }
-                sled::Error::Io(io) if io.to_string().contains("lock") => {
-                    AuditError::Locked(dir.clone())
-                }
-                other => AuditError::Store(other),
-            })?;
+                opened => break opened?,
+            }
+        };
         let log_path = dir.join("chain").join("db");
         let log = File::open(&log_path).map_err(|source| AuditError::Io {
             path: log_path,
@@ -343,6 +362,7 @@ impl Store {
             chain: db.open_tree("chain")?,
             checkpoints: db.open_tree("checkpoints")?,
             subjects: db.open_tree("subjects")?,
+            sessions: db.open_tree("sessions")?,
             meta: db.open_tree("meta")?,
             db,
             dir,
@@ -635,6 +655,50 @@ impl Store {
                 ))
             }),
         }
+    }
+
+    /// Indexes where sessions start. Only a shortcut for the auditor tools
+    /// (a session missing here is looked for from the chain's start), so it
+    /// is written after the commit, not with it, and entry by entry: a
+    /// batch would add a write to sled's log (its manifest) to the commits
+    /// of new connections.
+    pub(super) fn index_session_starts(&self, starts: &[(String, u64)]) -> Result<(), AuditError> {
+        for (session, seq) in starts {
+            self.sessions
+                .insert(session.as_bytes(), &seq.to_be_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Takes sessions whose start a purge emptied out of the index, which
+    /// so holds the sessions whose starts are kept, not every one ever.
+    pub(super) fn unindex_session_starts(&self, sessions: &[String]) -> Result<(), AuditError> {
+        let mut batch = sled::Batch::default();
+        for session in sessions {
+            batch.remove(session.as_bytes());
+        }
+        Ok(self.sessions.apply_batch(batch)?)
+    }
+
+    /// The seq of `session`'s start, where its records begin, if it is
+    /// indexed and the record there is that start; else None, and its
+    /// records are to be looked for from the chain's start.
+    pub fn session_start(&self, session: &str) -> Result<Option<u64>, AuditError> {
+        let Some(value) = self.sessions.get(session.as_bytes())? else {
+            return Ok(None);
+        };
+        let Ok(bytes) = <[u8; 8]>::try_from(value.as_ref()) else {
+            return Ok(None);
+        };
+        let seq = u64::from_be_bytes(bytes);
+        let Ok(Some(record)) = self.record(seq) else {
+            return Ok(None);
+        };
+        let starts_it = record.event().is_some_and(|event| {
+            event.get("event").and_then(|v| v.as_str()) == Some("session_start")
+                && event.get("session").and_then(|v| v.as_str()) == Some(session)
+        });
+        Ok(starts_it.then_some(seq))
     }
 
     /// Where earlier purges settled the chain; the start for a store that

@@ -81,6 +81,8 @@ enum Msg {
         at_us: u64,
         /// The event's JSON text.
         payload: String,
+        /// The session it starts, for the sessions' index.
+        starts_session: Option<String>,
         /// Personal values taken out of the payload, indexed under this
         /// record.
         redacted: Option<Redacted>,
@@ -271,7 +273,12 @@ impl Recorder for SledRecorder {
         let key = &self.subject_key;
         let mut hashes = Vec::new();
         let mut statement_seq = None;
+        let mut starts_session = None;
         let session = match &mut event {
+            AuditEvent::SessionStart(start) => {
+                starts_session = Some(start.session.clone());
+                None
+            }
             AuditEvent::Statement(statement) => {
                 statement_seq = Some(statement.statement_seq);
                 redact(key, &mut statement.text, &mut hashes);
@@ -309,6 +316,7 @@ impl Recorder for SledRecorder {
             ticket,
             at_us,
             payload,
+            starts_session,
             redacted,
         });
         self.ack(ticket)
@@ -470,6 +478,7 @@ impl Writer {
             tickets = Some((*first, ticket));
         };
         let mut subjects: Vec<(Hash, SubjectHit)> = Vec::new();
+        let mut starts = Vec::new();
         let mut encode_error = None;
         for msg in batch {
             match msg {
@@ -477,9 +486,13 @@ impl Writer {
                     ticket,
                     at_us,
                     payload,
+                    starts_session,
                     redacted,
                 } => {
                     seq += 1;
+                    if let Some(session) = starts_session {
+                        starts.push((session, seq));
+                    }
                     if let Some(redacted) = redacted {
                         for hash in redacted.hashes {
                             subjects.push((
@@ -537,6 +550,11 @@ impl Writer {
                 self.head_seq = seq;
                 self.head_hash = prev;
                 self.settle.committed(last);
+                if !starts.is_empty() {
+                    if let Err(e) = self.store.index_session_starts(&starts) {
+                        warn!("sessions' starts not indexed: replaying them reads the whole chain: {e}");
+                    }
+                }
             }
             Err(e) => {
                 error!("audit batch of {} not stored: {e}", last - first + 1);
@@ -756,6 +774,9 @@ impl Writer {
         self.index_is_synced();
         self.head_seq = purge_seq;
         self.head_hash = purge_hash;
+        if let Err(e) = self.store.unindex_session_starts(&part.starts) {
+            warn!("purged sessions stay in the sessions' index (replays of them read the whole chain): {e}");
+        }
         // Committed: the emptied payloads' old bytes can go. Failing here
         // leaves them unreferenced, not the chain wrong.
         match self.store.release(&replaced) {

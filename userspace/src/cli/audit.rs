@@ -278,7 +278,7 @@ pub fn run(
         AuditCommand::Sessions { filter, format } => {
             let filter = filter.filter(None)?;
             let mut sessions = query::Sessions::default();
-            query::for_each_event(open()?.as_ref(), None, |e| {
+            query::for_each_event(open()?.as_ref(), 1, None, |e| {
                 if filter.matches(&e) {
                     sessions.add(&e);
                 }
@@ -454,10 +454,15 @@ fn print_events(
 ) -> anyhow::Result<()> {
     let mut out = BufWriter::new(std::io::stdout().lock());
     let mut failed = None;
+    // One session's events begin at its start.
+    let from = filter
+        .session
+        .as_deref()
+        .map_or(1, |session| source::first_seq_of(source, session));
     if format.json {
         out.write_all(b"[")?;
         let mut first = true;
-        query::for_each_event(source, None, |e| {
+        query::for_each_event(source, from, None, |e| {
             if !filter.matches(&e) {
                 return true;
             }
@@ -477,7 +482,7 @@ fn print_events(
         out.write_all(b"]\n")?;
     } else if format.csv {
         write_csv_row(&mut out, EVENT_HEADER.iter().copied())?;
-        query::for_each_event(source, None, |e| {
+        query::for_each_event(source, from, None, |e| {
             if !filter.matches(&e) {
                 return true;
             }
@@ -489,14 +494,14 @@ fn print_events(
         })?;
     } else {
         let mut table = Table::new(&EVENT_HEADER);
-        let until = query::for_each_event(source, None, |e| {
+        let until = query::for_each_event(source, from, None, |e| {
             if filter.matches(&e) {
                 table.measure(&event_row(&e));
             }
             true
         })?;
         table.write_header(&mut out)?;
-        query::for_each_event(source, Some(until), |e| {
+        query::for_each_event(source, from, Some(until), |e| {
             if !filter.matches(&e) {
                 return true;
             }
@@ -672,9 +677,10 @@ fn replay(source: &dyn AuditSource, session: &str, json: bool) -> anyhow::Result
     };
     let mut out = BufWriter::new(std::io::stdout().lock());
     let mut failed: Option<anyhow::Error> = None;
+    let from = source::first_seq_of(source, session);
     if json {
         let mut first = true;
-        query::for_each_event(source, None, |e| {
+        query::for_each_event(source, from, None, |e| {
             if e.session() != Some(session) {
                 return true;
             }
@@ -703,7 +709,7 @@ fn replay(source: &dyn AuditSource, session: &str, json: bool) -> anyhow::Result
     // The latest context: an adapter's login names the resource.
     let mut start = None;
     let mut context = None;
-    let until = query::for_each_event(source, None, |e| {
+    let until = query::for_each_event(source, from, None, |e| {
         if e.session() == Some(session) {
             start.get_or_insert(e.at_us);
             context = Some(e.context);
@@ -719,7 +725,7 @@ fn replay(source: &dyn AuditSource, session: &str, json: bool) -> anyhow::Result
         c.identity, c.resource, c.protocol, c.destination
     )?;
     let mut statement = 0;
-    query::for_each_event(source, Some(until), |e| {
+    query::for_each_event(source, from, Some(until), |e| {
         if e.session() != Some(session) {
             return true;
         }

@@ -1021,3 +1021,31 @@ fn a_large_purge_goes_in_parts_each_recorded() {
     assert!(result.ok, "{:?}", result.problems);
     assert_eq!(result.purged, 24_001);
 }
+
+#[test]
+fn session_starts_are_indexed_and_checked_against_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let store = Store::open(&state).unwrap();
+    let recorder = writer(&state, &store);
+    record_sessions(&recorder, &[("s-1", "old"), ("s-2", "kept")]);
+    assert_eq!(store.session_start("s-1").unwrap(), Some(1));
+    assert_eq!(store.session_start("s-2").unwrap(), Some(2));
+    assert_eq!(store.session_start("s-3").unwrap(), None);
+
+    // A purge that empties a start takes it out of the index.
+    purge_old_now_and_close(&recorder);
+    assert!(store.record(1).unwrap().unwrap().payload.is_none());
+    assert!(store.sessions.get("s-1").unwrap().is_none());
+    assert_eq!(store.session_start("s-1").unwrap(), None);
+    assert_eq!(store.session_start("s-2").unwrap(), Some(2));
+
+    // An entry that names another record (an edited index) is not
+    // trusted: the session is looked for from the chain's start.
+    store.sessions.insert("s-2", &3u64.to_be_bytes()).unwrap();
+    assert_eq!(store.session_start("s-2").unwrap(), None);
+    store.sessions.insert("s-2", &b"short"[..]).unwrap();
+    assert_eq!(store.session_start("s-2").unwrap(), None);
+    store.sessions.insert("s-2", &99u64.to_be_bytes()).unwrap();
+    assert_eq!(store.session_start("s-2").unwrap(), None);
+}
