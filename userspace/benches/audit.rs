@@ -113,7 +113,7 @@ fn main() {
     ] {
         let started = Instant::now();
         let (mut read, mut found) = (0, 0);
-        query::for_each_event(&source, from, None, |e| {
+        query::for_each_event(&source, from, None, None, |e| {
             read += 1;
             found += usize::from(e.session() == Some(LAST_SESSION));
             true

@@ -6,7 +6,7 @@
 //! the number of events in the store.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     fmt::Write as _,
     time::{Duration, SystemTime},
 };
@@ -180,23 +180,38 @@ impl EventView {
 /// stays bounded by the open sessions plus this many.
 const ENDED_KEPT: usize = 65_536;
 
+/// How far past a session's start its login is looked for, and in pages
+/// of how many records, when a walk looks up a session that started
+/// before it.
+const LOGIN_WITHIN: u64 = 4_096;
+const LOGIN_PAGE: usize = 64;
+
 /// The context of each session seen so far in a walk of the chain.
 #[derive(Default)]
-pub struct Contexts {
+struct Contexts<'a> {
     by_session: HashMap<String, SessionContext>,
     ended: VecDeque<String>,
+    /// Where to look up the sessions that started before the walk, and
+    /// which of them the walk wants.
+    earlier: Option<(&'a dyn AuditSource, &'a Filter)>,
+    /// Sessions looked up without finding their start (purged).
+    not_found: HashSet<String>,
 }
 
-impl Contexts {
+impl Contexts<'_> {
     /// `record` as auditors see it, updating the session contexts.
-    pub fn view(&mut self, record: &Record) -> EventView {
-        let view = view(record, &mut self.by_session);
+    fn view(&mut self, record: &Record) -> EventView {
+        let (earlier, not_found) = (self.earlier, &mut self.not_found);
+        let view = view(record, &mut self.by_session, |id| {
+            earlier_context(earlier, not_found, id)
+        });
         if view.name() == "session_end" {
             if let Some(id) = view.session() {
                 self.ended.push_back(id.to_owned());
                 if self.ended.len() > ENDED_KEPT {
                     if let Some(old) = self.ended.pop_front() {
                         self.by_session.remove(&old);
+                        self.not_found.remove(&old);
                     }
                 }
             }
@@ -205,19 +220,76 @@ impl Contexts {
     }
 }
 
+/// The context of a session that started before a walk, for the walk.
+fn earlier_context(
+    earlier: Option<(&dyn AuditSource, &Filter)>,
+    not_found: &mut HashSet<String>,
+    session: &str,
+) -> Option<SessionContext> {
+    let (source, filter) = earlier?;
+    if filter.session.as_deref().is_some_and(|s| s != session) || not_found.contains(session) {
+        return None;
+    }
+    let context = session_context(source, session);
+    if context.is_none() {
+        not_found.insert(session.to_owned());
+    }
+    context
+}
+
+/// A session's context from its start and login: read from its start
+/// (found in the sessions index) up to its first event after the start.
+fn session_context(source: &dyn AuditSource, session: &str) -> Option<SessionContext> {
+    let start = source.session_start(session).ok().flatten()?;
+    let mut sessions = HashMap::new();
+    let mut context = None;
+    let mut next = start;
+    while next < start.saturating_add(LOGIN_WITHIN) {
+        let page = source.raw_records(next, LOGIN_PAGE).ok()?;
+        for entry in &page {
+            if !entry.value.contains(session) {
+                continue;
+            }
+            let Ok(record) = Record::decode(entry.value.as_bytes()) else {
+                continue;
+            };
+            let view = view(&record, &mut sessions, |_| None);
+            if view.session() == Some(session) {
+                let started = view.name() == "session_start";
+                context = Some(view.context);
+                if !started {
+                    return context;
+                }
+            }
+        }
+        match page.last() {
+            Some(last) if page.len() == LOGIN_PAGE => next = last.key.saturating_add(1),
+            _ => break,
+        }
+    }
+    context
+}
+
 /// Calls `f` on every event from seq `from` on with its session context,
 /// in chain order, page by page, until it returns false or the chain ends
 /// (or passes `until_seq`). Returns the last seq walked (0 for an empty
-/// chain), so that a second walk can stop at the same place. Contexts come
-/// from session starts read on the way: a walk that starts later than 1
-/// sees those of sessions that start from there on.
+/// chain), so that a second walk can stop at the same place.
+///
+/// Contexts come from session starts read on the way. A walk that starts
+/// later than 1 sees those of sessions that start from there on; given
+/// `earlier`, it looks up the sessions that started before it and that
+/// the filter may want (a walk that starts at a time).
 pub fn for_each_event(
     source: &dyn AuditSource,
     from: u64,
     until_seq: Option<u64>,
+    earlier: Option<&Filter>,
     mut f: impl FnMut(EventView) -> bool,
 ) -> Result<u64, AuditError> {
-    let mut contexts = Contexts::default();
+    let mut contexts = Contexts {
+        earlier: earlier.filter(|_| from > 1).map(|filter| (source, filter)),
+        ..Contexts::default()
+    };
     let mut last = 0;
     for_each_record(source, from, |entry| {
         if until_seq.is_some_and(|until| entry.key > until) {
@@ -232,13 +304,27 @@ pub fn for_each_event(
     Ok(last)
 }
 
-fn view(record: &Record, sessions: &mut HashMap<String, SessionContext>) -> EventView {
+/// `record` as auditors see it. `earlier` gives the context of a session
+/// whose start the walk has not seen, if it can.
+fn view(
+    record: &Record,
+    sessions: &mut HashMap<String, SessionContext>,
+    mut earlier: impl FnMut(&str) -> Option<SessionContext>,
+) -> EventView {
     let fields = record.event().unwrap_or_default();
     let session = fields
         .get("session")
         .and_then(Value::as_str)
         .map(str::to_owned);
     let name = fields.get("event").and_then(Value::as_str);
+    if let Some(id) = session
+        .as_ref()
+        .filter(|id| name != Some("session_start") && !sessions.contains_key(id.as_str()))
+    {
+        if let Some(context) = earlier(id) {
+            sessions.insert(id.clone(), context);
+        }
+    }
     let context = if name == Some("session_start") {
         let context = start_context(&fields);
         if let Some(id) = &session {

@@ -18,7 +18,7 @@ use serde_json::Value;
 use super::{
     query::{self, EventView},
     record::Checkpoint,
-    source::AuditSource,
+    source::{seqs_between, AuditSource},
     verify::{verify, Verification},
     AuditError,
 };
@@ -84,7 +84,9 @@ pub fn build(
     let (mut masking, mut blocked, mut approvals, mut purges) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut events_in_period = 0;
-    query::for_each_event(source, 1, None, |e| {
+    let (first, last) = seqs_between(source, Some(from_us), Some(to_us));
+    let everyone = query::Filter::default();
+    query::for_each_event(source, first, last, Some(&everyone), |e| {
         if e.at_us < from_us || e.at_us >= to_us {
             return true;
         }

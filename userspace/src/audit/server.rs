@@ -363,6 +363,9 @@ impl AuditServer {
             Request::SessionStart { session } => {
                 blocking(move || store.session_start(&session)).await
             }
+            Request::SeqBounds { since_us, until_us } => {
+                blocking(move || store.seq_bounds(since_us, until_us)).await
+            }
         }
     }
 }

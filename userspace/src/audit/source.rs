@@ -53,6 +53,13 @@ pub trait AuditSource {
     /// Where `session`'s records begin, if the store knows
     /// ([`Store::session_start`]).
     fn session_start(&self, session: &str) -> Result<Option<u64>, AuditError>;
+    /// The part of the chain that holds the records of `since_us` or
+    /// later and earlier than `until_us` ([`Store::seq_bounds`]).
+    fn seq_bounds(
+        &self,
+        since_us: Option<u64>,
+        until_us: Option<u64>,
+    ) -> Result<(u64, Option<u64>), AuditError>;
 }
 
 /// Where to start reading for `session`'s records: its start when known,
@@ -60,6 +67,20 @@ pub trait AuditSource {
 /// the question).
 pub fn first_seq_of(source: &dyn AuditSource, session: &str) -> u64 {
     source.session_start(session).ok().flatten().unwrap_or(1)
+}
+
+/// The first and last seq to read for records of `since_us` or later and
+/// earlier than `until_us`: the whole chain when the store cannot say (a
+/// daemon that does not know the question).
+pub fn seqs_between(
+    source: &dyn AuditSource,
+    since_us: Option<u64>,
+    until_us: Option<u64>,
+) -> (u64, Option<u64>) {
+    if since_us.is_none() && until_us.is_none() {
+        return (1, None);
+    }
+    source.seq_bounds(since_us, until_us).unwrap_or((1, None))
 }
 
 /// Calls `f` on every chain entry from `from` on, page by page, until it
@@ -165,6 +186,10 @@ pub enum Request {
     SessionStart {
         session: String,
     },
+    SeqBounds {
+        since_us: Option<u64>,
+        until_us: Option<u64>,
+    },
 }
 
 /// What goes on the wire: a request and the command it serves (recorded
@@ -261,6 +286,13 @@ impl AuditSource for DaemonSource {
             session: session.to_owned(),
         })
     }
+    fn seq_bounds(
+        &self,
+        since_us: Option<u64>,
+        until_us: Option<u64>,
+    ) -> Result<(u64, Option<u64>), AuditError> {
+        self.ask(Request::SeqBounds { since_us, until_us })
+    }
 }
 
 /// Reads the files directly (daemon stopped).
@@ -337,6 +369,13 @@ impl AuditSource for LocalSource {
     }
     fn session_start(&self, session: &str) -> Result<Option<u64>, AuditError> {
         self.store.session_start(session)
+    }
+    fn seq_bounds(
+        &self,
+        since_us: Option<u64>,
+        until_us: Option<u64>,
+    ) -> Result<(u64, Option<u64>), AuditError> {
+        self.store.seq_bounds(since_us, until_us)
     }
 }
 

@@ -274,6 +274,8 @@ pub struct Store {
     pub(super) subjects: sled::Tree,
     /// Session id to the seq of its start: where a replay begins to read.
     sessions: sled::Tree,
+    /// Where times begin in the chain (`times.rs`).
+    times: sled::Tree,
     pub(super) meta: sled::Tree,
     segments: Arc<Segments>,
     dir: PathBuf,
@@ -363,6 +365,7 @@ impl Store {
             checkpoints: db.open_tree("checkpoints")?,
             subjects: db.open_tree("subjects")?,
             sessions: db.open_tree("sessions")?,
+            times: db.open_tree("times")?,
             meta: db.open_tree("meta")?,
             db,
             dir,
@@ -858,5 +861,7 @@ pub(super) fn key_u64(key: &[u8]) -> u64 {
 }
 
 mod tail;
+mod times;
+pub use times::TimeIndexer;
 #[cfg(test)]
 mod tests;

@@ -27,7 +27,7 @@ use super::{
     record::{Checkpoint, Hash, Record, GENESIS},
     retention::{self, Planner, PurgePlan, Retention},
     segment::Extent,
-    store::{ChainEntries, HitSource, Store, SubjectHit},
+    store::{ChainEntries, HitSource, Store, SubjectHit, TimeIndexer},
     subject::{detect, redact, subject_hash},
     Ack, AuditError, AuditEvent, Recorder,
 };
@@ -117,6 +117,8 @@ pub struct SledRecorder {
     progress: Arc<Progress>,
     subject_key: [u8; 32],
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Keeps the time index up with what the writer commits.
+    times: Mutex<TimeIndexer>,
 }
 
 impl SledRecorder {
@@ -147,6 +149,7 @@ impl SledRecorder {
         let hurried = Arc::clone(&inbox);
         let (progress, settle) = Progress::new(move || hurried.hurry());
         let reader = store.clone();
+        let times = TimeIndexer::start(store.clone())?;
         let writer = Writer {
             inbox: Arc::clone(&inbox),
             settle,
@@ -175,6 +178,7 @@ impl SledRecorder {
             progress,
             subject_key,
             thread: Mutex::new(Some(thread)),
+            times: Mutex::new(times),
         })
     }
 
@@ -241,6 +245,7 @@ impl SledRecorder {
         if let Some(thread) = thread {
             let _ = thread.join();
         }
+        self.times.lock().unwrap_or_else(|e| e.into_inner()).stop();
         result
     }
 

@@ -278,7 +278,10 @@ pub fn run(
         AuditCommand::Sessions { filter, format } => {
             let filter = filter.filter(None)?;
             let mut sessions = query::Sessions::default();
-            query::for_each_event(open()?.as_ref(), 1, None, |e| {
+            let source = open()?;
+            let (from, until) =
+                source::seqs_between(source.as_ref(), filter.since_us, filter.until_us);
+            query::for_each_event(source.as_ref(), from, until, Some(&filter), |e| {
                 if filter.matches(&e) {
                     sessions.add(&e);
                 }
@@ -454,15 +457,18 @@ fn print_events(
 ) -> anyhow::Result<()> {
     let mut out = BufWriter::new(std::io::stdout().lock());
     let mut failed = None;
-    // One session's events begin at its start.
-    let from = filter
+    // One session's events begin at its start, and the index of times
+    // says where a time does.
+    let session_from = filter
         .session
         .as_deref()
         .map_or(1, |session| source::first_seq_of(source, session));
+    let (time_from, until) = source::seqs_between(source, filter.since_us, filter.until_us);
+    let from = session_from.max(time_from);
     if format.json {
         out.write_all(b"[")?;
         let mut first = true;
-        query::for_each_event(source, from, None, |e| {
+        query::for_each_event(source, from, until, Some(filter), |e| {
             if !filter.matches(&e) {
                 return true;
             }
@@ -482,7 +488,7 @@ fn print_events(
         out.write_all(b"]\n")?;
     } else if format.csv {
         write_csv_row(&mut out, EVENT_HEADER.iter().copied())?;
-        query::for_each_event(source, from, None, |e| {
+        query::for_each_event(source, from, until, Some(filter), |e| {
             if !filter.matches(&e) {
                 return true;
             }
@@ -494,14 +500,14 @@ fn print_events(
         })?;
     } else {
         let mut table = Table::new(&EVENT_HEADER);
-        let until = query::for_each_event(source, from, None, |e| {
+        let walked = query::for_each_event(source, from, until, Some(filter), |e| {
             if filter.matches(&e) {
                 table.measure(&event_row(&e));
             }
             true
         })?;
         table.write_header(&mut out)?;
-        query::for_each_event(source, from, Some(until), |e| {
+        query::for_each_event(source, from, Some(walked), Some(filter), |e| {
             if !filter.matches(&e) {
                 return true;
             }
@@ -680,7 +686,7 @@ fn replay(source: &dyn AuditSource, session: &str, json: bool) -> anyhow::Result
     let from = source::first_seq_of(source, session);
     if json {
         let mut first = true;
-        query::for_each_event(source, from, None, |e| {
+        query::for_each_event(source, from, None, None, |e| {
             if e.session() != Some(session) {
                 return true;
             }
@@ -709,7 +715,7 @@ fn replay(source: &dyn AuditSource, session: &str, json: bool) -> anyhow::Result
     // The latest context: an adapter's login names the resource.
     let mut start = None;
     let mut context = None;
-    let until = query::for_each_event(source, from, None, |e| {
+    let until = query::for_each_event(source, from, None, None, |e| {
         if e.session() == Some(session) {
             start.get_or_insert(e.at_us);
             context = Some(e.context);
@@ -725,7 +731,7 @@ fn replay(source: &dyn AuditSource, session: &str, json: bool) -> anyhow::Result
         c.identity, c.resource, c.protocol, c.destination
     )?;
     let mut statement = 0;
-    query::for_each_event(source, from, Some(until), |e| {
+    query::for_each_event(source, from, Some(until), None, |e| {
         if e.session() != Some(session) {
             return true;
         }

@@ -1049,3 +1049,239 @@ fn session_starts_are_indexed_and_checked_against_the_chain() {
     store.sessions.insert("s-2", &99u64.to_be_bytes()).unwrap();
     assert_eq!(store.session_start("s-2").unwrap(), None);
 }
+
+/// Records at the given times, every fifth one a session's start.
+fn chain_at(times: &[u64]) -> Vec<Record> {
+    let events: Vec<(u64, String)> = (1..)
+        .zip(times)
+        .map(|(seq, &at_us)| {
+            let payload = if seq % 5 == 0 {
+                format!(r#"{{"event":"session_start","session":"s-{seq}"}}"#)
+            } else {
+                format!(r#"{{"event":"test","n":{seq}}}"#)
+            };
+            (at_us, payload)
+        })
+        .collect();
+    chain_of(&events)
+}
+
+/// Records of these events, each at its time.
+fn chain_of(events: &[(u64, String)]) -> Vec<Record> {
+    let mut prev = GENESIS;
+    (1..)
+        .zip(events)
+        .map(|(seq, (at_us, payload))| {
+            let payload = RawValue::from_string(payload.clone()).unwrap();
+            let r = Record::new(seq, *at_us, prev, payload);
+            prev = r.hash;
+            r
+        })
+        .collect()
+}
+
+/// Indexes every record's time, as the indexer thread does.
+fn index_all_times(store: &Store) {
+    while store.index_times().unwrap() > 0 {}
+}
+
+/// Checks that every record of `[since, until)` lies within the bounds the
+/// index gives, for many random periods; returns how many records the
+/// bounded walks read in all.
+fn check_bounds(store: &Store, records: &[Record], random: &mut crate::testing::Random) -> u64 {
+    let (lowest, highest) = (
+        records.iter().map(|r| r.at_us).min().unwrap(),
+        records.iter().map(|r| r.at_us).max().unwrap(),
+    );
+    let span = (highest - lowest + 2) as usize;
+    let mut read = 0;
+    for _ in 0..300 {
+        let since = (random.below(10) > 0).then(|| lowest - 1 + random.below(span) as u64);
+        let until = (random.below(10) > 0).then(|| lowest - 1 + random.below(span) as u64);
+        let (first, last) = store.seq_bounds(since, until).unwrap();
+        let last_seq = records.len() as u64;
+        read += last
+            .unwrap_or(last_seq)
+            .min(last_seq)
+            .saturating_sub(first - 1);
+        for r in records {
+            let wanted = since.is_none_or(|t| r.at_us >= t) && until.is_none_or(|t| r.at_us < t);
+            if wanted {
+                assert!(
+                    r.seq >= first && last.is_none_or(|l| r.seq <= l),
+                    "record {} at {} is outside {first}..={last:?} for {since:?}..{until:?}",
+                    r.seq,
+                    r.at_us
+                );
+            }
+        }
+    }
+    read
+}
+
+#[test]
+fn time_bounds_hold_every_record_of_the_period_whatever_the_clock_did() {
+    const MINUTE: u64 = 60_000_000;
+    let mut random = crate::testing::Random::new(7);
+    // Three hours at about 20 records a minute, with sessions' small
+    // disorder, two steps back (one of 90 minutes), and a step forward.
+    let mut now = 1_795_305_600_000_000;
+    let mut times = Vec::new();
+    for i in 0..3_600u64 {
+        now += random.below(6_000_000) as u64;
+        match i {
+            1_000 => now -= 90 * MINUTE,
+            2_000 => now -= 5 * MINUTE,
+            3_000 => now += 600 * MINUTE,
+            _ => {}
+        }
+        times.push(now - random.below(500_000) as u64);
+    }
+    let records = chain_at(&times);
+    let (_dir, store) = store_with(&records, Format::Segments(4_000));
+
+    // Nothing indexed yet: the whole chain, and no wrong bound.
+    check_bounds(&store, &records, &mut random);
+    assert_eq!(store.seq_bounds(Some(now), None).unwrap().0, 1);
+
+    // Indexed in part: readers read the rest themselves.
+    store.index_times().unwrap();
+    check_bounds(&store, &records, &mut random);
+
+    index_all_times(&store);
+    let read = check_bounds(&store, &records, &mut random);
+    let whole = 300 * records.len() as u64;
+    assert!(read < whole / 3, "bounded walks read {read} of {whole}");
+    // The last minutes: a walk of about their records, not the chain's.
+    let (first, last) = store.seq_bounds(Some(now - 2 * MINUTE), None).unwrap();
+    assert!(first > 3_500, "{first}");
+    assert_eq!(last, None);
+
+    // The indexer also filled in the sessions index.
+    assert_eq!(store.session_start("s-3500").unwrap(), Some(3_500));
+}
+
+#[test]
+fn time_bounds_follow_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let store = Store::open(&state).unwrap();
+    let recorder = writer(&state, &store);
+    record_sessions(&recorder, &[("s-1", "crm"), ("s-2", "crm")]);
+    let after_first = SystemTime::now();
+    std::thread::sleep(Duration::from_millis(5));
+    record_sessions(&recorder, &[("s-3", "crm")]);
+    recorder.close().unwrap();
+    // The second commit is after `after_first` and the first before it;
+    // the index may start the walk anywhere up to the second commit.
+    let (first, last) = store
+        .seq_bounds(Some(crate::audit::writer::micros(after_first)), None)
+        .unwrap();
+    assert!(first <= 5, "{first}");
+    assert_eq!(last, None);
+    let (first, last) = store
+        .seq_bounds(None, Some(crate::audit::writer::micros(after_first)))
+        .unwrap();
+    assert_eq!(first, 1);
+    // Within a second of the end the index does not bound a walk.
+    assert_eq!(last, None);
+}
+
+#[test]
+fn time_bounds_allow_for_the_sessions_small_disorder() {
+    const MINUTE: u64 = 60_000_000;
+    let at = 1_795_305_600_000_000 + 10 * MINUTE;
+    // The second record takes the high-water time into a new minute; the
+    // third was stamped a moment before the minute by another session.
+    let records = chain_at(&[at - 100, at + 5, at - 300_000, at + 2 * MINUTE]);
+    let (_dir, store) = store_with(&records, Format::Segments(4_000));
+    index_all_times(&store);
+    let (_, last) = store.seq_bounds(None, Some(at - 200_000)).unwrap();
+    assert!(last.is_none_or(|l| l >= 3), "{last:?}");
+    // A minute and more later, the walk can stop.
+    assert_eq!(
+        store.seq_bounds(None, Some(at + MINUTE)).unwrap(),
+        (1, Some(3))
+    );
+    assert_eq!(
+        store.seq_bounds(Some(at + MINUTE), None).unwrap(),
+        (2, None)
+    );
+}
+
+#[test]
+fn a_walk_from_a_time_looks_up_the_sessions_that_started_before_it() {
+    use crate::audit::query::{for_each_event, Filter};
+    const MINUTE: u64 = 60_000_000;
+    let t0 = 1_795_305_600_000_000;
+    let start = |session: &str, who: &str| {
+        format!(
+            r#"{{"event":"session_start","session":"{session}","listener":"pg","protocol":"postgres","principal":{{"name":"{who}"}}}}"#
+        )
+    };
+    let login = |session: &str, who: &str| {
+        format!(
+            r#"{{"event":"database_login","session":"{session}","resource":"orders","principal":{{"name":"{who}"}}}}"#
+        )
+    };
+    let statement = |session: &str| {
+        format!(r#"{{"event":"statement","session":"{session}","text":"select 1"}}"#)
+    };
+    let mut events = vec![
+        (t0, start("s-alice", "alice")),
+        (t0 + 1, login("s-alice", "alice")),
+        (t0 + 2, start("s-gone", "carol")),
+    ];
+    events.extend((1..=10).map(|m| (t0 + m * MINUTE, r#"{"event":"test"}"#.to_string())));
+    events.push((t0 + 10 * MINUTE + 1, statement("s-alice")));
+    events.push((t0 + 10 * MINUTE + 2, statement("s-gone")));
+    events.push((t0 + 10 * MINUTE + 3, start("s-bob", "bob")));
+    events.push((t0 + 10 * MINUTE + 4, statement("s-bob")));
+    let records = chain_of(&events);
+    let (_dir, store) = store_with(&records, Format::Segments(4_000));
+    index_all_times(&store);
+    // s-gone's start left the index (a purge emptied it).
+    store.sessions.remove("s-gone").unwrap();
+    let source = LocalSource::new(store.clone());
+
+    let filter = Filter {
+        since_us: Some(t0 + 9 * MINUTE + 30_000_000),
+        ..Filter::default()
+    };
+    let (from, until) = store.seq_bounds(filter.since_us, None).unwrap();
+    assert!(from > 3, "the walk reads from the start: {from}");
+    let mut seen = Vec::new();
+    for_each_event(&source, from, until, Some(&filter), |e| {
+        if filter.matches(&e) && e.name() == "statement" {
+            let c = &e.context;
+            seen.push(format!(
+                "{} {} {}",
+                e.session().unwrap(),
+                c.identity,
+                c.resource
+            ));
+        }
+        true
+    })
+    .unwrap();
+    assert_eq!(
+        seen,
+        [
+            "s-alice alice orders",
+            // No start to look up: what the event itself says.
+            "s-gone  ",
+            "s-bob bob pg",
+        ]
+    );
+
+    // Without the look-up, the earlier session has no context.
+    let mut identities = Vec::new();
+    for_each_event(&source, from, until, None, |e| {
+        if e.session() == Some("s-alice") {
+            identities.push(e.context.identity.clone());
+        }
+        true
+    })
+    .unwrap();
+    assert_eq!(identities, [""]);
+}

@@ -1,0 +1,377 @@
+//! Where in the chain a time begins and ends: what lets `audit events` and
+//! `audit sessions` with `--since`/`--until` read the part of the chain
+//! they ask about instead of all of it.
+//!
+//! Records are numbered in the order they are committed, and their times
+//! almost always grow with their seqs, but not quite: two sessions take
+//! their times a moment before queueing their records, and the clock can
+//! be set back. So the index does not claim that times grow. It keeps the
+//! chain's *high-water time* (the latest time of any record so far) and
+//! notes, in the `times` tree:
+//! - for each minute the high-water time reached, the seq of the record
+//!   that took it there. Every record before that seq is older than the
+//!   minute, whatever the clock did: a walk from there misses nothing
+//!   since the minute.
+//! - every record more than [`STEP_TOLERANCE_US`] older than the
+//!   high-water time before it (the clock went back). Between them, every
+//!   record after a minute's seq is at most that much older than the
+//!   minute: a walk for times before a later minute can stop at that
+//!   minute's seq, unless a noted record after it is older.
+//! - how far it has indexed (the last seq, and the high-water time there).
+//!
+//! A thread of its own ([`TimeIndexer`]) reads what the writer committed,
+//! about once a second, and also fills in the sessions index for the
+//! records it reads (the writer's entries are not written with the
+//! commit, so a crash can lose them). It starts where it left off: a store
+//! from before the index is indexed from its start, while the gateway
+//! runs. Readers read the few records past its progress themselves, so
+//! the answer is as exact without it, only slower.
+
+use std::{
+    sync::{Arc, Condvar, Mutex},
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use tracing::{info, warn};
+
+use super::Store;
+use crate::audit::{record::Record, AuditError};
+
+const MINUTE_US: u64 = 60_000_000;
+
+/// Records this much older than the high-water time are not noted: the
+/// sessions' few microseconds of disorder would fill the index. Bounds
+/// with `--until` allow for it.
+const STEP_TOLERANCE_US: u64 = 1_000_000;
+
+/// Records the indexer reads before it writes what it found.
+const CHUNK: usize = 20_000;
+
+/// How often the indexer looks for new records.
+const INTERVAL: Duration = Duration::from_secs(1);
+
+/// Records past the indexer's progress that a reader reads itself before
+/// it gives up bounding `--until` (the indexer is still catching up).
+const TAIL_LIMIT: usize = 200_000;
+
+const PROGRESS_KEY: &[u8] = b"p";
+const MINUTE_PREFIX: u8 = b'm';
+const STEP_PREFIX: u8 = b's';
+
+fn key(prefix: u8, n: u64) -> [u8; 9] {
+    let mut key = [prefix; 9];
+    key[1..].copy_from_slice(&n.to_be_bytes());
+    key
+}
+
+fn number(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
+}
+
+/// How far the index reaches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Progress {
+    /// The last seq indexed.
+    through: u64,
+    /// The latest time of the records up to it.
+    high_water_us: u64,
+}
+
+impl Progress {
+    fn encode(self) -> [u8; 16] {
+        let mut bytes = [0; 16];
+        bytes[..8].copy_from_slice(&self.through.to_be_bytes());
+        bytes[8..].copy_from_slice(&self.high_water_us.to_be_bytes());
+        bytes
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        Some(Self {
+            through: number(bytes)?,
+            high_water_us: number(bytes.get(8..)?)?,
+        })
+    }
+}
+
+/// What reading records on from a [`Progress`] adds to the index.
+#[derive(Debug, Default)]
+struct Scan {
+    progress: Progress,
+    /// Minutes the high-water time reached, with the seq that took it there.
+    minutes: Vec<(u64, u64)>,
+    /// Records older than the high-water time before them: seq and time.
+    steps: Vec<(u64, u64)>,
+    /// Sessions started: id and seq; None when not looked for.
+    starts: Option<Vec<(String, u64)>>,
+}
+
+impl Scan {
+    /// A scan on from `progress`, looking for sessions' starts too or not.
+    fn from(progress: Progress, with_starts: bool) -> Self {
+        Self {
+            progress,
+            starts: with_starts.then(Vec::new),
+            ..Self::default()
+        }
+    }
+
+    /// Reads records from the progress on, up to `limit` of them. Returns
+    /// how many it read.
+    fn read(&mut self, store: &Store, limit: usize) -> Result<usize, AuditError> {
+        let mut read = 0;
+        for line in store.lines(self.progress.through + 1)?.take(limit) {
+            let line = line?;
+            self.note(line.key, line.bytes());
+            read += 1;
+        }
+        Ok(read)
+    }
+
+    /// Adds the record `bytes` at position `seq`.
+    fn note(&mut self, seq: u64, bytes: &[u8]) {
+        self.progress.through = seq;
+        // A line that is not a record (tampering, for `audit verify` to
+        // report) has no time, and no walk reads anything from it.
+        let Some(at_us) = record_time(bytes) else {
+            return;
+        };
+        let high_water = &mut self.progress.high_water_us;
+        if at_us > *high_water {
+            if at_us / MINUTE_US > *high_water / MINUTE_US || seq == 1 {
+                self.minutes.push((at_us / MINUTE_US, seq));
+            }
+            *high_water = at_us;
+        } else if at_us + STEP_TOLERANCE_US < *high_water {
+            self.steps.push((seq, at_us));
+        }
+        if let Some(starts) = &mut self.starts {
+            starts.extend(started_session(bytes).map(|session| (session, seq)));
+        }
+    }
+
+    /// Writes what was found and the progress, in one batch.
+    fn write(self, store: &Store) -> Result<(), AuditError> {
+        let mut batch = sled::Batch::default();
+        for (minute, seq) in &self.minutes {
+            batch.insert(&key(MINUTE_PREFIX, *minute), &seq.to_be_bytes());
+        }
+        for (seq, at_us) in &self.steps {
+            batch.insert(&key(STEP_PREFIX, *seq), &at_us.to_be_bytes());
+        }
+        batch.insert(PROGRESS_KEY, &self.progress.encode());
+        store.times.apply_batch(batch)?;
+        store.index_session_starts(self.starts.as_deref().unwrap_or_default())
+    }
+}
+
+/// A record's time, read from the start of its stored form (`{"seq":N,
+/// "at_us":T,...`, as `Record::encode` writes it) without decoding the
+/// rest; anything else is decoded in full.
+fn record_time(bytes: &[u8]) -> Option<u64> {
+    let fast = (|| {
+        let rest = bytes.strip_prefix(b"{\"seq\":")?;
+        let comma = rest.iter().position(|&b| b == b',')?;
+        let rest = rest[comma..].strip_prefix(b",\"at_us\":")?;
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+    })();
+    fast.or_else(|| Record::decode(bytes).ok().map(|r| r.at_us))
+}
+
+/// The session a `session_start` record starts. Only records that hold
+/// the event's name are decoded.
+fn started_session(bytes: &[u8]) -> Option<String> {
+    const MARK: &[u8] = b"\"event\":\"session_start\"";
+    bytes.windows(MARK.len()).any(|w| w == MARK).then_some(())?;
+    let event = Record::decode(bytes).ok()?.event()?;
+    (event.get("event")?.as_str()? == "session_start")
+        .then(|| event.get("session")?.as_str().map(str::to_owned))
+        .flatten()
+}
+
+impl Store {
+    fn time_progress(&self) -> Result<Progress, AuditError> {
+        Ok(self
+            .times
+            .get(PROGRESS_KEY)?
+            .and_then(|v| Progress::decode(&v))
+            .unwrap_or_default())
+    }
+
+    /// Indexes up to [`CHUNK`] records past the index's progress. Returns
+    /// how many it read.
+    pub(super) fn index_times(&self) -> Result<usize, AuditError> {
+        let mut scan = Scan::from(self.time_progress()?, true);
+        let read = scan.read(self, CHUNK)?;
+        if read > 0 {
+            scan.write(self)?;
+        }
+        Ok(read)
+    }
+
+    /// Where a walk of the chain for records of `since_us` or later, and
+    /// earlier than `until_us`, can start and end: the first seq to read,
+    /// and the last (None: to the chain's end). Every such record is in
+    /// between; the walk still filters by time.
+    pub fn seq_bounds(
+        &self,
+        since_us: Option<u64>,
+        until_us: Option<u64>,
+    ) -> Result<(u64, Option<u64>), AuditError> {
+        let first = match since_us {
+            None => 1,
+            Some(since) => self
+                .times
+                .range(key(MINUTE_PREFIX, 0)..=key(MINUTE_PREFIX, since / MINUTE_US))
+                .next_back()
+                .transpose()?
+                .and_then(|(_, seq)| number(&seq))
+                .unwrap_or(1),
+        };
+        let last = match until_us {
+            None => None,
+            Some(until) => self.last_seq_before(until)?,
+        };
+        Ok((first, last))
+    }
+
+    /// The last seq a walk for records earlier than `until` must read, if
+    /// the index can bound it.
+    fn last_seq_before(&self, until: u64) -> Result<Option<u64>, AuditError> {
+        // Records past the indexer's progress count too: read them.
+        let mut tail = Scan::from(self.time_progress()?, false);
+        if tail.read(self, TAIL_LIMIT)? == TAIL_LIMIT {
+            return Ok(None);
+        }
+        // The first minute whose seq starts records no older than `until`,
+        // but for noted steps back.
+        let minute = until.saturating_add(STEP_TOLERANCE_US).div_ceil(MINUTE_US);
+        let stored = self
+            .times
+            .range(key(MINUTE_PREFIX, minute)..=key(MINUTE_PREFIX, u64::MAX))
+            .next()
+            .transpose()?
+            .and_then(|(_, seq)| number(&seq));
+        let Some(start) = stored.or_else(|| {
+            tail.minutes
+                .iter()
+                .find(|&&(m, _)| m >= minute)
+                .map(|&(_, seq)| seq)
+        }) else {
+            return Ok(None);
+        };
+        for step in self
+            .times
+            .range(key(STEP_PREFIX, start + 1)..=key(STEP_PREFIX, u64::MAX))
+        {
+            let (_, at_us) = step?;
+            if number(&at_us).is_none_or(|at| at < until) {
+                return Ok(None);
+            }
+        }
+        if tail
+            .steps
+            .iter()
+            .any(|&(seq, at)| seq > start && at < until)
+        {
+            return Ok(None);
+        }
+        Ok(Some(start - 1))
+    }
+}
+
+/// The thread that keeps the time index up with the chain.
+pub struct TimeIndexer {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TimeIndexer {
+    pub fn start(store: Store) -> Result<Self, AuditError> {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let stopping = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("audit-times".into())
+            .spawn(move || run(&store, &stopping))
+            .map_err(|e| AuditError::Corrupt(format!("cannot start the time indexer: {e}")))?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the thread once it has read what is committed (or one more
+    /// chunk, while it catches up).
+    pub fn stop(&mut self) {
+        let (stopped, wake) = &*self.stop;
+        *stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        wake.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for TimeIndexer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run(store: &Store, stop: &(Mutex<bool>, Condvar)) {
+    let mut catching_up = false;
+    loop {
+        // Read before the stop is looked at: a stop after the writer's
+        // last commit leaves the index up with it.
+        let stopping = *stop.0.lock().unwrap_or_else(|e| e.into_inner());
+        let read = match store.index_times() {
+            Ok(read) => read,
+            Err(e) => {
+                // Queries are as exact without it; try again later.
+                warn!("the audit store's time index stopped at an error: {e}");
+                0
+            }
+        };
+        if stopping {
+            return;
+        }
+        if read == CHUNK && !catching_up {
+            info!("indexing the times of the audit chain's earlier records");
+        } else if read < CHUNK && catching_up {
+            info!("the audit chain's times are indexed");
+        }
+        catching_up = read == CHUNK;
+        if !catching_up {
+            let (lock, wake) = stop;
+            let stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
+            if !*stopped {
+                drop(wake.wait_timeout(stopped, INTERVAL));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_times_are_read_from_the_stored_form() {
+        assert_eq!(
+            record_time(br#"{"seq":12,"at_us":1795305600000000,"prev":"00"}"#),
+            Some(1_795_305_600_000_000)
+        );
+        assert_eq!(record_time(b"not a record"), None);
+    }
+
+    #[test]
+    fn progress_round_trips() {
+        let p = Progress {
+            through: 7,
+            high_water_us: 9,
+        };
+        assert_eq!(Progress::decode(&p.encode()), Some(p));
+        assert_eq!(Progress::decode(b"short"), None);
+    }
+}
