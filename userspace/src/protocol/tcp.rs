@@ -45,7 +45,8 @@ pub async fn serve(ctx: &SessionContext, client: TcpStream) -> Result<(), String
 }
 
 /// Copies `from` to `to` until `from` closes, then closes `to`'s sending
-/// side (the other direction may go on), counting what was written.
+/// side (the other direction may go on), counting what was written as it
+/// is written: a write that fails part way still counts what went out.
 async fn pump(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
@@ -57,8 +58,15 @@ async fn pump(
         if n == 0 {
             return to.shutdown().await;
         }
-        to.write_all(&buf[..n]).await?;
-        moved.fetch_add(n as u64, Ordering::Relaxed);
+        let mut sent = 0;
+        while sent < n {
+            let written = to.write(&buf[sent..n]).await?;
+            if written == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            moved.fetch_add(written as u64, Ordering::Relaxed);
+            sent += written;
+        }
     }
 }
 
@@ -83,5 +91,48 @@ mod tests {
         copied.unwrap();
         assert_eq!(got, vec![7; 1000]);
         assert_eq!(moved.load(Ordering::Relaxed), 1000);
+    }
+
+    /// Takes `room` bytes, a few at a time, then fails.
+    struct FailsAfter {
+        room: usize,
+    }
+
+    impl AsyncWrite for FailsAfter {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            if self.room == 0 {
+                return std::task::Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()));
+            }
+            let n = buf.len().min(self.room).min(7);
+            self.room -= n;
+            std::task::Poll::Ready(Ok(n))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_that_fails_part_way_counts_what_went_out() {
+        let moved = AtomicU64::new(0);
+        let copied = pump(&[9u8; 100][..], FailsAfter { room: 30 }, &moved).await;
+        assert_eq!(
+            copied.unwrap_err().kind(),
+            std::io::ErrorKind::ConnectionReset
+        );
+        assert_eq!(moved.load(Ordering::Relaxed), 30);
     }
 }
