@@ -150,7 +150,7 @@ impl Iterator for Lines {
             if let Some((key, block, index, offset)) = &mut self.current {
                 if *offset <= block.len() {
                     let rest = &block[*offset..];
-                    let len = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+                    let len = memchr::memchr(b'\n', rest).unwrap_or(rest.len());
                     let range = *offset..*offset + len;
                     let line_key = key.saturating_add(*index);
                     // Past the end: the last line has no separator after it.

@@ -28,11 +28,12 @@
 //! the answer is as exact without it, only slower.
 
 use std::{
-    sync::{Arc, Condvar, Mutex},
+    sync::{Arc, Condvar, LazyLock, Mutex},
     thread::JoinHandle,
     time::Duration,
 };
 
+use memchr::memmem;
 use tracing::{info, warn};
 
 use super::Store;
@@ -179,11 +180,13 @@ fn record_time(bytes: &[u8]) -> Option<u64> {
     fast.or_else(|| Record::decode(bytes).ok().map(|r| r.at_us))
 }
 
-/// The session a `session_start` record starts. Only records that hold
-/// the event's name are decoded.
+/// The session a `session_start` record starts. Only records whose payload
+/// begins with that event's name are decoded (a string inside a payload
+/// cannot hold the unescaped quotes looked for).
 fn started_session(bytes: &[u8]) -> Option<String> {
-    const MARK: &[u8] = b"\"event\":\"session_start\"";
-    bytes.windows(MARK.len()).any(|w| w == MARK).then_some(())?;
+    static MARK: LazyLock<memmem::Finder<'static>> =
+        LazyLock::new(|| memmem::Finder::new(br#""payload":{"event":"session_start""#));
+    MARK.find(bytes)?;
     let event = Record::decode(bytes).ok()?.event()?;
     (event.get("event")?.as_str()? == "session_start")
         .then(|| event.get("session")?.as_str().map(str::to_owned))
