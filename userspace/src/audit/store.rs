@@ -123,7 +123,7 @@ impl RawEntry {
 pub struct Line {
     /// The block's key plus the line's index in it.
     pub key: u64,
-    block: Arc<[u8]>,
+    block: Arc<Vec<u8>>,
     range: Range<usize>,
 }
 
@@ -139,7 +139,7 @@ pub struct Lines {
     segments: Arc<Segments>,
     from: u64,
     /// The block being split: its key, bytes, next line's index and offset.
-    current: Option<(u64, Arc<[u8]>, u64, usize)>,
+    current: Option<(u64, Arc<Vec<u8>>, u64, usize)>,
 }
 
 impl Iterator for Lines {
@@ -184,15 +184,16 @@ impl Iterator for Lines {
 /// (stores written before segments), where they are.
 pub(super) struct Block {
     pub key: u64,
-    pub bytes: Arc<[u8]>,
+    pub bytes: Arc<Vec<u8>>,
     pub extent: Option<Extent>,
 }
 
 /// A chain value's block bytes: read from its segment, or the value itself.
-fn load(segments: &Segments, value: &[u8]) -> Result<Arc<[u8]>, AuditError> {
+fn load(segments: &Segments, value: &[u8]) -> Result<Arc<Vec<u8>>, AuditError> {
+    // Shared as read: an `Arc<[u8]>` would copy every block once more.
     match Extent::decode(value) {
-        Some(extent) => Ok(segments.read(extent)?.into()),
-        None => Ok(value.into()),
+        Some(extent) => Ok(Arc::new(segments.read(extent)?)),
+        None => Ok(Arc::new(value.to_vec())),
     }
 }
 
