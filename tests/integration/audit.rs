@@ -995,6 +995,24 @@ fn psql_session_is_found_by_subject_replayed_and_filtered() {
     let mut answer = String::new();
     std::io::Read::read_to_string(&mut socket, &mut answer).unwrap();
     assert_eq!(answer.trim(), r#"{"ok":[1,0]}"#);
+    // `audit reindex` builds the time index again under the running
+    // daemon, and `audit verify` compares what it holds with the chain.
+    let out = gateway.cli(&["audit", "reindex"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("built again"), "{}", text(&out));
+    let mut socket =
+        std::os::unix::net::UnixStream::connect(gateway.dir.path().join("state/audit.sock"))
+            .unwrap();
+    socket.write_all(b"{\"op\":\"time_index\"}\n").unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut socket, &mut answer).unwrap();
+    let index: Value = serde_json::from_str(&answer).unwrap();
+    assert!(
+        index["ok"]["progress"]["through"].as_u64() > Some(0),
+        "{answer}"
+    );
+    let out = gateway.cli(&["audit", "verify"]);
+    assert!(out.status.success(), "{}", text(&out));
 
     // Events filtered by action, as JSON.
     let out = gateway.cli(&[

@@ -366,6 +366,8 @@ impl AuditServer {
             Request::SeqBounds { since_us, until_us } => {
                 blocking(move || store.seq_bounds(since_us, until_us)).await
             }
+            Request::TimeIndex => blocking(move || store.time_index()).await,
+            Request::RebuildTimeIndex => blocking(move || store.rebuild_time_index()).await,
         }
     }
 }

@@ -20,7 +20,7 @@ use super::{
     keys::{self, Keys},
     record::{Checkpoint, Hash},
     retention::Retention,
-    store::{CheckpointMeta, RawEntry, Store, SubjectHit},
+    store::{CheckpointMeta, RawEntry, Store, SubjectHit, TimeIndex},
     subject::subject_hash,
     writer::{micros, CheckpointPolicy, PurgeSummary, SledRecorder},
     AuditError,
@@ -60,6 +60,11 @@ pub trait AuditSource {
         since_us: Option<u64>,
         until_us: Option<u64>,
     ) -> Result<(u64, Option<u64>), AuditError>;
+    /// The time index as stored ([`Store::time_index`]).
+    fn time_index(&self) -> Result<TimeIndex, AuditError>;
+    /// Builds the time index again from the chain; returns the records
+    /// read ([`Store::rebuild_time_index`]).
+    fn rebuild_time_index(&self) -> Result<u64, AuditError>;
 }
 
 /// Where to start reading for `session`'s records: its start when known,
@@ -190,6 +195,8 @@ pub enum Request {
         since_us: Option<u64>,
         until_us: Option<u64>,
     },
+    TimeIndex,
+    RebuildTimeIndex,
 }
 
 /// What goes on the wire: a request and the command it serves (recorded
@@ -293,6 +300,12 @@ impl AuditSource for DaemonSource {
     ) -> Result<(u64, Option<u64>), AuditError> {
         self.ask(Request::SeqBounds { since_us, until_us })
     }
+    fn time_index(&self) -> Result<TimeIndex, AuditError> {
+        self.ask(Request::TimeIndex)
+    }
+    fn rebuild_time_index(&self) -> Result<u64, AuditError> {
+        self.ask(Request::RebuildTimeIndex)
+    }
 }
 
 /// Reads the files directly (daemon stopped).
@@ -376,6 +389,12 @@ impl AuditSource for LocalSource {
         until_us: Option<u64>,
     ) -> Result<(u64, Option<u64>), AuditError> {
         self.store.seq_bounds(since_us, until_us)
+    }
+    fn time_index(&self) -> Result<TimeIndex, AuditError> {
+        self.store.time_index()
+    }
+    fn rebuild_time_index(&self) -> Result<u64, AuditError> {
+        self.store.rebuild_time_index()
     }
 }
 

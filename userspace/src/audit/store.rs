@@ -277,6 +277,9 @@ pub struct Store {
     sessions: sled::Tree,
     /// Where times begin in the chain (`times.rs`).
     times: sled::Tree,
+    /// Held while the time index is written or cleared, so that a clear
+    /// does not interleave with an indexer's batch.
+    indexing: Arc<Mutex<()>>,
     pub(super) meta: sled::Tree,
     segments: Arc<Segments>,
     dir: PathBuf,
@@ -367,6 +370,7 @@ impl Store {
             subjects: db.open_tree("subjects")?,
             sessions: db.open_tree("sessions")?,
             times: db.open_tree("times")?,
+            indexing: Arc::default(),
             meta: db.open_tree("meta")?,
             db,
             dir,
@@ -863,6 +867,6 @@ pub(super) fn key_u64(key: &[u8]) -> u64 {
 
 mod tail;
 mod times;
-pub use times::TimeIndexer;
+pub use times::{TimeIndex, TimeIndexer};
 #[cfg(test)]
 mod tests;

@@ -18,7 +18,11 @@
 //!   were rewritten consistently;
 //! * fewer checkpoints than the separately kept count and checkpoint file:
 //!   checkpoints deleted (to hide a truncation);
-//! * an empty payload that no `retention_purge` record accounts for.
+//! * an empty payload that no `retention_purge` record accounts for;
+//! * a time index that is not the chain's (rebuilt as the walk goes and
+//!   compared): `audit events` and `audit sessions` with `--since` or
+//!   `--until` read only the part of the chain it names, so an edited
+//!   index could hide records from them.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -28,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     record::{payload_hash, Checkpoint, Hash, Record, GENESIS},
     source::{for_each_record, AuditSource},
-    store::RawEntry,
+    store::{RawEntry, TimeIndex},
     AuditError,
 };
 
@@ -41,6 +45,8 @@ pub enum ProblemKind {
     Truncated,
     Checkpoint,
     Purge,
+    /// The time index, not the chain: `audit reindex` mends it.
+    Index,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -96,13 +102,32 @@ pub fn verify(source: &dyn AuditSource, key: &VerifyingKey) -> Result<Verificati
     if let Some(cp) = &file {
         walk.wanted.insert(cp.seq, None);
     }
+    // Read before the walk: the chain then reaches at least as far. A
+    // daemon that does not know the question has no index to check.
+    let stored_times = source.time_index().ok();
+    let indexed_through = stored_times.as_ref().map_or(0, |t| t.progress.through);
+    let mut rebuilt_times = TimeIndex::default();
     for_each_record(source, 1, |entry| {
         walk.feed(entry);
+        if entry.key <= indexed_through {
+            rebuilt_times.note(entry.key, entry.value.as_bytes());
+        }
         true
     })?;
     walk.check_purges();
     let meta = source.checkpoint_meta()?;
     let mut problems = walk.problems;
+    if let Some((seq, difference)) = stored_times.and_then(|t| t.first_difference(&rebuilt_times)) {
+        problems.push(problem(
+            seq,
+            ProblemKind::Index,
+            format!(
+                "{difference}: the index was edited or is stale, so `audit events` and `audit \
+                 sessions` with --since or --until may miss records (the chain is not at fault \
+                 by this); `portcullis audit reindex` builds the index again"
+            ),
+        ));
+    }
     let head = walk.head;
     let hash_at = |seq: u64| walk.wanted.get(&seq).copied().flatten();
 

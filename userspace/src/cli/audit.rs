@@ -22,7 +22,7 @@ use crate::{
         keys,
         query::{self, EventView, Filter, SessionSummary},
         source::{self, now_us, Access, AuditSource},
-        verify::{verify, Verification},
+        verify::{verify, ProblemKind, Verification},
     },
     config::Config,
 };
@@ -68,6 +68,9 @@ pub enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Build the time index again from the chain (when `verify` finds it
+    /// is not the chain's); the chain itself is not changed.
+    Reindex,
     /// Stream the chain as JSON lines (with hashes) for log shippers.
     Export {
         /// A file (appended; resumes after its last line) or unix:PATH;
@@ -226,6 +229,7 @@ fn describe(command: &AuditCommand) -> String {
             Some(key) => format!("audit verify --public-key {key}"),
             None => "audit verify".into(),
         },
+        AuditCommand::Reindex => "audit reindex".into(),
         AuditCommand::Export { from, follow, .. } => format!(
             "audit export{}{}",
             from.map_or(String::new(), |f| format!(" --from {f}")),
@@ -309,6 +313,11 @@ pub fn run(
             };
             let result = verify(source.as_ref(), &key)?;
             print_verification(&result, *json)
+        }
+        AuditCommand::Reindex => {
+            let read = open()?.rebuild_time_index()?;
+            println!("the time index was built again from the chain's {read} records");
+            Ok(())
         }
         AuditCommand::Export { to, from, follow } => {
             let source = open()?;
@@ -843,6 +852,12 @@ fn print_verification(v: &Verification, json: bool) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Some(p) if v.problems.iter().all(|p| p.kind == ProblemKind::Index) => bail!(
+            "the chain and its checkpoints verify, but the audit store's time index is WRONG \
+             at seq {}: {}",
+            p.seq,
+            p.message
+        ),
         Some(p) => bail!(
             "audit store TAMPERED: first problem at seq {}: {}",
             p.seq,

@@ -18,7 +18,7 @@ use crate::audit::{
     segment::{self, Extent, SEGMENT_DIR},
     source::LocalSource,
     subject,
-    verify::{verify, Verification},
+    verify::{verify, ProblemKind, Verification},
     writer::PurgeSummary,
     AuditEvent, CheckpointPolicy, Recorder, SessionEnd, SessionStart, SledRecorder, Statement,
 };
@@ -532,7 +532,7 @@ fn lines_moved_inside_blocks_are_reported_once_at_their_position() {
     let shifted = result
         .problems
         .iter()
-        .filter(|p| p.kind == crate::audit::verify::ProblemKind::Reordered)
+        .filter(|p| p.kind == ProblemKind::Reordered)
         .count();
     assert_eq!(shifted, 1, "{:?}", result.problems);
 
@@ -1284,4 +1284,76 @@ fn a_walk_from_a_time_looks_up_the_sessions_that_started_before_it() {
     })
     .unwrap();
     assert_eq!(identities, [""]);
+}
+
+#[test]
+fn verify_finds_a_time_index_that_is_not_the_chains() {
+    const MINUTE: u64 = 60_000_000;
+    // Ten minutes of records, the clock set back two minutes half-way.
+    let start = 1_795_305_600_000_000;
+    let times: Vec<u64> = (0..200u64)
+        .map(|i| start + i * 3_000_000 - if i >= 100 { 2 * MINUTE } else { 0 })
+        .collect();
+    let records = chain_at(&times);
+    let (dir, store) = store_with(&records, Format::Segments(4_000));
+    index_all_times(&store);
+    assert!(verified(dir.path(), &store).ok);
+    let index = store.time_index().unwrap();
+    assert!(
+        index.minutes.len() >= 8 && !index.steps.is_empty(),
+        "{index:?}"
+    );
+    assert_eq!(index.progress.through, 200);
+
+    let entry = |prefix: u8, n: u64| {
+        let mut key = vec![prefix];
+        key.extend_from_slice(&n.to_be_bytes());
+        key
+    };
+    let (minute, minute_seq) = index.minutes[4];
+    let (step_seq, _) = index.steps[0];
+    // Each edit would make `--since` or `--until` walks skip records.
+    type Edit<'a> = &'a dyn Fn(&Store);
+    let edits: [(&str, Edit); 4] = [
+        ("a minute said to begin later", &|s: &Store| {
+            let later = (minute_seq + 10).to_be_bytes();
+            s.times.insert(entry(b'm', minute), &later).unwrap();
+        }),
+        ("a step back removed", &|s: &Store| {
+            s.times.remove(entry(b's', step_seq)).unwrap();
+        }),
+        ("a minute added", &|s: &Store| {
+            let seq = 150u64.to_be_bytes();
+            s.times.insert(entry(b'm', minute + 100), &seq).unwrap();
+        }),
+        ("an entry of no known form", &|s: &Store| {
+            s.times.insert(b"m\x01", b"x").unwrap();
+        }),
+    ];
+    for (what, edit) in edits {
+        edit(&store);
+        let v = verified(dir.path(), &store);
+        assert!(!v.ok, "{what}: not found");
+        assert!(
+            v.problems.iter().all(|p| p.kind == ProblemKind::Index),
+            "{what}: the chain is not at fault: {:?}",
+            v.problems
+        );
+        assert!(
+            v.problems[0].message.contains("portcullis audit reindex"),
+            "{what}: {:?}",
+            v.problems
+        );
+        assert_eq!(store.rebuild_time_index().unwrap(), 200, "{what}");
+        assert_eq!(store.time_index().unwrap(), index, "{what}");
+        assert!(verified(dir.path(), &store).ok, "{what}: rebuilt");
+    }
+
+    // Where the edit lies is named.
+    store
+        .times
+        .insert(entry(b'm', minute), &(minute_seq + 10).to_be_bytes())
+        .unwrap();
+    let v = verified(dir.path(), &store);
+    assert_eq!(v.problems[0].seq, minute_seq, "{:?}", v.problems);
 }

@@ -36,8 +36,10 @@ use std::{
 use memchr::memmem;
 use tracing::{info, warn};
 
+use serde::{Deserialize, Serialize};
+
 use super::Store;
-use crate::audit::{record::Record, AuditError};
+use crate::audit::{query::format_time, record::Record, AuditError};
 
 const MINUTE_US: u64 = 60_000_000;
 
@@ -71,12 +73,12 @@ fn number(bytes: &[u8]) -> Option<u64> {
 }
 
 /// How far the index reaches.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Progress {
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
     /// The last seq indexed.
-    through: u64,
+    pub through: u64,
     /// The latest time of the records up to it.
-    high_water_us: u64,
+    pub high_water_us: u64,
 }
 
 impl Progress {
@@ -88,49 +90,34 @@ impl Progress {
     }
 
     fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != 16 {
+            return None;
+        }
         Some(Self {
             through: number(bytes)?,
-            high_water_us: number(bytes.get(8..)?)?,
+            high_water_us: number(&bytes[8..])?,
         })
     }
 }
 
-/// What reading records on from a [`Progress`] adds to the index.
-#[derive(Debug, Default)]
-struct Scan {
-    progress: Progress,
+/// Index entries: the whole index as stored ([`Store::time_index`]), or
+/// what reading records adds to it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimeIndex {
+    pub progress: Progress,
     /// Minutes the high-water time reached, with the seq that took it there.
-    minutes: Vec<(u64, u64)>,
+    pub minutes: Vec<(u64, u64)>,
     /// Records older than the high-water time before them: seq and time.
-    steps: Vec<(u64, u64)>,
-    /// Sessions started: id and seq; None when not looked for.
-    starts: Option<Vec<(String, u64)>>,
+    pub steps: Vec<(u64, u64)>,
+    /// Stored entries of no known form (hex keys): only an edit makes them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub malformed: Vec<String>,
 }
 
-impl Scan {
-    /// A scan on from `progress`, looking for sessions' starts too or not.
-    fn from(progress: Progress, with_starts: bool) -> Self {
-        Self {
-            progress,
-            starts: with_starts.then(Vec::new),
-            ..Self::default()
-        }
-    }
-
-    /// Reads records from the progress on, up to `limit` of them. Returns
-    /// how many it read.
-    fn read(&mut self, store: &Store, limit: usize) -> Result<usize, AuditError> {
-        let mut read = 0;
-        for line in store.lines(self.progress.through + 1)?.take(limit) {
-            let line = line?;
-            self.note(line.key, line.bytes());
-            read += 1;
-        }
-        Ok(read)
-    }
-
-    /// Adds the record `bytes` at position `seq`.
-    fn note(&mut self, seq: u64, bytes: &[u8]) {
+impl TimeIndex {
+    /// Adds the record `bytes` at position `seq`, which follows the
+    /// progress.
+    pub fn note(&mut self, seq: u64, bytes: &[u8]) {
         self.progress.through = seq;
         // A line that is not a record (tampering, for `audit verify` to
         // report) has no time, and no walk reads anything from it.
@@ -146,21 +133,132 @@ impl Scan {
         } else if at_us + STEP_TOLERANCE_US < *high_water {
             self.steps.push((seq, at_us));
         }
-        if let Some(starts) = &mut self.starts {
-            starts.extend(started_session(bytes).map(|session| (session, seq)));
+    }
+
+    /// Where this index, as stored, differs from `rebuilt`, the index of
+    /// the same chain read from its start up to this one's progress: the
+    /// first seq the difference concerns, and what it is. None when they
+    /// agree.
+    pub fn first_difference(&self, rebuilt: &TimeIndex) -> Option<(u64, String)> {
+        if let Some(key) = self.malformed.first() {
+            return Some((
+                1,
+                format!("the time index holds an entry of no known form (key {key})"),
+            ));
         }
+        let minute = |&(minute, seq): &(u64, u64)| {
+            let at = format_time(minute.saturating_mul(MINUTE_US));
+            (seq, format!("the minute of {at} beginning at record {seq}"))
+        };
+        let step = |&(seq, at_us): &(u64, u64)| {
+            let at = format_time(at_us);
+            (
+                seq,
+                format!("record {seq}, of {at}, older than the records before it"),
+            )
+        };
+        let progress = (self.progress != rebuilt.progress).then(|| {
+            let reach = |p: &Progress| {
+                format!(
+                    "reaches record {} with times up to {}",
+                    p.through,
+                    format_time(p.high_water_us)
+                )
+            };
+            (
+                self.progress.through.min(rebuilt.progress.through).max(1),
+                format!(
+                    "the time index {}; the chain {}",
+                    reach(&self.progress),
+                    reach(&rebuilt.progress)
+                ),
+            )
+        });
+        [
+            first_mismatch(&self.minutes, &rebuilt.minutes, minute),
+            first_mismatch(&self.steps, &rebuilt.steps, step),
+            progress,
+        ]
+        .into_iter()
+        .flatten()
+        .min_by_key(|&(seq, _)| seq)
+    }
+}
+
+/// The first place two entry lists in chain order differ: the lower seq
+/// of the two entries there, and both, as `describe` says them.
+fn first_mismatch(
+    stored: &[(u64, u64)],
+    rebuilt: &[(u64, u64)],
+    describe: impl Fn(&(u64, u64)) -> (u64, String),
+) -> Option<(u64, String)> {
+    let at = (0..stored.len().max(rebuilt.len())).find(|&i| stored.get(i) != rebuilt.get(i))?;
+    let (stored, rebuilt) = (
+        stored.get(at).map(&describe),
+        rebuilt.get(at).map(&describe),
+    );
+    let seq = [&stored, &rebuilt]
+        .into_iter()
+        .flatten()
+        .map(|(seq, _)| *seq)
+        .min()?;
+    let say = |entry: Option<(u64, String)>| entry.map_or_else(|| "nothing".into(), |(_, s)| s);
+    Some((
+        seq,
+        format!(
+            "the time index has {} where the chain has {}",
+            say(stored),
+            say(rebuilt)
+        ),
+    ))
+}
+
+/// What reading records on from a [`Progress`] adds to the index.
+#[derive(Debug, Default)]
+struct Scan {
+    found: TimeIndex,
+    /// Sessions started: id and seq; None when not looked for.
+    starts: Option<Vec<(String, u64)>>,
+}
+
+impl Scan {
+    /// A scan on from `progress`, looking for sessions' starts too or not.
+    fn from(progress: Progress, with_starts: bool) -> Self {
+        Self {
+            found: TimeIndex {
+                progress,
+                ..TimeIndex::default()
+            },
+            starts: with_starts.then(Vec::new),
+        }
+    }
+
+    /// Reads records from the progress on, up to `limit` of them. Returns
+    /// how many it read.
+    fn read(&mut self, store: &Store, limit: usize) -> Result<usize, AuditError> {
+        let mut read = 0;
+        for line in store.lines(self.found.progress.through + 1)?.take(limit) {
+            let line = line?;
+            let bytes = line.bytes();
+            self.found.note(line.key, bytes);
+            if let Some(starts) = &mut self.starts {
+                starts.extend(started_session(bytes).map(|session| (session, line.key)));
+            }
+            read += 1;
+        }
+        Ok(read)
     }
 
     /// Writes what was found and the progress, in one batch.
     fn write(self, store: &Store) -> Result<(), AuditError> {
         let mut batch = sled::Batch::default();
-        for (minute, seq) in &self.minutes {
+        for (minute, seq) in &self.found.minutes {
             batch.insert(&key(MINUTE_PREFIX, *minute), &seq.to_be_bytes());
         }
-        for (seq, at_us) in &self.steps {
+        for (seq, at_us) in &self.found.steps {
             batch.insert(&key(STEP_PREFIX, *seq), &at_us.to_be_bytes());
         }
-        batch.insert(PROGRESS_KEY, &self.progress.encode());
+        batch.insert(PROGRESS_KEY, &self.found.progress.encode());
         store.times.apply_batch(batch)?;
         store.index_session_starts(self.starts.as_deref().unwrap_or_default())
     }
@@ -205,12 +303,61 @@ impl Store {
     /// Indexes up to [`CHUNK`] records past the index's progress. Returns
     /// how many it read.
     pub(super) fn index_times(&self) -> Result<usize, AuditError> {
+        let _indexing = self.indexing.lock().unwrap_or_else(|e| e.into_inner());
         let mut scan = Scan::from(self.time_progress()?, true);
         let read = scan.read(self, CHUNK)?;
         if read > 0 {
             scan.write(self)?;
         }
         Ok(read)
+    }
+
+    /// The time index as stored, for `audit verify` to compare with the
+    /// chain.
+    pub fn time_index(&self) -> Result<TimeIndex, AuditError> {
+        let mut index = TimeIndex::default();
+        for entry in &self.times {
+            let (key, value) = entry?;
+            let pair = (key.len() == 9 && value.len() == 8)
+                .then(|| Some((number(&key[1..])?, number(&value)?)))
+                .flatten();
+            match (key.first(), pair) {
+                (Some(&MINUTE_PREFIX), Some(pair)) => index.minutes.push(pair),
+                (Some(&STEP_PREFIX), Some(pair)) => index.steps.push(pair),
+                _ if &*key == PROGRESS_KEY && Progress::decode(&value).is_some() => {
+                    index.progress = Progress::decode(&value).unwrap_or_default();
+                }
+                _ => index.malformed.push(hex::encode(&key)),
+            }
+        }
+        Ok(index)
+    }
+
+    /// Empties the time index; the indexer then builds it again from the
+    /// chain's start. Readers meanwhile read more of the chain, never less:
+    /// the entries go in one batch.
+    pub fn clear_time_index(&self) -> Result<(), AuditError> {
+        let _indexing = self.indexing.lock().unwrap_or_else(|e| e.into_inner());
+        let mut batch = sled::Batch::default();
+        for key in self.times.iter().keys() {
+            batch.remove(key?);
+        }
+        self.times.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Clears the time index and builds it again from the chain, here and
+    /// now (the daemon's indexer is not running). Returns the records read.
+    pub fn rebuild_time_index(&self) -> Result<u64, AuditError> {
+        self.clear_time_index()?;
+        let mut read = 0;
+        loop {
+            let chunk = self.index_times()?;
+            read += chunk as u64;
+            if chunk < CHUNK {
+                return Ok(read);
+            }
+        }
     }
 
     /// Where a walk of the chain for records of `since_us` or later, and
@@ -257,7 +404,8 @@ impl Store {
             .transpose()?
             .and_then(|(_, seq)| number(&seq));
         let Some(start) = stored.or_else(|| {
-            tail.minutes
+            tail.found
+                .minutes
                 .iter()
                 .find(|&&(m, _)| m >= minute)
                 .map(|&(_, seq)| seq)
@@ -274,6 +422,7 @@ impl Store {
             }
         }
         if tail
+            .found
             .steps
             .iter()
             .any(|&(seq, at)| seq > start && at < until)
