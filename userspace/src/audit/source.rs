@@ -231,10 +231,13 @@ impl DaemonSource {
         };
         let mut stream = UnixStream::connect(&self.socket).map_err(io)?;
         // A purge of a large store takes a while; a hung daemon must not
-        // hang the auditor for ever.
-        stream
-            .set_read_timeout(Some(std::time::Duration::from_secs(300)))
-            .map_err(io)?;
+        // hang the auditor for ever. A rebuild reads the whole chain and
+        // ends when it has (the auditor can interrupt the wait).
+        let timeout = match request {
+            Request::RebuildTimeIndex => None,
+            _ => Some(std::time::Duration::from_secs(300)),
+        };
+        stream.set_read_timeout(timeout).map_err(io)?;
         let mut line = serde_json::to_vec(&Envelope {
             request,
             query: self.query.clone(),
