@@ -26,6 +26,10 @@
 //! from before the index is indexed from its start, while the gateway
 //! runs. Readers read the few records past its progress themselves, so
 //! the answer is as exact without it, only slower.
+//!
+//! The index is not evidence, yet an edited one could hide records from a
+//! walk: `audit verify` builds it again from the chain and compares
+//! ([`TimeIndex::first_difference`]), and `audit reindex` replaces it.
 
 use std::{
     sync::{Arc, Condvar, LazyLock, Mutex},
@@ -34,9 +38,8 @@ use std::{
 };
 
 use memchr::memmem;
-use tracing::{info, warn};
-
 use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
 
 use super::Store;
 use crate::audit::{query::format_time, record::Record, AuditError};
@@ -214,7 +217,7 @@ fn first_mismatch(
 }
 
 /// What reading records on from a [`Progress`] adds to the index.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Scan {
     found: TimeIndex,
     /// Sessions started: id and seq; None when not looked for.
