@@ -117,17 +117,6 @@ pub fn verify(source: &dyn AuditSource, key: &VerifyingKey) -> Result<Verificati
     walk.check_purges();
     let meta = source.checkpoint_meta()?;
     let mut problems = walk.problems;
-    if let Some((seq, difference)) = stored_times.and_then(|t| t.first_difference(&rebuilt_times)) {
-        problems.push(problem(
-            seq,
-            ProblemKind::Index,
-            format!(
-                "{difference}: the index was edited or is stale, so `audit events` and `audit \
-                 sessions` with --since or --until may miss records (the chain is not at fault \
-                 by this); `portcullis audit reindex` builds the index again"
-            ),
-        ));
-    }
     let head = walk.head;
     let hash_at = |seq: u64| walk.wanted.get(&seq).copied().flatten();
 
@@ -201,6 +190,19 @@ pub fn verify(source: &dyn AuditSource, key: &VerifyingKey) -> Result<Verificati
                 check_against_chain(&cp, head, hash_at(cp.seq), previous_good_seq, &mut problems);
             }
         }
+    }
+    // Last, so that at the same seq a problem of the chain (which the
+    // index's may only follow from) comes first.
+    if let Some((seq, difference)) = stored_times.and_then(|t| t.first_difference(&rebuilt_times)) {
+        problems.push(problem(
+            seq,
+            ProblemKind::Index,
+            format!(
+                "{difference}: the index was edited or is stale, so `audit events` and `audit \
+                 sessions` with --since or --until may miss records; `portcullis audit \
+                 reindex` builds it again from the chain"
+            ),
+        ));
     }
     problems.sort_by_key(|p| p.seq);
     Ok(Verification {

@@ -168,8 +168,15 @@ impl TimeIndex {
                     format_time(p.high_water_us)
                 )
             };
+            // The first record the two disagree on: past the shorter
+            // reach, or the last one (its time).
+            let (stored, chain) = (self.progress.through, rebuilt.progress.through);
             (
-                self.progress.through.min(rebuilt.progress.through).max(1),
+                if stored == chain {
+                    chain
+                } else {
+                    stored.min(chain) + 1
+                },
                 format!(
                     "the time index {}; the chain {}",
                     reach(&self.progress),
