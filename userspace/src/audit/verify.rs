@@ -267,8 +267,9 @@ struct Walk {
     purged: u64,
     /// Hashes at the seqs checkpoints name.
     wanted: BTreeMap<u64, Option<Hash>>,
-    /// (seq, purged_by) of every empty payload.
-    empty: Vec<(u64, Option<u64>)>,
+    /// Every empty payload, in runs: a purge empties long runs of records,
+    /// and a store purged for years holds hundreds of millions of them.
+    empty: Vec<EmptyRun>,
     /// Ranges each retention_purge record claims.
     purges: HashMap<u64, Vec<[u64; 2]>>,
     /// How far the previous record's seq was from its position, if it was:
@@ -369,13 +370,28 @@ impl Walk {
                             .get("ranges")
                             .and_then(|r| serde_json::from_value(r.clone()).ok())
                             .unwrap_or_default();
+                        let mut ranges: Vec<[u64; 2]> = ranges;
+                        ranges.retain(|[first, last]| first <= last);
+                        ranges.sort_unstable();
                         self.purges.insert(key, ranges);
                     }
                 }
             }
             None => {
                 self.purged += 1;
-                self.empty.push((key, record.purged_by));
+                match self.empty.last_mut() {
+                    Some(run)
+                        if run.last.checked_add(1) == Some(key)
+                            && run.purged_by == record.purged_by =>
+                    {
+                        run.last = key;
+                    }
+                    _ => self.empty.push(EmptyRun {
+                        first: key,
+                        last: key,
+                        purged_by: record.purged_by,
+                    }),
+                }
             }
         }
         if record.expected_hash() != record.hash {
@@ -396,19 +412,77 @@ impl Walk {
     }
 
     fn check_purges(&mut self) {
-        for &(seq, by) in &self.empty {
-            let covered = by
+        for run in &self.empty {
+            let ranges = run
+                .purged_by
                 .and_then(|p| self.purges.get(&p))
-                .is_some_and(|ranges| ranges.iter().any(|[a, b]| (*a..=*b).contains(&seq)));
-            if !covered {
-                self.problems.push(problem(
-                    seq,
-                    ProblemKind::Purge,
+                .map_or(&[][..], Vec::as_slice);
+            for (first, last) in uncovered(run.first, run.last, ranges) {
+                let message = if first == last {
                     format!(
-                        "record {seq}'s event was removed without a retention purge recording it"
-                    ),
-                ));
+                        "record {first}'s event was removed without a retention purge recording it"
+                    )
+                } else {
+                    format!(
+                        "records {first}..{last}'s events were removed without a retention purge \
+                         recording them"
+                    )
+                };
+                self.problems
+                    .push(problem(first, ProblemKind::Purge, message));
             }
         }
+    }
+}
+
+/// Consecutive records whose payloads are empty, naming the same purge.
+struct EmptyRun {
+    first: u64,
+    last: u64,
+    purged_by: Option<u64>,
+}
+
+/// The parts of `first..=last` that no range of `ranges` (sorted, each
+/// `[first, last]`) covers.
+fn uncovered(first: u64, last: u64, ranges: &[[u64; 2]]) -> Vec<(u64, u64)> {
+    let mut gaps = Vec::new();
+    let mut next = first;
+    for &[from, to] in ranges {
+        if from > last {
+            break;
+        }
+        if to < next {
+            continue;
+        }
+        if from > next {
+            gaps.push((next, from - 1));
+        }
+        match to.checked_add(1) {
+            Some(after) if after <= last => next = after,
+            _ => return gaps,
+        }
+    }
+    gaps.push((next, last));
+    gaps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_parts_of_a_run_no_purge_covers_are_found() {
+        assert_eq!(uncovered(5, 9, &[]), [(5, 9)]);
+        assert_eq!(uncovered(5, 9, &[[1, 20]]), []);
+        assert_eq!(
+            uncovered(5, 9, &[[1, 5], [7, 7], [9, u64::MAX]]),
+            [(6, 6), (8, 8)]
+        );
+        assert_eq!(
+            uncovered(5, 9, &[[1, 2], [6, 8], [12, 14]]),
+            [(5, 5), (9, 9)]
+        );
+        assert_eq!(uncovered(5, 9, &[[1, 6], [3, 8]]), [(9, 9)]);
+        assert_eq!(uncovered(u64::MAX, u64::MAX, &[[0, u64::MAX]]), []);
     }
 }
