@@ -59,8 +59,8 @@ pub enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Check the chain and the signed checkpoints; exit 1 at the first sign
-    /// of editing, deletion, reordering or truncation.
+    /// Check the chain, the signed checkpoints and the time index; exit 1 at
+    /// the first sign of editing, deletion, reordering or truncation.
     Verify {
         /// The auditor's copy of the public key (else the host's key file).
         #[arg(long)]
