@@ -366,11 +366,10 @@ impl Walk {
                 }
                 if let Some(event) = record.event() {
                     if event.get("event").and_then(|v| v.as_str()) == Some("retention_purge") {
-                        let ranges = event
+                        let mut ranges: Vec<[u64; 2]> = event
                             .get("ranges")
                             .and_then(|r| serde_json::from_value(r.clone()).ok())
                             .unwrap_or_default();
-                        let mut ranges: Vec<[u64; 2]> = ranges;
                         ranges.retain(|[first, last]| first <= last);
                         ranges.sort_unstable();
                         self.purges.insert(key, ranges);

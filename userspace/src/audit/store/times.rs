@@ -328,16 +328,16 @@ impl Store {
         let mut index = TimeIndex::default();
         for entry in &self.times {
             let (key, value) = entry?;
-            let pair = (key.len() == 9 && value.len() == 8)
-                .then(|| Some((number(&key[1..])?, number(&value)?)))
-                .flatten();
+            // A minute or step: a prefix and 8 bytes, and 8 bytes.
+            let exact = |bytes: &[u8]| Some(u64::from_be_bytes(bytes.try_into().ok()?));
+            let pair = key.get(1..).and_then(exact).zip(exact(&value));
             match (key.first(), pair) {
                 (Some(&MINUTE_PREFIX), Some(pair)) => index.minutes.push(pair),
                 (Some(&STEP_PREFIX), Some(pair)) => index.steps.push(pair),
-                _ if &*key == PROGRESS_KEY && Progress::decode(&value).is_some() => {
-                    index.progress = Progress::decode(&value).unwrap_or_default();
-                }
-                _ => index.malformed.push(hex::encode(&key)),
+                _ => match Progress::decode(&value).filter(|_| &*key == PROGRESS_KEY) {
+                    Some(progress) => index.progress = progress,
+                    None => index.malformed.push(hex::encode(&key)),
+                },
             }
         }
         Ok(index)
