@@ -23,6 +23,12 @@
 //! PgBouncer's round by round (the machine's speed drifts between rounds,
 //! so only ratios within one round compare like with like).
 //!
+//! With `PORTCULLIS_BENCH_BASELINE=/path/to/portcullis` (another build, say
+//! an older commit's), that binary runs as one more gateway target,
+//! `baseline`, with a child cgroup of its own, and each round also reports
+//! the gateway's TPS over the baseline's: two builds compared round by
+//! round in one rig, where comparing runs would compare hosts.
+//!
 //! Run: `cargo bench --bench postgres` (release build). Needs PostgreSQL 15,
 //! pgbench, psql and pgbouncer (Debian packages postgresql, pgbouncer), and
 //! node with the OIDC provider's modules (`cargo xtask setup` installs
@@ -79,13 +85,14 @@ fn main() {
         conf: "shared_buffers = 128MB\nmax_connections = 100\n",
         ..Setup::default()
     });
-    let cgroup = Cgroup::create(
-        &portcullis::kernel::root_cgroup().unwrap(),
-        &format!("portcullis-bench-pg-{}", std::process::id()),
-    );
     let provider = OidcProvider::start(TOKEN_TTL_SECONDS);
     let token = provider.service_token("urn:portcullis");
-    let gateway = Portcullis::start(work.path(), &cgroup, pg.port, &tls, &provider);
+    let gateway = Portcullis::start(PORTCULLIS, "gateway", work.path(), pg.port, &tls, &provider);
+    let baseline = std::env::var("PORTCULLIS_BENCH_BASELINE")
+        .ok()
+        .map(|binary| {
+            Portcullis::start(&binary, "baseline", work.path(), pg.port, &tls, &provider)
+        });
     let bouncer = Bouncer::start(work.path(), "bouncer", pg.port, None);
     let bouncer_tls = Bouncer::start(work.path(), "bouncer-tls", pg.port, Some(&tls));
 
@@ -142,7 +149,7 @@ fn main() {
                 port: pg.port,
                 database: "postgres",
                 password: &token,
-                cgroup: Some(&cgroup),
+                cgroup: Some(&gateway.cgroup),
                 proxy: Some(gateway.child.id()),
             },
             Target {
@@ -155,6 +162,17 @@ fn main() {
                 proxy: Some(bouncer.pid()),
             },
         ];
+        if let Some(baseline) = &baseline {
+            targets.push(Target {
+                name: "baseline",
+                host: gateway_host,
+                port: pg.port,
+                database: "postgres",
+                password: &token,
+                cgroup: Some(&baseline.cgroup),
+                proxy: Some(baseline.child.id()),
+            });
+        }
         if tls {
             targets.push(Target {
                 name: "remote",
@@ -209,28 +227,10 @@ fn main() {
         "\nTPS over PgBouncer's, round by round (gateway: local clients the kernel redirects; \
          remote: clients of the gateway's listener)"
     );
-    for (m, mode) in modes.iter().enumerate() {
-        let targets = targets(mode.tls);
-        let bouncer = targets.iter().position(|t| t.name == "pgbouncer").unwrap();
-        for (t, target) in targets.iter().enumerate() {
-            if target.proxy.is_none() || t == bouncer {
-                continue;
-            }
-            let ratios: Vec<f64> = results[m][t]
-                .iter()
-                .zip(&results[m][bouncer])
-                .map(|(gateway, bouncer)| gateway.0 / bouncer.0)
-                .collect();
-            let ahead = ratios.iter().filter(|r| **r > 1.0).count();
-            let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
-            println!(
-                "{:<14} {:<8} {}   median {:.2}, ahead in {ahead} of {ROUNDS}",
-                mode.label(),
-                target.name,
-                shown.join(" "),
-                median(ratios)
-            );
-        }
+    print_ratios(&modes, &targets, &results, "pgbouncer");
+    if baseline.is_some() {
+        println!("\nTPS over the baseline build's, round by round");
+        print_ratios(&modes, &targets, &results, "baseline");
     }
     println!(
         "\nnew connections: pgbench -S -C (a connection per transaction), \
@@ -245,6 +245,10 @@ fn main() {
         "connections/s",
         0,
     );
+    if baseline.is_some() {
+        println!("\nconnections/s over the baseline build's, round by round");
+        print_ratios(&connecting, &targets, &connections, "baseline");
+    }
     println!("\nlarge result: {COPY_SQL} (median MB/s)");
     let direct = median(copies[0].clone());
     for (t, target) in targets(false).iter().enumerate() {
@@ -257,8 +261,45 @@ fn main() {
     }
     drop(bouncer_tls);
     drop(bouncer);
+    drop(baseline);
     drop(gateway);
     drop(provider);
+}
+
+/// Each proxy target's rate over target `over`'s, round by round (the
+/// machine's speed drifts between rounds, so only ratios within one round
+/// compare like with like), with their median.
+fn print_ratios<'a>(
+    modes: &[Mode],
+    targets: &dyn Fn(bool) -> Vec<Target<'a>>,
+    results: &Rounds,
+    over: &str,
+) {
+    for (m, mode) in modes.iter().enumerate() {
+        let targets = targets(mode.tls);
+        let Some(reference) = targets.iter().position(|t| t.name == over) else {
+            continue;
+        };
+        for (t, target) in targets.iter().enumerate() {
+            if target.proxy.is_none() || t == reference {
+                continue;
+            }
+            let ratios: Vec<f64> = results[m][t]
+                .iter()
+                .zip(&results[m][reference])
+                .map(|(this, reference)| this.0 / reference.0)
+                .collect();
+            let ahead = ratios.iter().filter(|r| **r > 1.0).count();
+            let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+            println!(
+                "{:<14} {:<8} {}   median {:.2}, ahead in {ahead} of {ROUNDS}",
+                mode.label(),
+                target.name,
+                shown.join(" "),
+                median(ratios)
+            );
+        }
+    }
 }
 
 /// What [`measure`] returned per mode, target and round.
@@ -549,31 +590,36 @@ impl Tls {
     }
 }
 
-/// `portcullis run` (release) with a postgres listener (offering TLS) and
-/// the cluster as two resources, one per address, the second reached over
-/// TLS; the gateway's audit store records every statement.
+/// `binary run` (release) with a postgres listener (offering TLS) and the
+/// cluster as two resources, one per address, the second reached over TLS;
+/// the gateway's audit store records every statement. Its files live in
+/// `work/name`, and it redirects clients of a child cgroup of its own.
 struct Portcullis {
+    binary: String,
     child: Child,
     /// The listener's own port, for remote clients.
     port: u16,
     pins: PathBuf,
+    cgroup: Cgroup,
 }
 
 impl Portcullis {
     fn start(
+        binary: &str,
+        name: &str,
         work: &Path,
-        cgroup: &Cgroup,
         pg_port: u16,
         tls: &Tls,
         provider: &OidcProvider,
     ) -> Self {
+        let work = work.join(name);
+        std::fs::create_dir(&work).unwrap();
         let secret = work.join("secret");
         std::fs::write(&secret, PASSWORD).unwrap();
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let pins = PathBuf::from(format!(
-            "/sys/fs/bpf/portcullis-bench-pg-{}",
-            std::process::id()
-        ));
+        let instance = format!("portcullis-bench-pg-{}-{name}", std::process::id());
+        let pins = Path::new("/sys/fs/bpf").join(&instance);
+        let cgroup = Cgroup::create(&portcullis::kernel::root_cgroup().unwrap(), &instance);
         let port = free_port();
         let mut text = format!(
             r#"state_dir = "{state}"
@@ -633,7 +679,7 @@ password_file = "{secret}"
         std::fs::write(&config, text).unwrap();
         let log_path = work.join("portcullis.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(PORTCULLIS)
+        let child = Command::new(binary)
             .arg("--config")
             .arg(&config)
             .arg("run")
@@ -649,12 +695,18 @@ password_file = "{secret}"
         {
             assert!(
                 Instant::now() < deadline,
-                "gateway did not start: {}",
+                "{binary} did not start: {}",
                 std::fs::read_to_string(&log_path).unwrap_or_default()
             );
             thread::sleep(Duration::from_millis(50));
         }
-        Self { child, port, pins }
+        Self {
+            binary: binary.to_string(),
+            child,
+            port,
+            pins,
+            cgroup,
+        }
     }
 }
 
@@ -662,7 +714,7 @@ impl Drop for Portcullis {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = Command::new(PORTCULLIS)
+        let _ = Command::new(&self.binary)
             .args(["kernel", "detach", "--pin-dir"])
             .arg(&self.pins)
             .output();
