@@ -292,7 +292,7 @@ fn print_ratios<'a>(
             let ahead = ratios.iter().filter(|r| **r > 1.0).count();
             let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
             println!(
-                "{:<14} {:<8} {}   median {:.2}, ahead in {ahead} of {ROUNDS}",
+                "{:<14} {:<9} {}   median {:.2}, ahead in {ahead} of {ROUNDS}",
                 mode.label(),
                 target.name,
                 shown.join(" "),

@@ -224,6 +224,25 @@ fn policy() -> CheckpointPolicy {
 }
 
 /// The store's writer, with the keys under `state`.
+/// A fresh store in a temp dir, with a writer recording into it: the
+/// temp dir (which holds the files until the test ends), the state
+/// directory in it, the store and the writer.
+fn recording() -> (tempfile::TempDir, PathBuf, Store, SledRecorder) {
+    recording_with(|store| store)
+}
+
+/// [`recording`], with `configure` applied to the store before anything is
+/// recorded.
+fn recording_with(
+    configure: impl FnOnce(Store) -> Store,
+) -> (tempfile::TempDir, PathBuf, Store, SledRecorder) {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let store = configure(Store::open(&state).unwrap());
+    let recorder = writer(&state, &store);
+    (dir, state, store, recorder)
+}
+
 fn writer(state: &Path, store: &Store) -> SledRecorder {
     SledRecorder::start(
         store.clone(),
@@ -299,11 +318,8 @@ fn segment_files(state: &Path) -> BTreeSet<u32> {
 
 #[test]
 fn a_purge_deletes_the_segment_files_no_block_is_stored_in_any_more() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
     // Every commit starts a segment of its own.
-    let store = Store::open(&state).unwrap().with_segment_limit(1);
-    let recorder = writer(&state, &store);
+    let (dir, state, store, recorder) = recording_with(|store| store.with_segment_limit(1));
     for session in ["old-1", "old-2", "old-3"] {
         record_sessions(&recorder, &[(session, "old")]);
     }
@@ -341,10 +357,7 @@ fn a_purge_deletes_the_segment_files_no_block_is_stored_in_any_more() {
 
 #[test]
 fn a_purge_compacts_a_segment_it_mostly_emptied() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let store = Store::open(&state).unwrap().with_segment_limit(64 * 1024);
-    let recorder = writer(&state, &store);
+    let (dir, state, store, recorder) = recording_with(|store| store.with_segment_limit(64 * 1024));
     // One small block that stays, then a segment's worth that expires.
     record_sessions(&recorder, &[("kept-1", "kept")]);
     let old: Vec<String> = (0..150).map(|i| format!("old-{i}")).collect();
@@ -372,12 +385,9 @@ fn a_purge_compacts_a_segment_it_mostly_emptied() {
 
 #[test]
 fn a_block_looked_up_before_a_purge_still_reads_while_its_reader_holds_the_pin() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
     // Every commit starts a segment of its own: the purge rewrites the
     // first block elsewhere, frees its old bytes and deletes its file.
-    let store = Store::open(&state).unwrap().with_segment_limit(1);
-    let recorder = writer(&state, &store);
+    let (dir, state, store, recorder) = recording_with(|store| store.with_segment_limit(1));
     record_sessions(&recorder, &[("old-1", "old"), ("kept-1", "kept")]);
     record_sessions(&recorder, &[("kept-2", "kept")]);
 
@@ -408,10 +418,7 @@ fn a_block_looked_up_before_a_purge_still_reads_while_its_reader_holds_the_pin()
 
 #[test]
 fn a_purge_rewrites_lines_inside_blocks_and_keeps_the_rest() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let store = Store::open(&state).unwrap();
-    let recorder = writer(&state, &store);
+    let (dir, state, store, recorder) = recording();
     // Alternating resources inside the same blocks.
     let sessions: Vec<(String, &str)> = (0..20)
         .map(|i| (format!("s-{i}"), if i % 2 == 0 { "old" } else { "kept" }))
@@ -848,10 +855,7 @@ fn record_alone(recorder: &SledRecorder, event: AuditEvent) -> Result<(), AuditE
 
 #[test]
 fn hits_whose_records_were_never_stored_are_not_reported() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let store = Store::open(&state).unwrap();
-    let recorder = writer(&state, &store);
+    let (_dir, state, store, recorder) = recording();
     let address = "alice@example.test";
     let lookup = "select * from users where email = 'alice@example.test'";
     chattr("+i", &state);
@@ -878,10 +882,7 @@ fn hits_whose_records_were_never_stored_are_not_reported() {
 
 #[test]
 fn a_commit_whose_blocks_fail_leaves_its_subject_hits_not_records_without_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let store = Store::open(&state).unwrap();
-    let recorder = writer(&state, &store);
+    let (_dir, state, store, recorder) = recording();
     // The audit directory made immutable: the first append cannot create
     // the segment directory, as a disk failing between the index's sync
     // and the segment's.
@@ -904,10 +905,7 @@ fn a_commit_whose_blocks_fail_leaves_its_subject_hits_not_records_without_them()
 
 #[test]
 fn a_first_commit_with_subject_hits_still_syncs_its_chain_entries() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let store = Store::open(&state).unwrap();
-    let recorder = writer(&state, &store);
+    let (dir, _, _, recorder) = recording();
     let (hit, start) = record_start_with_hit(&recorder);
     hit.unwrap();
     start.unwrap();
@@ -920,10 +918,7 @@ fn a_first_commit_with_subject_hits_still_syncs_its_chain_entries() {
 
 #[test]
 fn a_purge_starts_where_the_last_settled_the_chain_and_keeps_open_sessions_resources() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let store = Store::open(&state).unwrap();
-    let recorder = writer(&state, &store);
+    let (dir, _, store, recorder) = recording();
     // A session of a resource kept 3 days, its end a moment after its
     // start; everything else is kept 1 day.
     let record = |event| block_on(recorder.record(event).durable()).unwrap();
@@ -974,10 +969,7 @@ fn a_purge_starts_where_the_last_settled_the_chain_and_keeps_open_sessions_resou
 
 #[test]
 fn a_large_purge_goes_in_parts_each_recorded() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let store = Store::open(&state).unwrap();
-    let recorder = writer(&state, &store);
+    let (dir, state, store, recorder) = recording();
     // A statement naming a person, in the first part; its index entry goes
     // with the last.
     let mut lookup = statement(
@@ -1024,10 +1016,7 @@ fn a_large_purge_goes_in_parts_each_recorded() {
 
 #[test]
 fn session_starts_are_indexed_and_checked_against_the_chain() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let store = Store::open(&state).unwrap();
-    let recorder = writer(&state, &store);
+    let (_dir, _, store, recorder) = recording();
     record_sessions(&recorder, &[("s-1", "old"), ("s-2", "kept")]);
     assert_eq!(store.session_start("s-1").unwrap(), Some(1));
     assert_eq!(store.session_start("s-2").unwrap(), Some(2));
@@ -1163,10 +1152,7 @@ fn time_bounds_hold_every_record_of_the_period_whatever_the_clock_did() {
 
 #[test]
 fn time_bounds_follow_the_writer() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let store = Store::open(&state).unwrap();
-    let recorder = writer(&state, &store);
+    let (_dir, _, store, recorder) = recording();
     record_sessions(&recorder, &[("s-1", "crm"), ("s-2", "crm")]);
     let after_first = SystemTime::now();
     std::thread::sleep(Duration::from_millis(5));
