@@ -374,9 +374,9 @@ impl Gateway {
         }
     }
 
-    /// Waits until the log holds `text`. The daemon writes its log from a
-    /// thread of its own, so a line can land just after what a test
-    /// waited on.
+    /// Waits until the log holds `text`. The daemon writes its log in
+    /// batches from a thread of its own (up to 50 ms after the line), so a
+    /// line can land after what a test waited on.
     pub fn wait_for_log(&self, text: &str) {
         self.wait_for_log_count(text, 1, Duration::from_secs(5));
     }

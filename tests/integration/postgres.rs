@@ -682,11 +682,8 @@ fn tls_on_both_sides_and_direct_clients() {
             "{}",
             stderr(&out)
         );
-        let log = s.gateway.log();
-        assert!(
-            log.contains("TLS with resource 'orders' failed") && log.contains(reason),
-            "{log}"
-        );
+        s.gateway.wait_for_log("TLS with resource 'orders' failed");
+        s.gateway.wait_for_log(reason);
     };
     assert_eq!(
         checked("verify-full", "orders-db.test", false).query("select 1"),
@@ -1068,7 +1065,7 @@ fn refusals_have_sqlstates_and_clear_messages() {
         "{}",
         stderr(&out)
     );
-    assert!(s.gateway.log().contains("chmod 600"), "{}", s.gateway.log());
+    s.gateway.wait_for_log("chmod 600");
     drop(s);
 
     // Upstream down: nothing listens on the resource's port.

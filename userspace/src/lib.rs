@@ -19,6 +19,7 @@
 //! * [`policy`]: rules per resource and role: allow, block, mask, approval.
 //! * [`audit`]: the recording interface and its sinks.
 //! * [`daemon`]: `portcullis run`, start-up, reload and shutdown.
+//! * [`log_batch`]: the daemon's log lines, written in batches.
 //! * [`cli`]: the command-line interface.
 
 // Module docs name the private modules they are made of (see above).
@@ -39,6 +40,7 @@ pub mod control;
 pub mod daemon;
 pub mod identity;
 pub mod kernel;
+pub mod log_batch;
 pub mod policy;
 pub mod protocol;
 pub mod proxy;

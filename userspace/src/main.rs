@@ -2,7 +2,7 @@ use std::{io::IsTerminal, process::ExitCode};
 
 use clap::Parser;
 use portcullis::cli::{self, Cli, Command};
-use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
+use portcullis::log_batch::{self, LogGuard};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -29,16 +29,11 @@ fn main() -> ExitCode {
 }
 
 /// Log lines go to stderr (the journal, under systemd). The daemon writes
-/// them from a thread of their own: a session's worker thread formats a
-/// line and queues it, and never waits on a slow journal. Up to
-/// `LOG_QUEUE_LINES` can wait; past that a logging thread waits too,
-/// rather than lose lines. The other commands write theirs at once, in
-/// order with what they print.
-fn init_logging(daemon: bool) -> Option<WorkerGuard> {
-    /// About 25 MB of typical lines: a journal stalled for 20 s while
-    /// 2,000 clients a second connect (three lines each), far longer at
-    /// usual rates.
-    const LOG_QUEUE_LINES: usize = 128_000;
+/// them in batches from a thread of their own (`log_batch`): a session's
+/// worker thread formats a line and appends it, and never waits on a slow
+/// journal until a great deal has gathered. The other commands write
+/// theirs at once, in order with what they print.
+fn init_logging(daemon: bool) -> Option<LogGuard> {
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("PORTCULLIS_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
@@ -48,11 +43,15 @@ fn init_logging(daemon: bool) -> Option<WorkerGuard> {
         logs.with_writer(std::io::stderr).init();
         return None;
     }
-    let (writer, guard) = NonBlockingBuilder::default()
-        .buffered_lines_limit(LOG_QUEUE_LINES)
-        .lossy(false)
-        .thread_name("portcullis-log")
-        .finish(std::io::stderr());
-    logs.with_writer(writer).init();
-    Some(guard)
+    match log_batch::start(std::io::stderr()) {
+        Ok((writer, guard)) => {
+            logs.with_writer(writer).init();
+            Some(guard)
+        }
+        Err(e) => {
+            eprintln!("portcullis: no thread for log lines ({e}): writing them at once");
+            logs.with_writer(std::io::stderr).init();
+            None
+        }
+    }
 }
