@@ -154,6 +154,8 @@ impl Shared {
                 let _ = out.flush();
             }
             batch.clear();
+            // A stalled journal may have grown it: give the memory back.
+            batch.shrink_to(EARLY_FLUSH);
             if closed {
                 return;
             }
