@@ -49,6 +49,13 @@ pub mod secret;
 #[cfg(test)]
 mod testing;
 
+/// Locks `mutex` whatever a panicking holder left behind: the state these
+/// locks guard stays usable (queues, buffers, files), and a daemon that
+/// stopped at a poisoned lock would fail every session after one panic.
+pub(crate) fn lock<T: ?Sized>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// `e: cause: cause` in one line: for errors whose `Display` leaves the
 /// cause out, and for the last word of a failed command. A cause whose text
 /// the line already holds (an error that names its source in its own

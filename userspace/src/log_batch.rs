@@ -15,12 +15,14 @@
 
 use std::{
     io::{self, Write},
-    sync::{Arc, Condvar, Mutex, MutexGuard},
+    sync::{Arc, Condvar, Mutex},
     thread::JoinHandle,
     time::Duration,
 };
 
 use tracing_subscriber::fmt::MakeWriter;
+
+use crate::lock;
 
 /// How long a line may wait for its batch: well under what a person
 /// following the journal notices.
@@ -95,12 +97,6 @@ fn start_with(
             thread: Some(thread),
         },
     ))
-}
-
-/// Locks `mutex`, whatever a panicking holder left: a log line is better
-/// half-interleaved than lost.
-fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Shared {

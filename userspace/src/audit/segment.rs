@@ -39,6 +39,7 @@ use std::{
 };
 
 use super::AuditError;
+use crate::lock;
 
 /// Where segment files live, under the audit directory.
 pub const SEGMENT_DIR: &str = "segments";
@@ -499,10 +500,6 @@ fn punch_hole(file: &File, extent: Extent) -> std::io::Result<()> {
         return Err(error);
     }
     file.write_all_at(&vec![0; extent.len as usize], extent.offset)
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {

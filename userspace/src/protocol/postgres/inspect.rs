@@ -33,6 +33,7 @@ pub use self::{judge::Judge, results::Results};
 use super::cancel::Held;
 use crate::{
     identity::Principal,
+    lock,
     policy::{
         runtime::{Proceed, Stopped},
         PolicyRuntime,
@@ -91,10 +92,6 @@ enum Expect {
 }
 
 type Queue = Arc<Mutex<VecDeque<Expect>>>;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn message(kind: u8, body: &[u8], out: &mut Vec<u8>) {
     out.push(kind);
