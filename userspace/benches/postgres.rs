@@ -143,15 +143,7 @@ fn main() {
                 cgroup: None,
                 proxy: None,
             },
-            Target {
-                name: "gateway",
-                host: gateway_host,
-                port: pg.port,
-                database: "postgres",
-                password: &token,
-                cgroup: Some(&gateway.cgroup),
-                proxy: Some(gateway.child.id()),
-            },
+            gateway.local_target("gateway", gateway_host, pg.port, &token),
             Target {
                 name: "pgbouncer",
                 host: PLAIN_HOST,
@@ -163,15 +155,7 @@ fn main() {
             },
         ];
         if let Some(baseline) = &baseline {
-            targets.push(Target {
-                name: "baseline",
-                host: gateway_host,
-                port: pg.port,
-                database: "postgres",
-                password: &token,
-                cgroup: Some(&baseline.cgroup),
-                proxy: Some(baseline.child.id()),
-            });
+            targets.push(baseline.local_target("baseline", gateway_host, pg.port, &token));
         }
         if tls {
             targets.push(Target {
@@ -706,6 +690,26 @@ password_file = "{secret}"
             port,
             pins,
             cgroup,
+        }
+    }
+
+    /// Local clients that connect to the cluster at `host` and are
+    /// redirected to this instance, giving `token` as their password.
+    fn local_target<'a>(
+        &'a self,
+        name: &'static str,
+        host: &'static str,
+        pg_port: u16,
+        token: &'a str,
+    ) -> Target<'a> {
+        Target {
+            name,
+            host,
+            port: pg_port,
+            database: "postgres",
+            password: token,
+            cgroup: Some(&self.cgroup),
+            proxy: Some(self.child.id()),
         }
     }
 }
