@@ -29,13 +29,18 @@
 //! the gateway's TPS over the baseline's: two builds compared round by
 //! round in one rig, where comparing runs would compare hosts.
 //!
+//! With `PORTCULLIS_BENCH_PLAIN_ONLY=1`, only the plain-TCP `-S` rounds run
+//! (no TLS, large result or new connections): a quick A/B of a change on
+//! the statement path. `PORTCULLIS_BENCH_ROUNDS` sets the number of rounds
+//! (5 by default).
+//!
 //! Run: `cargo bench --bench postgres` (release build). Needs PostgreSQL 15,
 //! pgbench, psql and pgbouncer (Debian packages postgresql, pgbouncer), and
 //! node with the OIDC provider's modules (`cargo xtask setup` installs
 //! them all).
 
 use std::{
-    os::unix::fs::PermissionsExt,
+    os::unix::{fs::PermissionsExt, process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -52,7 +57,8 @@ use portcullis_testkit::{
 
 const PORTCULLIS: &str = env!("CARGO_BIN_EXE_portcullis");
 const PASSWORD: &str = "bench-Secret-1";
-const ROUNDS: usize = 5;
+/// Rounds unless `PORTCULLIS_BENCH_ROUNDS` says otherwise.
+const DEFAULT_ROUNDS: usize = 5;
 const SECONDS: &str = "8";
 const CLIENTS: &str = "8";
 /// Clients of the new-connection rounds: each connection costs a backend
@@ -170,12 +176,17 @@ fn main() {
         }
         targets
     };
-    let modes = [
-        Mode::new("simple", false),
-        Mode::new("extended", false),
-        Mode::new("simple", true),
-        Mode::new("extended", true),
-    ];
+    let plain_only = std::env::var_os("PORTCULLIS_BENCH_PLAIN_ONLY").is_some();
+    let rounds: usize = std::env::var("PORTCULLIS_BENCH_ROUNDS")
+        .map(|n| {
+            n.parse()
+                .expect("PORTCULLIS_BENCH_ROUNDS: a number of rounds")
+        })
+        .unwrap_or(DEFAULT_ROUNDS);
+    let mut modes = vec![Mode::new("simple", false), Mode::new("extended", false)];
+    if !plain_only {
+        modes.extend([Mode::new("simple", true), Mode::new("extended", true)]);
+    }
     // results[mode][target] = (tps, latency ms, proxy CPU µs per
     // transaction, whole machine's CPU µs per transaction) per round
     let mut results: Rounds = modes
@@ -189,10 +200,13 @@ fn main() {
         .iter()
         .map(|mode| vec![Vec::new(); targets(mode.tls).len()])
         .collect();
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         measure_round(&modes, &targets, round, &mut results, |mode| {
             vec!["-S", "-M", mode.protocol, "-c", CLIENTS, "-j", "2"]
         });
+        if plain_only {
+            continue;
+        }
         let plain = targets(false);
         for k in 0..plain.len() {
             let t = (k + round) % plain.len();
@@ -204,7 +218,7 @@ fn main() {
     }
 
     println!(
-        "\npgbench -S, {CLIENTS} clients, {SECONDS} s x {ROUNDS} rounds (median); gateway records every statement"
+        "\npgbench -S, {CLIENTS} clients, {SECONDS} s x {rounds} rounds (median); gateway records every statement"
     );
     print_medians(&modes, &targets, &results, "txn", "tps", 1);
     println!(
@@ -216,32 +230,34 @@ fn main() {
         println!("\nTPS over the baseline build's, round by round");
         print_ratios(&modes, &targets, &results, "baseline");
     }
-    println!(
-        "\nnew connections: pgbench -S -C (a connection per transaction), \
+    if !plain_only {
+        println!(
+            "\nnew connections: pgbench -S -C (a connection per transaction), \
          {CONNECTING_CLIENTS} clients (median); PgBouncer reuses its server \
          connections, the gateway opens and records one per client"
-    );
-    print_medians(
-        &connecting,
-        &targets,
-        &connections,
-        "conn",
-        "connections/s",
-        0,
-    );
-    if baseline.is_some() {
-        println!("\nconnections/s over the baseline build's, round by round");
-        print_ratios(&connecting, &targets, &connections, "baseline");
-    }
-    println!("\nlarge result: {COPY_SQL} (median MB/s)");
-    let direct = median(copies[0].clone());
-    for (t, target) in targets(false).iter().enumerate() {
-        let rate = median(copies[t].clone());
-        println!(
-            "{:<10} {rate:>10.1} MB/s {:>10.2} vs direct",
-            target.name,
-            rate / direct
         );
+        print_medians(
+            &connecting,
+            &targets,
+            &connections,
+            "conn",
+            "connections/s",
+            0,
+        );
+        if baseline.is_some() {
+            println!("\nconnections/s over the baseline build's, round by round");
+            print_ratios(&connecting, &targets, &connections, "baseline");
+        }
+        println!("\nlarge result: {COPY_SQL} (median MB/s)");
+        let direct = median(copies[0].clone());
+        for (t, target) in targets(false).iter().enumerate() {
+            let rate = median(copies[t].clone());
+            println!(
+                "{:<10} {rate:>10.1} MB/s {:>10.2} vs direct",
+                target.name,
+                rate / direct
+            );
+        }
     }
     drop(bouncer_tls);
     drop(bouncer);
@@ -273,10 +289,10 @@ fn print_ratios<'a>(
                 .zip(&results[m][reference])
                 .map(|(this, reference)| this.0 / reference.0)
                 .collect();
-            let ahead = ratios.iter().filter(|r| **r > 1.0).count();
+            let (rounds, ahead) = (ratios.len(), ratios.iter().filter(|r| **r > 1.0).count());
             let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
             println!(
-                "{:<14} {:<9} {}   median {:.2}, ahead in {ahead} of {ROUNDS}",
+                "{:<14} {:<9} {}   median {:.2}, ahead in {ahead} of {rounds}",
                 mode.label(),
                 target.name,
                 shown.join(" "),
@@ -444,6 +460,25 @@ fn ticks_per_second() -> f64 {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
+}
+
+/// Starts `cmd` in a session of its own, as systemd starts a service.
+///
+/// With autogroup scheduling (`kernel.sched_autogroup_enabled`, on on these
+/// machines), the scheduler shares the CPU between sessions before it
+/// shares it between processes. PostgreSQL's backends each call
+/// `setsid`; a proxy left in the bench's session would share one session's
+/// share with the pgbench clients it serves, which no installed proxy does.
+fn as_service(cmd: &mut Command) -> &mut Command {
+    // SAFETY: `setsid` is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
 }
 
 /// `program args` inside `cgroup` (redirected) or outside it.
@@ -663,7 +698,7 @@ password_file = "{secret}"
         std::fs::write(&config, text).unwrap();
         let log_path = work.join("portcullis.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(binary)
+        let child = as_service(&mut Command::new(binary))
             .arg("--config")
             .arg(&config)
             .arg("run")
@@ -766,7 +801,7 @@ impl Bouncer {
         )
         .unwrap();
         run("chown", &["-R", "postgres:postgres", dir.to_str().unwrap()]);
-        let child = Command::new("runuser")
+        let child = as_service(&mut Command::new("runuser"))
             .args(["-u", "postgres", "--", "pgbouncer"])
             .arg(&ini)
             .stdout(Stdio::null())
