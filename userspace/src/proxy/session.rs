@@ -1,7 +1,9 @@
 //! One client connection through the pipeline: identify, relay, record.
 
 use std::{
+    any::Any,
     net::SocketAddr,
+    panic::AssertUnwindSafe,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -9,6 +11,7 @@ use std::{
     time::{Instant, SystemTime},
 };
 
+use futures_util::FutureExt;
 use tokio::net::TcpStream;
 use tracing::{debug, info, info_span, warn, Instrument};
 
@@ -149,8 +152,12 @@ pub(super) async fn run(
     };
     let started = Instant::now();
     // Adapters run their set-up under the span, the relay outside it.
+    // A bug that panics ends this session alone (tokio keeps the worker
+    // thread and its other sessions), and the session's end is still
+    // recorded, the panic as its error.
+    let serving = AssertUnwindSafe(serve(&ctx, client, protocol)).catch_unwind();
     let outcome = tokio::select! {
-        outcome = serve(&ctx, client, protocol) => outcome,
+        outcome = serving => outcome.unwrap_or_else(|panic| Err(internal_error(&*panic))),
         _ = shutdown.requested() => Err("gateway shutting down".to_string()),
     };
     let error = outcome.err();
@@ -183,6 +190,16 @@ pub(super) async fn run(
     }
     .instrument(ctx.span.clone())
     .await
+}
+
+/// A session's error for a panic in its adapter.
+fn internal_error(panic: &(dyn Any + Send)) -> String {
+    let message = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message");
+    format!("internal error, the session was ended: {message} (please report this)")
 }
 
 /// Why a connection has no kernel record.
