@@ -1274,6 +1274,7 @@ fn a_mutating_upstream_never_panics_the_gateway() {
 import os, random, socket, struct, threading
 def msg(t, body): return t + struct.pack("!i", 4 + len(body)) + body
 ready = msg(b"Z", b"I")
+# (split: a NUL before a digit would read as an octal escape)
 hello = [msg(b"R", struct.pack("!i", 0)), msg(b"S", b"server_version\0" + b"15.0\0"),
          msg(b"S", b"client_encoding\0UTF8\0"), msg(b"K", struct.pack("!ii", 1234, 5678)), ready]
 column = b"a\0" + struct.pack("!ihihih", 0, 0, 25, -1, -1, 0)
