@@ -25,6 +25,9 @@ struct Setup {
     cluster: PgCluster,
     gateway: Gateway,
     listener: SocketAddr,
+    /// The resource's port, which the kernel redirects: the cluster's
+    /// unless `Options::address` names another.
+    protected_port: u16,
     /// The gateway listener's certificate.
     cert: PathBuf,
 }
@@ -154,20 +157,24 @@ password_file = "{secret}"
             pool = o.upstream_pool,
             workers = o.workers,
         );
-        let port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
-        let gateway =
-            Gateway::start_with_config(&cgroup, &[Protect::postgres("127.0.0.1", port)], &extra);
+        let protected_port: u16 = address.rsplit(':').next().unwrap().parse().unwrap();
+        let gateway = Gateway::start_with_config(
+            &cgroup,
+            &[Protect::postgres("127.0.0.1", protected_port)],
+            &extra,
+        );
         Self {
             cgroup,
             gateway,
             listener,
+            protected_port,
             cert: tls_dir.join("cert.pem"),
             cluster,
         }
     }
 
     fn port(&self) -> String {
-        self.cluster.port.to_string()
+        self.protected_port.to_string()
     }
 
     /// psql inside the test cgroup (so redirected), to the protected address.
@@ -1071,32 +1078,10 @@ fn refusals_have_sqlstates_and_clear_messages() {
     // Upstream down: nothing listens on the resource's port.
     let down = format!("127.0.0.1:{}", free_port());
     let s = Setup::with(Options {
-        address: Some(down.clone()),
+        address: Some(down),
         ..Options::default()
     });
-    let child = s
-        .cgroup
-        .command(
-            "psql",
-            &[
-                "-X",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                down.rsplit(':').next().unwrap(),
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-Atc",
-                "select 1",
-            ],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = wait_with_timeout(child, Duration::from_secs(30));
+    let out = s.psql(&["-Atc", "select 1"]);
     assert!(
         stderr(&out).contains("cannot open resource \"orders\""),
         "{}",
@@ -1224,16 +1209,13 @@ def client(seed):
     finally:
         sock.close()
 
-def run(first):
-    for seed in range(first, 400, 16):
-        client(seed)
-threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
-for t in threads: t.start()
-for t in threads: t.join()
+{each_seed}
+each_seed(client, 400, 16)
 print(answered[0] > 100, answered[1] > 0)
 "#,
         port = s.cluster.port,
         mutate = MUTATE_PY,
+        each_seed = EACH_SEED_PY,
     );
     assert_eq!(s.cgroup.python(&script), "True True");
 
@@ -1366,43 +1348,17 @@ def client(seed):
         pass
     finally:
         sock.close()
-def run(first):
-    for seed in range(first, 200, 8):
-        client(seed)
-threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-for t in threads: t.start()
-for t in threads: t.join()
+{each_seed}
+each_seed(client, 200, 8)
 print("done")
-"#
+"#,
+        each_seed = EACH_SEED_PY,
     );
     assert_eq!(s.cgroup.python(&clients), "done");
     s.assert_no_panic();
 
     std::fs::write(&calm, "").unwrap();
-    let port = port.to_string();
-    let out = s.cgroup.run(
-        "psql",
-        &[
-            "-X",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-Atc",
-            "select a from t",
-        ],
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "hello\nhello\nhello\n",
-        "{}\n{}",
-        stderr(&out),
-        s.gateway.log()
-    );
+    assert_eq!(s.query("select a from t"), "hello\nhello\nhello");
     s.assert_no_panic();
     let verify = s.gateway.cli(&["audit", "verify"]);
     assert!(verify.status.success(), "{}", stderr(&verify));
@@ -1418,6 +1374,18 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Runs `client(seed)` for seeds 0 to `seeds - 1`, from `threads` threads,
+/// for the tests above.
+const EACH_SEED_PY: &str = r#"
+def each_seed(client, seeds, threads):
+    def run(first):
+        for seed in range(first, seeds, threads):
+            client(seed)
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for worker in workers: worker.start()
+    for worker in workers: worker.join()
+"#;
 
 /// Seeded mutations of a list of protocol messages, for the tests above:
 /// bytes flipped, a length field set to anything from negative to 2 GiB,
