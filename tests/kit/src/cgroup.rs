@@ -61,6 +61,15 @@ impl Drop for Cgroup {
             }
             thread::sleep(Duration::from_millis(20));
         }
-        let _ = std::fs::remove_dir(&self.path);
+        // A killed process leaves the cgroup a moment after it leaves
+        // `cgroup.procs`: until then removing it fails as busy.
+        for _ in 0..50 {
+            match std::fs::remove_dir(&self.path) {
+                Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => {
+                    thread::sleep(Duration::from_millis(20))
+                }
+                _ => break,
+            }
+        }
     }
 }
