@@ -20,6 +20,7 @@ use std::{
 use tokio::sync::watch;
 
 use super::AuditError;
+use crate::lock;
 
 /// Queue length that wakes the writer before its interval is up.
 const WAKE_AT: usize = 1024;
@@ -67,7 +68,7 @@ impl<M> Inbox<M> {
     }
 
     fn lock(&self) -> MutexGuard<'_, InboxState<M>> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     /// Queues an event built from its ticket; `None` once the writer has
@@ -231,7 +232,7 @@ impl Progress {
                 }
             }
         }
-        let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        let failed = lock(&self.failed);
         match failed
             .iter()
             .find(|(from, to, _)| *from <= last && first <= *to)

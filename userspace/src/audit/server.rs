@@ -37,6 +37,7 @@ use super::{
 };
 use crate::{
     identity::{IdentityProvider, Principal},
+    lock,
     proxy::Shutdown,
 };
 
@@ -302,7 +303,7 @@ impl AuditServer {
     /// True when (uid, pid, query) was not recorded within [`ACCESS_DEDUP`];
     /// marks it recorded.
     fn first_time(&self, uid: u32, pid: u32, query: &str) -> bool {
-        let mut recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+        let mut recorded = lock(&self.recorded);
         let now = Instant::now();
         if recorded.len() >= ACCESS_MEMORY {
             recorded.retain(|_, at| now.duration_since(*at) < ACCESS_DEDUP);
@@ -322,7 +323,7 @@ impl AuditServer {
     }
 
     fn forget(&self, uid: u32, pid: u32, query: &str) {
-        let mut recorded = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+        let mut recorded = lock(&self.recorded);
         recorded.remove(&(uid, pid, query.to_owned()));
     }
 

@@ -51,6 +51,7 @@ use super::{
     segment::{Extent, Segments},
     AuditError,
 };
+use crate::lock;
 
 /// The copy of the last checkpoint kept outside sled: deleting checkpoints
 /// inside the database then still leaves a trace.
@@ -520,7 +521,7 @@ impl Store {
     fn sync_blobs(&self) -> Result<(), AuditError> {
         let io = |path: PathBuf| move |source| AuditError::Io { path, source };
         let blobs = self.dir.join("chain").join("blobs");
-        let mut scan = self.blobs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut scan = lock(&self.blobs);
         let listed_at = SystemTime::now();
         // Taken before listing: a file created during the listing leaves
         // a time that is not settled, so the next call lists again.

@@ -31,6 +31,7 @@ use super::{
     subject::{detect, redact, subject_hash},
     Ack, AuditError, AuditEvent, Recorder,
 };
+use crate::lock;
 
 /// When to commit and when to sign checkpoints.
 #[derive(Debug, Clone, Copy)]
@@ -241,11 +242,11 @@ impl SledRecorder {
         let (reply, rx) = mpsc::channel();
         self.send(Msg::Close { reply });
         let result = rx.recv().unwrap_or(Err(AuditError::WriterGone));
-        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let thread = lock(&self.thread).take();
         if let Some(thread) = thread {
             let _ = thread.join();
         }
-        self.times.lock().unwrap_or_else(|e| e.into_inner()).stop();
+        lock(&self.times).stop();
         result
     }
 

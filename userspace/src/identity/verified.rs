@@ -20,6 +20,7 @@ use openidconnect::core::CoreJsonWebKeySet;
 use sha2::{Digest, Sha256};
 
 use super::verify::Claims;
+use crate::lock;
 
 /// At most this many tokens are kept; a full cache first drops what no
 /// longer holds, then everything.
@@ -88,7 +89,7 @@ impl VerifiedTokens {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Entry>> {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.entries)
     }
 }
 

@@ -14,7 +14,7 @@ use portcullis_common::{
 };
 
 use super::{addr, ConnectOrigin, KernelError};
-use crate::config::Config;
+use crate::{config::Config, lock};
 
 /// Opens a pinned map by its name under `<pin_dir>/maps/`.
 pub(super) fn open_pinned(pin_dir: &Path, name: &'static str) -> Result<Map, KernelError> {
@@ -191,7 +191,7 @@ impl ConnectionTable {
             port: peer.port(),
             _pad: [0; 2],
         };
-        let mut table = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut table = lock(&self.0);
         let record = match table.get(&key, 0) {
             Ok(record) => record,
             Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
@@ -203,7 +203,7 @@ impl ConnectionTable {
     }
 
     pub fn len(&self) -> usize {
-        let table = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let table = lock(&self.0);
         table.keys().filter(Result::is_ok).count()
     }
 
@@ -242,7 +242,7 @@ impl FastPath {
             local_port: local.port(),
             remote_port: peer.port(),
         };
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = lock(&self.0);
         map.insert(key, socket.as_raw_fd(), 0)
             .map_err(map_err(map_names::FAST_PATH))
     }

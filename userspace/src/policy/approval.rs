@@ -29,6 +29,7 @@ use super::engine::{ApprovalScope, Approvers, Grants};
 use crate::{
     audit::{ApprovalStep, AuditEvent, Recorder},
     identity::Principal,
+    lock,
 };
 
 /// A held request, as approvers see it.
@@ -248,13 +249,13 @@ impl ApprovalStore {
                 path.display()
             ),
         }
-        *store.grants_file.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
+        *lock(&store.grants_file) = Some(path);
         store
     }
 
     /// Writes the unexpired grants to the grants file, if there is one.
     fn save_grants(&self) {
-        let file = self.grants_file.lock().unwrap_or_else(|e| e.into_inner());
+        let file = lock(&self.grants_file);
         let Some(path) = file.as_deref() else {
             return;
         };
@@ -273,7 +274,7 @@ impl ApprovalStore {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     fn record(&self, step: ApprovalStep) {

@@ -30,6 +30,7 @@ use crate::{
     audit::{Ack, AuditError},
     identity::{Admission, Principal},
     kernel::ConnectOrigin,
+    lock,
     proxy::Gateway,
 };
 
@@ -170,7 +171,7 @@ impl StartRecord {
     }
 
     fn take(&self) -> Option<Ack> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+        lock(&self.0).take()
     }
 }
 

@@ -42,7 +42,10 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::Store;
-use crate::audit::{query::format_time, record::Record, AuditError};
+use crate::{
+    audit::{query::format_time, record::Record, AuditError},
+    lock,
+};
 
 const MINUTE_US: u64 = 60_000_000;
 
@@ -313,7 +316,7 @@ impl Store {
     /// Indexes up to [`CHUNK`] records past the index's progress. Returns
     /// how many it read.
     pub(super) fn index_times(&self) -> Result<usize, AuditError> {
-        let _indexing = self.indexing.lock().unwrap_or_else(|e| e.into_inner());
+        let _indexing = lock(&self.indexing);
         let mut scan = Scan::from(self.time_progress()?, true);
         let read = scan.read(self, CHUNK)?;
         if read > 0 {
@@ -347,7 +350,7 @@ impl Store {
     /// chain's start. Readers meanwhile read more of the chain, never less:
     /// the entries go in one batch.
     pub fn clear_time_index(&self) -> Result<(), AuditError> {
-        let _indexing = self.indexing.lock().unwrap_or_else(|e| e.into_inner());
+        let _indexing = lock(&self.indexing);
         let mut batch = sled::Batch::default();
         for key in self.times.iter().keys() {
             batch.remove(key?);
@@ -467,7 +470,7 @@ impl TimeIndexer {
     /// chunk, while it catches up).
     pub fn stop(&mut self) {
         let (stopped, wake) = &*self.stop;
-        *stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        *lock(stopped) = true;
         wake.notify_all();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -486,7 +489,7 @@ fn run(store: &Store, stop: &(Mutex<bool>, Condvar)) {
     loop {
         // Read before the stop is looked at: a stop after the writer's
         // last commit leaves the index up with it.
-        let stopping = *stop.0.lock().unwrap_or_else(|e| e.into_inner());
+        let stopping = *lock(&stop.0);
         let read = match store.index_times() {
             Ok(read) => read,
             Err(e) => {
@@ -505,8 +508,8 @@ fn run(store: &Store, stop: &(Mutex<bool>, Condvar)) {
         }
         catching_up = read == CHUNK;
         if !catching_up {
-            let (lock, wake) = stop;
-            let stopped = lock.lock().unwrap_or_else(|e| e.into_inner());
+            let (stopped, wake) = stop;
+            let stopped = lock(stopped);
             if !*stopped {
                 drop(wake.wait_timeout(stopped, INTERVAL));
             }

@@ -26,6 +26,7 @@ use tokio::{
 };
 
 use super::{upstream, wire, PgError, Resource};
+use crate::lock;
 
 /// The session a gateway key stands for: its upstream backend, and its
 /// statement held for an approval, if any.
@@ -47,7 +48,7 @@ impl Held {
     /// requests that arrive while the returned future is alive count.
     pub fn cancelled(&self) -> impl std::future::Future<Output = ()> {
         let (tx, rx) = oneshot::channel();
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        *lock(&self.0) = Some(tx);
         async move {
             if rx.await.is_err() {
                 // Replaced by a newer wait: never a cancel for this one.
@@ -58,7 +59,7 @@ impl Held {
 
     /// Ends the wait, if a statement is held; false otherwise.
     fn cancel(&self) -> bool {
-        let waiting = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let waiting = lock(&self.0).take();
         waiting.is_some_and(|tx| tx.send(()).is_ok())
     }
 }
@@ -97,7 +98,7 @@ impl CancelRegistry {
         upstream_secret: i32,
     ) -> Result<CancelKey, ring::error::Unspecified> {
         let rng = SystemRandom::new();
-        let mut targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut targets = lock(&self.targets);
         loop {
             let mut bytes = [0u8; 8];
             rng.fill(&mut bytes)?;
@@ -130,7 +131,7 @@ impl CancelRegistry {
     /// session has (PostgreSQL ignores those).
     pub fn find(&self, pid: i32, secret: &[u8]) -> Option<Target> {
         let target = {
-            let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+            let targets = lock(&self.targets);
             targets.get(&pid).cloned()
         }?;
         // Compare without an early exit, so timing does not reveal how

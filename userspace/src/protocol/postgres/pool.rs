@@ -35,7 +35,7 @@ use super::{
     upstream::{read_message, Upstream},
     PgError, PgStream, Resource,
 };
-use crate::resource::UpstreamTls;
+use crate::{lock, resource::UpstreamTls};
 
 /// How long an idle upstream is kept (PostgreSQL's side keeps a backend
 /// process for each).
@@ -100,7 +100,7 @@ pub struct UpstreamPool {
 
 impl UpstreamPool {
     fn idle(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Vec<Idle>>> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.idle)
     }
 
     /// An idle upstream for `key` that is still open, if there is one.

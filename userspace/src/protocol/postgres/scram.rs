@@ -27,6 +27,8 @@ use base64::{engine::general_purpose::STANDARD as B64, Engine};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
+use crate::lock;
+
 type HmacSha256 = Hmac<Sha256>;
 
 /// Salted passwords kept; the cache starts afresh when full (rotated
@@ -223,11 +225,7 @@ impl Scram {
 /// thread: an upstream may ask for up to 10,000,000 rounds.
 async fn salted_password(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
     let key = salted_key(password, salt, iterations);
-    let cached = SALTED
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&key)
-        .copied();
+    let cached = lock(&SALTED).get(&key).copied();
     if let Some(salted) = cached {
         return salted;
     }
@@ -236,7 +234,7 @@ async fn salted_password(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 
         tokio::task::spawn_blocking(move || hi(&owned_password, &owned_salt, iterations)).await;
     // Only a runtime shutting down fails the blocking task: derive here.
     let salted = derived.unwrap_or_else(|_| hi(password, salt, iterations));
-    let mut cache = SALTED.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cache = lock(&SALTED);
     if cache.len() >= SALTED_ENTRIES {
         cache.clear();
     }

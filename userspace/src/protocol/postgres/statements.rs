@@ -21,7 +21,10 @@ use std::{
 use tokio::sync::oneshot;
 
 use super::wire::{self, Reader};
-use crate::audit::{Acks, AuditEvent, Recorder, Statement, StatementError};
+use crate::{
+    audit::{Acks, AuditEvent, Recorder, Statement, StatementError},
+    lock,
+};
 
 /// Longest parameter value kept in a record; longer ones are cut.
 const MAX_PARAMETER: usize = 4096;
@@ -49,10 +52,6 @@ enum Expect {
 }
 
 type Queue = Arc<Mutex<VecDeque<Expect>>>;
-
-fn lock(queue: &Queue) -> std::sync::MutexGuard<'_, VecDeque<Expect>> {
-    queue.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The client half: remembers prepared statements and portals.
 pub struct Requests {
