@@ -57,7 +57,7 @@ fn check_line(seq: u64, encoded: &[u8]) -> Result<(), AuditError> {
             "record {seq} encodes to nothing"
         )));
     }
-    if encoded.contains(&SEPARATOR) {
+    if memchr::memchr(SEPARATOR, encoded).is_some() {
         // Only a payload built by hand as a RawValue with line breaks
         // between tokens can do this; events are serialised compactly.
         return Err(AuditError::Commit(format!(

@@ -62,6 +62,10 @@ pub const SEGMENT_BYTES: u64 = 256 << 20;
 /// cut to its last block.
 pub const GROWTH_BYTES: u64 = 1 << 20;
 
+/// The zeros written ahead. Never written to, so its pages stay the
+/// kernel's shared zero page.
+static ZEROS: [u8; GROWTH_BYTES as usize] = [0; GROWTH_BYTES as usize];
+
 /// Where a block's bytes are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
@@ -247,19 +251,27 @@ impl Segments {
             bytes.extend_from_slice(block);
         }
         let end = active.end + bytes.len() as u64;
-        // Past the zeros written ahead: write the next step's worth of
-        // them with these blocks.
-        let len = if end > active.len {
-            let len = end.div_ceil(GROWTH_BYTES) * GROWTH_BYTES;
-            bytes.resize((len - active.end) as usize, 0);
-            len
-        } else {
-            active.len
-        };
         active
             .file
             .write_all_at(&bytes, active.end)
             .map_err(io(&self.path(active.number)))?;
+        // Past the zeros written ahead: write the next step's worth. From
+        // a buffer of its own, not by growing `bytes` by up to a MiB,
+        // which cost the writer a fresh, zeroed allocation several times
+        // a second under load. Zeros that fail to go ahead only mean the
+        // next commits' syncs make a size durable again.
+        let len = if end > active.len {
+            let len = end.div_ceil(GROWTH_BYTES) * GROWTH_BYTES;
+            match active
+                .file
+                .write_all_at(&ZEROS[..(len - end) as usize], end)
+            {
+                Ok(()) => len,
+                Err(_) => end,
+            }
+        } else {
+            active.len
+        };
         active.dirty |= end > active.end;
         (active.end, active.len) = (end, len);
         Ok(extents)

@@ -100,7 +100,9 @@ pub struct Detected {
 /// The session is the event's `session` field; the statement its
 /// `statement_seq` field (adapters: name it so).
 pub fn detect(payload: &str) -> Vec<Detected> {
-    if !payload.contains('@') {
+    // The memchr crate's search, several times faster than `str::contains`
+    // over a statement's few hundred bytes: every record passes here.
+    if memchr::memchr(b'@', payload.as_bytes()).is_none() {
         return Vec::new();
     }
     let Ok(event) = serde_json::from_str::<serde_json::Value>(payload) else {

@@ -428,30 +428,36 @@ impl Writer {
                 }
                 continue;
             }
-            let mut batch = Vec::new();
-            for msg in taken.messages {
-                match msg {
-                    Msg::Append { .. } | Msg::Subject { .. } => batch.push(msg),
+            // Events are committed in place, in runs between control
+            // messages (rare), so the queue goes back to the inbox whole.
+            let mut messages = taken.messages;
+            while !messages.is_empty() {
+                let events = messages
+                    .iter()
+                    .position(|m| !matches!(m, Msg::Append { .. } | Msg::Subject { .. }))
+                    .unwrap_or(messages.len());
+                self.commit(messages.drain(..events));
+                if messages.is_empty() {
+                    break;
+                }
+                match messages.remove(0) {
                     Msg::Purge {
                         as_of_us,
                         part,
                         reply,
                     } => {
-                        self.commit(std::mem::take(&mut batch));
                         let _ = reply.send(self.purge(part, as_of_us));
                     }
                     Msg::Checkpoint { reply } => {
-                        self.commit(std::mem::take(&mut batch));
                         let result = self
                             .checkpoint()
                             .and_then(|()| self.store.last_checkpoint());
                         let _ = reply.send(result);
                     }
                     Msg::Close { reply } => {
-                        self.commit(std::mem::take(&mut batch));
                         // Whatever arrived meanwhile is committed too: the
                         // inbox refuses more from now on.
-                        self.commit(self.inbox.close());
+                        self.commit(messages.drain(..).chain(self.inbox.close()));
                         let result = self.checkpoint();
                         if self.index_dirty {
                             self.sync_index_logged();
@@ -462,9 +468,11 @@ impl Writer {
                         let _ = reply.send(result);
                         return;
                     }
+                    // Not reached: the run above ends at a control message.
+                    event @ (Msg::Append { .. } | Msg::Subject { .. }) => self.commit([event]),
                 }
             }
-            self.commit(batch);
+            self.inbox.recycle(messages);
             if self.head_seq - self.checkpoint_seq >= self.policy.every {
                 self.checkpoint_logged();
             }
@@ -472,10 +480,7 @@ impl Writer {
     }
 
     /// Appends and indexes a batch, flushes, then settles its tickets.
-    fn commit(&mut self, batch: Vec<Msg>) {
-        if batch.is_empty() {
-            return;
-        }
+    fn commit(&mut self, batch: impl IntoIterator<Item = Msg>) {
         let (mut seq, mut prev) = (self.head_seq, self.head_hash);
         let mut blocks = Blocks::default();
         let mut tickets: Option<(u64, u64)> = None;
