@@ -89,6 +89,15 @@ fn statement(s: &Statement) -> String {
 /// and control characters, with the short forms where JSON has them.
 fn string(out: &mut String, s: &str) {
     out.push('"');
+    // Nearly every string needs no escape. This check has no early exit,
+    // so it compiles to vector instructions: several times faster than
+    // the loop below, which it lets almost every string skip.
+    let needs_escape = |b: u8| b < 0x20 || b == b'"' || b == b'\\';
+    if !s.bytes().fold(false, |any, b| any | needs_escape(b)) {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     let mut plain = 0;
     for (i, byte) in s.bytes().enumerate() {
         let escape = match byte {

@@ -62,6 +62,10 @@ pub const SEGMENT_BYTES: u64 = 256 << 20;
 /// cut to its last block.
 pub const GROWTH_BYTES: u64 = 1 << 20;
 
+/// The largest append buffer kept for the next append: a commit's blocks
+/// fit; a compaction's, a quarter of a segment, are let go.
+const SCRATCH_KEPT: usize = 4 << 20;
+
 /// The zeros written ahead. Never written to, so its pages stay the
 /// kernel's shared zero page.
 static ZEROS: [u8; GROWTH_BYTES as usize] = [0; GROWTH_BYTES as usize];
@@ -115,6 +119,10 @@ pub struct Segments {
     readers: Mutex<HashMap<u32, Arc<File>>>,
     /// The segment appended to, opened on the first append.
     active: Mutex<Option<Active>>,
+    /// An append's blocks joined for one write, kept between appends (up
+    /// to [`SCRATCH_KEPT`]): a commit's few hundred KiB, allocated anew,
+    /// were a fresh zeroed huge page at every commit.
+    scratch: Mutex<Vec<u8>>,
     /// Read-held by [`Segments::pin`] from looking an extent up in the
     /// chain until its bytes are read; freeing bytes and deleting files
     /// take it for writing, so they wait for such readers.
@@ -151,6 +159,7 @@ impl Segments {
             limit: SEGMENT_BYTES,
             readers: Mutex::default(),
             active: Mutex::default(),
+            scratch: Mutex::default(),
             in_use: RwLock::default(),
             next_segment: AtomicBool::new(false),
         }
@@ -236,8 +245,8 @@ impl Segments {
         let mut guard = lock(&self.active);
         let active = self.active_segment(&mut guard)?;
         // One write per commit, not per block.
-        let blocks: Vec<&[u8]> = blocks.into_iter().collect();
-        let mut bytes = Vec::with_capacity(blocks.iter().map(|b| b.len()).sum());
+        let mut bytes = lock(&self.scratch);
+        bytes.clear();
         let mut extents = Vec::new();
         for block in blocks {
             let len = u32::try_from(block.len()).map_err(|_| {
@@ -274,6 +283,9 @@ impl Segments {
         };
         active.dirty |= end > active.end;
         (active.end, active.len) = (end, len);
+        if bytes.capacity() > SCRATCH_KEPT {
+            *bytes = Vec::new();
+        }
         Ok(extents)
     }
 
