@@ -68,12 +68,15 @@ impl<'a> Reader<'a> {
     /// [`Reader::cstr`] without a copy when the bytes are valid UTF-8: for
     /// names only looked up.
     pub fn cstr_borrowed(&mut self) -> Result<Cow<'a, str>, Malformed> {
-        let end = self
-            .buf
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or(Malformed { what: self.what })?;
-        let text = String::from_utf8_lossy(&self.buf[..end]);
+        // Every statement's text passes here: memchr and `from_utf8`'s
+        // ASCII fast path, rather than a byte loop and the lossy decoder's
+        // chunking, which only invalid text needs.
+        let end = memchr::memchr(0, self.buf).ok_or(Malformed { what: self.what })?;
+        let bytes = &self.buf[..end];
+        let text = match std::str::from_utf8(bytes) {
+            Ok(text) => Cow::Borrowed(text),
+            Err(_) => String::from_utf8_lossy(bytes),
+        };
         self.buf = &self.buf[end + 1..];
         Ok(text)
     }
