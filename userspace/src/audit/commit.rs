@@ -354,6 +354,39 @@ mod tests {
         assert_eq!(inbox.push_event(|t| t), None);
     }
 
+    #[test]
+    fn a_recycled_queue_takes_the_next_events_without_growing() {
+        let inbox = Inbox::new(Duration::from_millis(1));
+        for _ in 0..1000 {
+            inbox.push_event(|t| t);
+        }
+        let taken = inbox.take(Duration::from_secs(5)).messages;
+        assert_eq!(taken.len(), 1000);
+        let capacity = taken.capacity();
+        let address = taken.as_ptr();
+        inbox.recycle(taken);
+        // The recycled vector is the queue after the next take.
+        inbox.push_event(|t| t);
+        let next = inbox.take(Duration::from_secs(5)).messages;
+        assert_eq!(next, vec![1001], "emptied before reuse");
+        inbox.recycle(next);
+        inbox.push_event(|t| t);
+        let reused = inbox.take(Duration::from_secs(5)).messages;
+        assert_eq!(reused, vec![1002]);
+        assert_eq!(reused.as_ptr(), address, "the same allocation");
+        assert!(reused.capacity() >= capacity);
+        // A smaller queue handed back does not replace a larger spare.
+        inbox.recycle(reused);
+        inbox.recycle(Vec::with_capacity(4));
+        inbox.push_event(|t| t);
+        inbox.take(Duration::from_secs(5));
+        inbox.push_event(|t| t);
+        assert_eq!(
+            inbox.take(Duration::from_secs(5)).messages.as_ptr(),
+            address
+        );
+    }
+
     #[tokio::test]
     async fn acks_see_commits_failures_and_a_stopped_writer() {
         let (progress, settle) = Progress::new(|| {});
