@@ -53,7 +53,13 @@ mod testing;
 /// locks guard stays usable (queues, buffers, files), and a daemon that
 /// stopped at a poisoned lock would fail every session after one panic.
 pub(crate) fn lock<T: ?Sized>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
+    unpoisoned(mutex.lock())
+}
+
+/// What a lock operation returns, whatever a panicking holder left behind
+/// (see [`lock`]): for `RwLock` reads and writes and `Condvar` waits.
+pub(crate) fn unpoisoned<G>(result: std::sync::LockResult<G>) -> G {
+    result.unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// `e: cause: cause` in one line: for errors whose `Display` leaves the

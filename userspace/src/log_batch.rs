@@ -22,7 +22,7 @@ use std::{
 
 use tracing_subscriber::fmt::MakeWriter;
 
-use crate::lock;
+use crate::{lock, unpoisoned};
 
 /// How long a line may wait for its batch: well under what a person
 /// following the journal notices.
@@ -106,7 +106,7 @@ impl Shared {
             && !state.pending.is_empty()
             && state.pending.len() + line.len() > self.limit
         {
-            state = self.drained.wait(state).unwrap_or_else(|e| e.into_inner());
+            state = unpoisoned(self.drained.wait(state));
         }
         if state.closed {
             // Under the state's lock, after whatever gathered before the
@@ -130,11 +130,7 @@ impl Shared {
         loop {
             let mut state = lock(&self.state);
             if !state.closed && state.pending.len() < EARLY_FLUSH {
-                state = self
-                    .gathered
-                    .wait_timeout(state, self.interval)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+                state = unpoisoned(self.gathered.wait_timeout(state, self.interval)).0;
             }
             std::mem::swap(&mut state.pending, &mut batch);
             self.drained.notify_all();

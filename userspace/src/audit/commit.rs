@@ -20,7 +20,7 @@ use std::{
 use tokio::sync::watch;
 
 use super::AuditError;
-use crate::lock;
+use crate::{lock, unpoisoned};
 
 /// Queue length that wakes the writer before its interval is up.
 const WAKE_AT: usize = 1024;
@@ -129,10 +129,7 @@ impl<M> Inbox<M> {
         loop {
             let due = match state.oldest {
                 None => {
-                    let (next, timeout) = self
-                        .wake
-                        .wait_timeout(state, idle)
-                        .unwrap_or_else(|e| e.into_inner());
+                    let (next, timeout) = unpoisoned(self.wake.wait_timeout(state, idle));
                     state = next;
                     if timeout.timed_out() && state.queued.is_empty() {
                         return Taken {
@@ -148,11 +145,7 @@ impl<M> Inbox<M> {
             if state.hurry || state.queued.len() >= WAKE_AT || now >= due {
                 break;
             }
-            state = self
-                .wake
-                .wait_timeout(state, due - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            state = unpoisoned(self.wake.wait_timeout(state, due - now)).0;
         }
         state.oldest = None;
         state.hurry = false;
@@ -271,11 +264,7 @@ impl Settle {
 
     /// Tickets `first..=last` were not stored.
     pub fn failed(&self, first: u64, last: u64, message: String) {
-        self.progress
-            .failed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((first, last, message));
+        lock(&self.progress.failed).push((first, last, message));
         self.committed(last);
     }
 }

@@ -39,7 +39,7 @@ use std::{
 };
 
 use super::AuditError;
-use crate::lock;
+use crate::{lock, unpoisoned};
 
 /// Where segment files live, under the audit directory.
 pub const SEGMENT_DIR: &str = "segments";
@@ -182,12 +182,12 @@ impl Segments {
     /// may free a block's old bytes, and a compaction delete its old file,
     /// between that look-up and the read.
     pub fn pin(&self) -> RwLockReadGuard<'_, ()> {
-        self.in_use.read().unwrap_or_else(|e| e.into_inner())
+        unpoisoned(self.in_use.read())
     }
 
     /// Waits until no reader holds a [`Segments::pin`].
     fn unpinned(&self) -> RwLockWriteGuard<'_, ()> {
-        self.in_use.write().unwrap_or_else(|e| e.into_inner())
+        unpoisoned(self.in_use.write())
     }
 
     /// The bytes `extent` names.

@@ -110,10 +110,7 @@ impl Bindings {
     }
 
     pub fn next_generation(&self) -> u64 {
-        let mut next = self
-            .next_generation
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut next = lock(&self.next_generation);
         *next += 1;
         *next
     }

@@ -27,6 +27,7 @@ use super::{
 use crate::{
     audit::{AuditEvent, MaskingApplied, PolicyBlock, PolicyLoad, Recorder},
     identity::{IdentityProvider, Principal},
+    unpoisoned,
 };
 
 /// File name of the pseudonym key in the state directory.
@@ -189,7 +190,7 @@ impl PolicyRuntime {
 
     /// The policy in force.
     pub fn current(&self) -> Arc<Policy> {
-        Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
+        Arc::clone(&*unpoisoned(self.current.read()))
     }
 
     pub fn key(&self) -> PseudonymKey {
@@ -202,7 +203,7 @@ impl PolicyRuntime {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        *self.loaded_mtime.write().unwrap_or_else(|e| e.into_inner()) = mtime(path);
+        *unpoisoned(self.loaded_mtime.write()) = mtime(path);
         let result = read(path);
         let event = match &result {
             Ok(p) => PolicyLoad {
@@ -227,7 +228,7 @@ impl PolicyRuntime {
             masks = policy.masks.len(),
             "policy reloaded"
         );
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+        *unpoisoned(self.current.write()) = Arc::new(policy);
         Ok(())
     }
 
@@ -240,7 +241,7 @@ impl PolicyRuntime {
         loop {
             tick.tick().await;
             let now = mtime(&path);
-            let seen = *self.loaded_mtime.read().unwrap_or_else(|e| e.into_inner());
+            let seen = *unpoisoned(self.loaded_mtime.read());
             if now.is_some() && now != seen {
                 if let Err(e) = self.reload() {
                     error!("policy reload rejected, the previous policy stays in force: {e}");

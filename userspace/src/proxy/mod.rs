@@ -32,6 +32,7 @@ use crate::{
     identity::IdentityProvider,
     kernel::{ConnectionTable, FastPath},
     protocol::postgres::PostgresGateway,
+    unpoisoned,
 };
 
 /// What every session needs from the gateway.
@@ -53,11 +54,11 @@ pub struct Gateway {
 impl Gateway {
     /// The PostgreSQL configuration in force now.
     pub fn postgres(&self) -> Arc<PostgresGateway> {
-        Arc::clone(&self.postgres.read().unwrap_or_else(|e| e.into_inner()))
+        Arc::clone(&*unpoisoned(self.postgres.read()))
     }
 
     /// Puts a reloaded PostgreSQL configuration in force for new sessions.
     pub fn set_postgres(&self, postgres: PostgresGateway) {
-        *self.postgres.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(postgres);
+        *unpoisoned(self.postgres.write()) = Arc::new(postgres);
     }
 }

@@ -81,11 +81,7 @@ pub struct CancelKey {
 
 impl Drop for CancelKey {
     fn drop(&mut self) {
-        self.registry
-            .targets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.pid);
+        lock(&self.registry.targets).remove(&self.pid);
     }
 }
 
