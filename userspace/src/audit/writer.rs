@@ -490,6 +490,8 @@ impl Writer {
         };
         let mut subjects: Vec<(Hash, SubjectHit)> = Vec::new();
         let mut starts = Vec::new();
+        // Each record's seq and time, for the time index.
+        let mut times = Vec::new();
         let mut encode_error = None;
         for msg in batch {
             match msg {
@@ -530,6 +532,7 @@ impl Writer {
                             },
                         ));
                     }
+                    times.push((seq, at_us));
                     let (hash, bytes) = Record::encode_new(seq, at_us, prev, &payload);
                     prev = hash;
                     if encode_error.is_none() {
@@ -561,9 +564,18 @@ impl Writer {
                 self.head_seq = seq;
                 self.head_hash = prev;
                 self.settle.committed(last);
-                if !starts.is_empty() {
-                    if let Err(e) = self.store.index_session_starts(&starts) {
+                let starts_indexed = match self.store.index_session_starts(&starts) {
+                    Ok(()) => true,
+                    Err(e) => {
                         warn!("sessions' starts not indexed: replaying them reads the whole chain: {e}");
+                        false
+                    }
+                };
+                // Only after the starts: the indexer, reading these records
+                // back, indexes starts the writer could not.
+                if starts_indexed {
+                    if let Err(e) = self.store.index_committed_times(&times) {
+                        warn!("the audit time index is left to its indexer: {e}");
                     }
                 }
             }

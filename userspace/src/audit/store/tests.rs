@@ -1343,3 +1343,19 @@ fn verify_finds_a_time_index_that_is_not_the_chains() {
     let v = verified(dir.path(), &store);
     assert_eq!(v.problems[0].seq, minute_seq, "{:?}", v.problems);
 }
+
+#[test]
+fn the_writer_indexes_the_times_of_what_it_commits() {
+    let (_dir, _, store, recorder) = recording();
+    record_sessions(&recorder, &[("s-1", "old")]);
+    // Past the indexer's first pass; its next is a second away.
+    std::thread::sleep(Duration::from_millis(200));
+    record_sessions(&recorder, &[("s-2", "kept")]);
+    let index = store.time_index().unwrap();
+    assert_eq!(index.progress.through, 4, "at once: {index:?}");
+    assert_eq!(store.session_start("s-2").unwrap(), Some(3));
+    recorder.close().unwrap();
+    // What the indexer would have found reading the chain.
+    assert_eq!(store.rebuild_time_index().unwrap(), 4);
+    assert_eq!(store.time_index().unwrap(), index);
+}
