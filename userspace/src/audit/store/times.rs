@@ -19,8 +19,9 @@
 //!   minute's seq, unless a noted record after it is older.
 //! - how far it has indexed (the last seq, and the high-water time there).
 //!
-//! A thread of its own ([`TimeIndexer`]) reads what the writer committed,
-//! about once a second, and also fills in the sessions index for the
+//! The writer notes the times of what it commits while the index is
+//! caught up ([`Store::index_committed_times`]). A thread of its own
+//! ([`TimeIndexer`]) reads the rest back, about once a second, and also fills in the sessions index for the
 //! records it reads (the writer's entries are not written with the
 //! commit, so a crash can lose them). It starts where it left off: a store
 //! from before the index is indexed from its start, while the gateway
