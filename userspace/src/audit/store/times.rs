@@ -21,8 +21,8 @@
 //!
 //! The writer notes the times of what it commits while the index is
 //! caught up ([`Store::index_committed_times`]). A thread of its own
-//! ([`TimeIndexer`]) reads the rest back, about once a second, and also fills in the sessions index for the
-//! records it reads (the writer's entries are not written with the
+//! ([`TimeIndexer`]) reads the rest back, about once a second, and also
+//! fills in the sessions index for the records it reads (the writer's entries are not written with the
 //! commit, so a crash can lose them). It starts where it left off: a store
 //! from before the index is indexed from its start, while the gateway
 //! runs. Readers read the few records past its progress themselves, so
@@ -122,6 +122,19 @@ pub struct TimeIndex {
 }
 
 impl TimeIndex {
+    /// Hands each entry found to `put` as a stored key and value: the
+    /// minutes and steps, then the progress, which so comes after what it
+    /// vouches for.
+    fn each_entry<E>(&self, mut put: impl FnMut(&[u8], &[u8]) -> Result<(), E>) -> Result<(), E> {
+        for (minute, seq) in &self.minutes {
+            put(&key(MINUTE_PREFIX, *minute), &seq.to_be_bytes())?;
+        }
+        for (seq, at_us) in &self.steps {
+            put(&key(STEP_PREFIX, *seq), &at_us.to_be_bytes())?;
+        }
+        put(PROGRESS_KEY, &self.progress.encode())
+    }
+
     /// Adds the record `bytes` at position `seq`, which follows the
     /// progress.
     pub fn note(&mut self, seq: u64, bytes: &[u8]) {
@@ -272,13 +285,10 @@ impl Scan {
     /// Writes what was found and the progress, in one batch.
     fn write(self, store: &Store) -> Result<(), AuditError> {
         let mut batch = sled::Batch::default();
-        for (minute, seq) in &self.found.minutes {
-            batch.insert(&key(MINUTE_PREFIX, *minute), &seq.to_be_bytes());
-        }
-        for (seq, at_us) in &self.found.steps {
-            batch.insert(&key(STEP_PREFIX, *seq), &at_us.to_be_bytes());
-        }
-        batch.insert(PROGRESS_KEY, &self.found.progress.encode());
+        self.found.each_entry(|key, value| {
+            batch.insert(key, value);
+            Ok::<(), AuditError>(())
+        })?;
         store.times.apply_batch(batch)?;
         store.index_session_starts(self.starts.as_deref().unwrap_or_default())
     }
@@ -324,8 +334,7 @@ impl Store {
     /// in chain order, if the index reaches the record before them: the
     /// writer has their times at hand, where the indexer would read every
     /// record back (some 6% of what a statement record cost). Otherwise
-    /// (the indexer is catching up) leaves them to the indexer. Returns
-    /// whether it indexed them.
+    /// (the indexer is catching up) leaves them to the indexer.
     ///
     /// The writer calls this after it has indexed the commit's sessions'
     /// starts, and the progress is inserted after the entries, so in sled's
@@ -335,14 +344,14 @@ impl Store {
     pub(in crate::audit) fn index_committed_times(
         &self,
         times: &[(u64, u64)],
-    ) -> Result<bool, AuditError> {
+    ) -> Result<(), AuditError> {
         let Some(&(first, _)) = times.first() else {
-            return Ok(false);
+            return Ok(());
         };
         let _indexing = lock(&self.indexing);
         let progress = self.time_progress()?;
         if progress.through.checked_add(1) != Some(first) {
-            return Ok(false);
+            return Ok(());
         }
         let mut found = TimeIndex {
             progress,
@@ -353,16 +362,10 @@ impl Store {
         }
         // One insert each, not a batch, which would seal sled's log buffer
         // at every commit (see `Store::apply`).
-        for (minute, seq) in &found.minutes {
-            self.times
-                .insert(key(MINUTE_PREFIX, *minute), &seq.to_be_bytes())?;
-        }
-        for (seq, at_us) in &found.steps {
-            self.times
-                .insert(key(STEP_PREFIX, *seq), &at_us.to_be_bytes())?;
-        }
-        self.times.insert(PROGRESS_KEY, &found.progress.encode())?;
-        Ok(true)
+        found.each_entry(|key, value| {
+            self.times.insert(key, value)?;
+            Ok(())
+        })
     }
 
     /// Indexes up to [`CHUNK`] records past the index's progress. Returns
